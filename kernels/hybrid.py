@@ -1,0 +1,134 @@
+"""LoLCATs hybrid attention: exact softmax over a sliding window, linear attention for older tokens.
+
+For query n, with window W, gate g_h = sigmoid(factor_h), and feature maps fq, fk:
+
+    y_n = [ g * sum_{n-W < j <= n} e_nj v_j  +  fq_n^T sum_{j <= n-W} fk_j v_j^T ]
+          / [ g * sum_{n-W < j <= n} e_nj     +  fq_n^T sum_{j <= n-W} fk_j ]
+    e_nj = exp(q_n.k_j / sqrt(d) - c_n),  c_n = max of those window scores
+
+`window_hybrid_attention` works in blocks of W queries: each block sees its own and the previous
+block of keys exactly and everything older through a running linear state, so no T x T matrix is
+ever formed. Its state is what a decoder keeps: the linear state over tokens that left the window
+(F x (V+1), the last column is the denominator) plus the last W-1 tokens' k, v and fk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .reference import state_dtype
+
+
+class HybridState(NamedTuple):
+    kv: torch.Tensor  # (B, H, F, V + 1) float32: sum of fk_j [v_j, 1] over tokens older than the window
+    k: torch.Tensor  # (B, P, H, D) the last P <= W-1 tokens, not yet in kv
+    v: torch.Tensor  # (B, P, H, V)
+    fk: torch.Tensor  # (B, P, H, F)
+
+
+def window_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int = 64,
+    state: HybridState | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1)."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    W = window
+    acc = state_dtype(q.dtype)
+    P = 0 if state is None else state.k.shape[1]
+    nb = -(-T // W)
+    front, back = W - P, nb * W - T
+
+    # The key sequence is [front padding][P cached tokens][T new tokens][back padding]: block 0 ends
+    # where the new tokens begin, so query block b sees key blocks b (previous) and b + 1 (its own).
+    def key_blocks(new: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+        parts = ([] if cached is None else [cached.to(acc)]) + [new.to(acc)]
+        x = F.pad(torch.cat(parts, dim=1), (0, 0, 0, 0, front, back))
+        return x.view(B, nb + 1, W, H, -1).permute(0, 3, 1, 2, 4)  # (B, H, nb+1, W, .)
+
+    def query_blocks(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x.to(acc), (0, 0, 0, 0, 0, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4)
+
+    def two_blocks(x: torch.Tensor) -> torch.Tensor:  # key blocks b and b+1 side by side: (B, H, nb, 2W, .)
+        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+
+    cached = (None, None, None) if state is None else (state.k, state.v, state.fk)
+    kb, vb, fkb = (key_blocks(x, c) for x, c in zip((k, v, fk), cached))
+    vb = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)  # ones column carries the denominator
+    valid = torch.zeros((nb + 1) * W, dtype=torch.bool, device=q.device)
+    valid[front:front + P + T] = True
+    valid = valid.view(nb + 1, W)
+    fkb = fkb * valid[..., None]  # padding tokens must not enter the linear state
+    qb, fqb = query_blocks(q), query_blocks(fq)
+
+    # Query r of a block against key s of its two blocks: window is r < s <= W + r, older is s <= r.
+    r = torch.arange(W, device=q.device)[:, None]
+    s = torch.arange(2 * W, device=q.device)[None, :]
+    valid2 = two_blocks(valid[None, None, :, :, None]).squeeze(-1)[:, :, :, None, :]  # (1, 1, nb, 1, 2W)
+    in_window = (s > r) & (s <= W + r) & valid2
+    older = (s <= r) & valid2
+
+    scores = qb @ two_blocks(kb).transpose(-1, -2) * D**-0.5
+    scores = scores.masked_fill(~in_window, float("-inf"))
+    c = scores.amax(-1, keepdim=True)
+    c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
+    window_weights = window_gate.to(acc).view(1, H, 1, 1, 1) * (scores - c).exp()
+    linear_weights = (fqb @ two_blocks(fkb).transpose(-1, -2)) * older
+    out = (window_weights + linear_weights) @ two_blocks(vb)
+
+    # Linear state entering query block b: everything in key blocks before b.
+    block_state = fkb.transpose(-1, -2) @ vb  # (B, H, nb+1, F, E+1)
+    kv0 = (torch.zeros_like(block_state[:, :, 0]) if state is None else state.kv.to(acc))
+    entering = kv0[:, :, None] + block_state[:, :, :nb].cumsum(2) - block_state[:, :, :nb]
+    out = out + fqb @ entering
+
+    num, den = out[..., :E], out[..., E:]
+    query_valid = torch.arange(nb * W, device=q.device).view(nb, W) < T
+    den = den + (~query_valid)[..., None]  # keeps padded rows finite, so their zero gradient stays zero
+    y = (num / den).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, :T]
+
+    final = None
+    if output_final_state:
+        seq_k, seq_v, seq_fk = (x.permute(0, 2, 3, 1, 4).reshape(B, (nb + 1) * W, H, -1)[:, front:front + P + T]
+                                for x in (kb, vb, fkb))
+        keep = min(W - 1, P + T)
+        leaving = P + T - keep
+        kv = kv0 + torch.einsum("bthf,bthe->bhfe", seq_fk[:, :leaving], seq_v[:, :leaving])
+        tail = slice(P + T - keep, P + T)
+        final = HybridState(kv, seq_k[:, tail].to(k.dtype), seq_v[:, tail, :, :E].to(v.dtype),
+                            seq_fk[:, tail].to(fk.dtype))
+    return y.to(q.dtype), final
+
+
+def parallel_window_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int = 64,
+) -> torch.Tensor:
+    """The definition with full T x T masks, for tests and for short sequences."""
+    T, D = q.shape[1], q.shape[-1]
+    acc = state_dtype(q.dtype)
+    qf, kf, vf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, v, fq, fk))
+    n = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    in_window = (j <= n) & (j > n - window)
+    older = j <= n - window
+    scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~in_window, float("-inf"))
+    gate = window_gate.to(acc).view(1, -1, 1, 1)
+    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * older
+    y = (weights @ vf) / weights.sum(-1, keepdim=True)
+    return y.transpose(1, 2).to(q.dtype)
