@@ -9,7 +9,8 @@ For query n, with window W, gate g_h = sigmoid(factor_h), and feature maps fq, f
 `window_hybrid_attention` works in blocks of W queries: each block sees its own and the previous
 block of keys exactly and everything older through a running linear state, so no T x T matrix is
 ever formed. Its state is what a decoder keeps: the linear state over tokens that left the window
-(F x (V+1), the last column is the denominator) plus the last W-1 tokens' k, v and fk.
+(F x (V+1), the last column is the denominator) plus the last W-1 tokens' k, v and fk, with a
+mask for rows whose current document is shorter than that (left padding, packed documents).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class HybridState(NamedTuple):
     k: torch.Tensor  # (B, P, H, D) the last P <= W-1 tokens, not yet in kv
     v: torch.Tensor  # (B, P, H, V)
     fk: torch.Tensor  # (B, P, H, F)
+    valid: torch.Tensor  # (B, P) bool: False for cached slots that belong to no token of this sequence
 
 
 def window_hybrid_attention(
@@ -65,16 +67,18 @@ def window_hybrid_attention(
     cached = (None, None, None) if state is None else (state.k, state.v, state.fk)
     kb, vb, fkb = (key_blocks(x, c) for x, c in zip((k, v, fk), cached))
     vb = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)  # ones column carries the denominator
-    valid = torch.zeros((nb + 1) * W, dtype=torch.bool, device=q.device)
-    valid[front:front + P + T] = True
-    valid = valid.view(nb + 1, W)
+    valid = torch.zeros(B, (nb + 1) * W, dtype=torch.bool, device=q.device)
+    valid[:, front:front + P + T] = True
+    if state is not None:
+        valid[:, front:front + P] = state.valid
+    valid = valid.view(B, 1, nb + 1, W)
     fkb = fkb * valid[..., None]  # padding tokens must not enter the linear state
     qb, fqb = query_blocks(q), query_blocks(fq)
 
     # Query r of a block against key s of its two blocks: window is r < s <= W + r, older is s <= r.
     r = torch.arange(W, device=q.device)[:, None]
     s = torch.arange(2 * W, device=q.device)[None, :]
-    valid2 = two_blocks(valid[None, None, :, :, None]).squeeze(-1)[:, :, :, None, :]  # (1, 1, nb, 1, 2W)
+    valid2 = two_blocks(valid[..., None]).squeeze(-1)[:, :, :, None, :]  # (B, 1, nb, 1, 2W)
     in_window = (s > r) & (s <= W + r) & valid2
     older = (s <= r) & valid2
 
@@ -101,12 +105,13 @@ def window_hybrid_attention(
     if output_final_state:
         seq_k, seq_v, seq_fk = (x.permute(0, 2, 3, 1, 4).reshape(B, (nb + 1) * W, H, -1)[:, front:front + P + T]
                                 for x in (kb, vb, fkb))
+        seq_valid = valid.reshape(B, (nb + 1) * W)[:, front:front + P + T]
         keep = min(W - 1, P + T)
         leaving = P + T - keep
         kv = kv0 + torch.einsum("bthf,bthe->bhfe", seq_fk[:, :leaving], seq_v[:, :leaving])
         tail = slice(P + T - keep, P + T)
         final = HybridState(kv, seq_k[:, tail].to(k.dtype), seq_v[:, tail, :, :E].to(v.dtype),
-                            seq_fk[:, tail].to(fk.dtype))
+                            seq_fk[:, tail].to(fk.dtype), seq_valid[:, tail])
     return y.to(q.dtype), final
 
 

@@ -1,0 +1,239 @@
+"""Recurrent attention layers that replace a decoder layer's softmax self-attention in place.
+
+Each layer reuses the pretrained q/k/v/o projections (same parameter names, so the rest of the
+checkpoint is untouched) and adds only its feature maps. The sequence mixing is one call into
+`supra.kernels`: chunked on the whole prompt, or continued from a carried state, which is what
+makes chunked prefill followed by token-by-token decoding exact.
+
+Documents packed into one row restart wherever `position_ids == 0`. The same rule handles left
+padding in `generate()`: the first real token has position 0, so the pads before it never reach the
+state that decoding continues from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import HybridState, linear_attention, window_hybrid_attention
+from .cache import recurrent_slot
+from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (B, T, H, D) with HF's cos/sin of shape (B, T, D) (rotate-half convention)."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Normalisations run in float32 for bf16 activations, and stay float64 in float64 tests."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped-query attention: (B, T, H_kv, D) -> (B, T, H_kv * groups, D)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def document_starts(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    if position_ids is None:
+        return None
+    return (position_ids == 0).expand(batch, -1)
+
+
+class RecurrentAttention(nn.Module):
+    """Shared plumbing: projections, cache slot, output projection. Subclasses implement
+    `mix(q, k, v, position_embeddings, state, starts, want_state) -> (out, state)`."""
+
+    new_parameter_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__()
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.groups = self.num_heads // self.num_kv_heads
+
+    def factory(self) -> dict:
+        return {"device": self.q_proj.weight.device, "dtype": self.q_proj.weight.dtype}
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        slot = recurrent_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
+        out, state = self.mix(q, k, v, position_embeddings, slot.state if slot is not None else None,
+                              document_starts(position_ids, B), want_state=slot is not None)
+        if slot is not None:
+            slot.advance(state, T)
+        return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
+
+    def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
+                   scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,
+                   want_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decayed linear attention over rows that may hold several documents, one kernel call."""
+        backend = self.spec.backend
+        fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
+        if fresh:
+            return linear_attention(q, k, v, log_decay, scale, state, want_state, backend=backend)
+        # Documents restart inside rows: pack all rows into one varlen row (B=1, cu_seqlens).
+        B, T, H, K = q.shape
+        flat = starts.clone()
+        flat[:, 0] = True
+        doc_start = flat.flatten().nonzero().squeeze(1)
+        cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
+        doc_row = doc_start // T
+        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device, dtype=torch.float32)
+        if state is not None:  # a row's first document continues the carried state unless it starts at 0
+            carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
+            initial[carries] = state[doc_row[carries]].float()
+        out, final = linear_attention(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
+                                      v.reshape(1, B * T, H, -1), log_decay, scale, initial, want_state,
+                                      cu_seqlens=cu_seqlens, backend=backend)
+        if want_state:
+            last_doc = torch.searchsorted(doc_start, torch.arange(1, B + 1, device=q.device) * T) - 1
+            final = final[last_doc]
+        return out.view(B, T, H, -1), final
+
+
+class SupraAttention(RecurrentAttention):
+    """SUPRA: y = GroupNorm(sum_j gamma^(i-j) <RoPE(phi(q_i)), RoPE(phi(k_j))> v_j / sqrt(d)),
+    phi = ReLU(dense Linear); one map shared by q and k unless keys have fewer heads (GQA)."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k")
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        identity = spec.feature_map_init == "identity"
+        self.feature_map_q = dense_relu_map(self.num_heads * self.head_dim, identity, **self.factory())
+        self.feature_map_k = (None if self.groups == 1
+                              else dense_relu_map(self.num_kv_heads * self.head_dim, identity, **self.factory()))
+        # Plain floats, not a buffer: model.to(bfloat16) must not round the decay.
+        self.log_decay_values = log_decay_rates(spec.decay, self.num_heads)
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        B, T = q.shape[:2]
+        k_map = self.feature_map_k or self.feature_map_q
+        fq = torch.relu(self.feature_map_q(q.reshape(B, T, -1))).view_as(q)
+        fk = torch.relu(k_map(k.reshape(B, T, -1))).view_as(k)
+        cos, sin = position_embeddings
+        fq, fk = rotate(fq, cos, sin), rotate(repeat_heads(fk, self.groups), cos, sin)
+        log_decay = torch.tensor(self.log_decay_values, device=q.device, dtype=torch.float32)
+        out, state = self.linear_mix(fq, fk, repeat_heads(v, self.groups), log_decay, self.head_dim**-0.5,
+                                     state, starts, want_state)
+        # GroupNorm with one group per head and no affine replaces the softmax denominator.
+        return F.layer_norm(at_least_float32(out), (out.shape[-1],), eps=1e-5), state
+
+
+class T2RAttention(RecurrentAttention):
+    """T2R baseline: phi = ReLU(W x + b) per head after RoPE, normalised linear attention, no decay."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k")
+    eps = 1e-6
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        identity = spec.feature_map_init == "identity"
+        dim = spec.feature_dim or self.head_dim
+        self.feature_map_q = ReluFeatureMap(self.num_heads, self.head_dim, dim, identity, **self.factory())
+        self.feature_map_k = ReluFeatureMap(self.num_heads, self.head_dim, dim, identity, **self.factory())
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        cos, sin = position_embeddings
+        fq = self.feature_map_q(rotate(q, cos, sin))
+        fk = self.feature_map_k(repeat_heads(rotate(k, cos, sin), self.groups))
+        v = repeat_heads(v, self.groups)
+        v_and_one = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the denominator
+        out, state = self.linear_mix(fq, fk, v_and_one, None, 1.0, state, starts, want_state)
+        out = at_least_float32(out)
+        return out[..., :-1] / out[..., -1:].clamp_min(self.eps), state
+
+
+class LolcatsAttention(RecurrentAttention):
+    """LoLCATs: Hedgehog feature maps after RoPE; exact softmax over a sliding window and linear
+    attention for older tokens, one shared denominator, learnable per-head window gate."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "window_factor")
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        dim = spec.feature_dim or self.head_dim
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+        # sigmoid(-2.197) = 0.1: the softmax window starts with a small weight, as in LoLCATs.
+        self.window_factor = nn.Parameter(torch.full((self.num_heads,), -2.1972245773362196, **self.factory()))
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        cos, sin = position_embeddings
+        q = rotate(q, cos, sin)
+        k = repeat_heads(rotate(k, cos, sin), self.groups)
+        v = repeat_heads(v, self.groups)
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        gate = torch.sigmoid(self.window_factor.float())
+
+        def hybrid(q, k, v, fq, fk, state):
+            return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state)
+
+        return per_document(hybrid, (q, k, v, fq, fk), state, starts, merge_hybrid_states)
+
+
+def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
+                 merge: Callable) -> tuple[torch.Tensor, Any]:
+    """Run `op(*tensors, state)` separately on each document of each row when documents restart
+    inside rows (packed training, left padding); one batched call otherwise."""
+    fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
+    if fresh:
+        return op(*tensors, state)
+    B, T = starts.shape
+    outs, finals = [], []
+    for b in range(B):
+        bounds = [0, *(t for t in starts[b, 1:].nonzero().squeeze(1).add(1).tolist()), T]
+        row_state = None if state is None or starts[b, 0] else merge_rows_select(state, b)
+        row_outs = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            out, row_state = op(*(x[b:b + 1, s:e] for x in tensors), row_state if s == 0 else None)
+            row_outs.append(out)
+        outs.append(torch.cat(row_outs, dim=1))
+        finals.append(row_state)
+    return torch.cat(outs), (merge(finals) if finals[0] is not None else None)
+
+
+def merge_rows_select(state: HybridState, row: int) -> HybridState:
+    return HybridState(*(x[row:row + 1] for x in state))
+
+
+def merge_hybrid_states(states: list[HybridState]) -> HybridState:
+    """Stack per-row hybrid states; rows whose document is shorter get invalid left padding."""
+    width = max(s.k.shape[1] for s in states)
+
+    def pad(x: torch.Tensor, value: float | bool) -> torch.Tensor:
+        missing = width - x.shape[1]
+        if missing == 0:
+            return x
+        filler = torch.full((x.shape[0], missing, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
+        return torch.cat([filler, x], dim=1)
+
+    return HybridState(torch.cat([s.kv for s in states]),
+                       *(torch.cat([pad(getattr(s, f), 0) for s in states]) for f in ("k", "v", "fk")),
+                       torch.cat([pad(s.valid, False) for s in states]))
+
+
+METHODS: dict[str, type[RecurrentAttention]] = {
+    "supra": SupraAttention,
+    "lolcats": LolcatsAttention,
+    "t2r": T2RAttention,
+}

@@ -1,0 +1,117 @@
+"""Convert a pretrained Llama / Mistral / Qwen2 model in place: the one conversion entry point.
+
+`linearize(model, spec)` swaps the self-attention of every decoder layer (except those kept as
+softmax) for a recurrent layer, removes skipped attention sublayers, and records the spec in
+`model.config.supra`, from which an exported checkpoint rebuilds the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import METHODS
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
+
+
+@dataclass
+class LinearizeSpec:
+    method: str = "lolcats"  # supra | lolcats | t2r | softmax
+    decay: str = "supra"  # supra: Lightning slopes (SUPRA's choice); retnet: 1 - 2^(-5-h); none
+    feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
+    feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
+    window: int = 64  # lolcats sliding softmax window
+    softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
+    skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
+    backend: str = "auto"  # auto | torch | triton
+
+    def validate(self, num_layers: int | None = None) -> None:
+        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"),
+                   "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
+            raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
+        for name in ("softmax_layers", "skip_layers"):
+            for idx in getattr(self, name):
+                if num_layers is not None and not 0 <= idx < num_layers:
+                    raise ValueError(f"{name} has layer {idx}; valid layers are 0..{num_layers - 1}")
+        both = set(self.softmax_layers) & set(self.skip_layers)
+        if both:
+            raise ValueError(f"layers {sorted(both)} are both kept as softmax and skipped; choose one")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LinearizeSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items() if k in known})
+
+
+class SkippedAttention(nn.Module):
+    """An attention sublayer that was removed: it adds nothing, so the residual passes through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+def check_supported(config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported architecture {model_type!r}; supra converts: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
+    """Replace attention in place; idempotent on the recorded spec (a reloaded export is re-linearized)."""
+    check_supported(model.config)
+    layers = decoder_layers(model)
+    spec.validate(len(layers))
+    for idx, layer in enumerate(layers):
+        if idx in spec.skip_layers:
+            layer.self_attn = SkippedAttention()
+        elif spec.method != "softmax" and idx not in spec.softmax_layers:
+            layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
+    model.config.supra = asdict(spec)
+    decoder = model.get_decoder()
+    if not getattr(decoder, "_supra_positions_hook", False):
+        decoder.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)
+        decoder._supra_positions_hook = True
+    return model
+
+
+def new_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that conversion added (feature maps, window gates)."""
+    names = []
+    for module_name, module in model.named_modules():
+        for prefix in getattr(module, "new_parameter_prefixes", ()):
+            child = getattr(module, prefix, None)
+            if isinstance(child, nn.Parameter):
+                names.append(f"{module_name}.{prefix}")
+            elif isinstance(child, nn.Module):
+                names.extend(f"{module_name}.{prefix}.{n}" for n, _ in child.named_parameters())
+    return names
+
+
+def _positions_from_padding(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """A padded batch without explicit position ids: derive them from the mask, as generate() does,
+    so each row's first real token has position 0 and the pads before it are not in the state."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or kwargs.get("position_ids") is not None or mask.dim() != 2 or bool(mask.all()):
+        return None
+    mask = mask.long()
+    if kwargs.get("past_key_values") is not None and bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("right padding cannot be continued by a recurrent state; pad on the left")
+    ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    length = ids.shape[1] if ids is not None else mask.shape[1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -length:]
+    return args, {**kwargs, "position_ids": positions}

