@@ -1,22 +1,48 @@
 """Linear-attention ops: readable references, the torch chunked form (CPU path), and Triton kernels.
 
-`linear_attention` is what model code calls; it picks the implementation for the device.
+`linear_attention` (training, prefill) and `linear_attention_step` (decode) are what model code
+calls; each picks the implementation for the device. Backends: "auto" uses Triton on CUDA tensors
+when triton is installed and the torch forms otherwise; "torch" and "triton" force one. Forcing
+Triton on CPU tensors works only through the interpreter (TRITON_INTERPRET=1 set before the first
+use), which is what the tests do. The Triton modules are imported on first use, so a CPU install
+without triton still imports this package.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from .chunked import chunk_linear_attention
 from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention
-from .reference import parallel_linear_attention, recurrent_linear_attention
+from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
 BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
-    "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "parallel_linear_attention",
-    "parallel_window_hybrid_attention", "recurrent_linear_attention", "window_hybrid_attention",
+    "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "linear_attention_step",
+    "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
+    "recurrent_step", "use_triton", "window_hybrid_attention",
 ]
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """Whether `backend` on tensors of `device` runs the Triton kernels; ValueError if it cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    available = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return available and device.type == "cuda"
+    if not available:
+        raise ValueError("backend='triton' needs the triton package (pip install 'supra[triton]')")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 (the Triton "
+                         "interpreter, set before first use); use backend='torch' or 'auto' instead")
+    return True
 
 
 def linear_attention(
@@ -31,6 +57,29 @@ def linear_attention(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal linear attention with decay; see `reference.py` for the exact contract."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if use_triton(backend, q.device):
+        from .triton_chunk import triton_linear_attention
+
+        return triton_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                       cu_seqlens)
     return chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def linear_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One decode token: q, k (B, H, K), v (B, H, V); float32 `state` (B, H, K, V) updated in place.
+
+    log_decay is None, per head (H,) or per sequence (B, H). Returns o (B, H, V) in q's dtype.
+    """
+    if use_triton(backend, q.device):
+        from .triton_decode import triton_linear_attention_step
+
+        return triton_linear_attention_step(q, k, v, state, log_decay, scale)
+    return recurrent_step(q, k, v, state, log_decay, scale)

@@ -59,7 +59,8 @@ def recurrent_linear_attention(
              else initial_state.to(acc).clone())
     out = torch.empty(B, T, H, V, device=q.device, dtype=acc)
     for t in range(T):
-        state = state * g[:, t].exp()[..., None, None] + k[:, t].to(acc)[..., :, None] * v[:, t].to(acc)[..., None, :]
+        update = k[:, t].to(acc)[..., :, None] * v[:, t].to(acc)[..., None, :]
+        state = state * g[:, t].exp()[..., None, None] + update
         out[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc) * scale, state)
     return out.to(q.dtype), (state if output_final_state else None)
 
@@ -82,7 +83,6 @@ def parallel_linear_attention(
         return _per_document(parallel_linear_attention, q, k, v, log_decay, scale, initial_state,
                              output_final_state, cu_seqlens)
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     acc = state_dtype(q.dtype)
     G = expand_log_decay(log_decay, B, T, H, q.device, acc).cumsum(1).transpose(1, 2)  # (B, H, T)
@@ -113,3 +113,26 @@ def _per_document(op, q, k, v, log_decay, scale, initial_state, output_final_sta
         finals.append(h)
     final = torch.cat(finals) if output_final_state else None
     return torch.cat(outs, dim=1), final
+
+
+def recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decode step: q, k (B, H, K), v (B, H, V); `state` (B, H, K, V) is updated in place.
+
+    log_decay is None, per head (H,) or per sequence (B, H) for this token. Returns o (B, H, V) in
+    q's dtype: o = scale * q . (exp(g) * state + k^T v).
+    """
+    acc = state.dtype
+    if log_decay is not None:
+        decay = log_decay.to(device=state.device, dtype=acc).exp()
+        state.mul_(decay.expand(state.shape[:2])[..., None, None])
+    state.add_(k.to(acc)[..., :, None] * v.to(acc)[..., None, :])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.einsum("bhk,bhkv->bhv", q.to(acc) * scale, state)
+    return out.to(q.dtype)
