@@ -7,9 +7,10 @@ from the streams (stream 0, 1, ..., S-1, 0, ...). num_workers=0 and 1 give the s
 
 A stream: documents from its sources (a weighted random pick per document for a mixture) ->
 shuffle buffer -> tokeniser -> packer. Its state (source positions and epochs, RNG, shuffle buffer,
-leftover tokens, counts) is small enough to travel with each batch from the worker, so the loader
-always knows the state right after the last batch it handed out; `state_dict()` is that, plus which
-stream gives the next batch. `load_state_dict()` restarts every stream from its saved state, so the
+leftover tokens, counts) travels with each batch from the worker, the shuffle buffer as the few
+operations since the previous batch (replayed on a mirror in the main process), so the loader always
+knows the state right after the last batch it handed out; `state_dict()` is that, plus which stream
+gives the next batch. `load_state_dict()` restarts every stream from its saved state, so the
 next batch is bit-identical to the one an uninterrupted loader would have given.
 """
 
@@ -59,6 +60,9 @@ class ShardStream:
         # so each epoch's order differs and a resumed run draws the very numbers it would have.
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, shard, num_shards])))
         self.buffer: list[str] = []
+        # With record_buffer_ops, buffer changes are logged (a str: appended; an int: index taken) so
+        # a worker can send its state as a small delta instead of the whole buffer with every batch.
+        self.buffer_ops: list[str | int] | None = None
         self.packer = Packer(tokenizer, seq_len, cfg.separator)
         self._iters: list[Iterator[str]] | None = None
 
@@ -75,13 +79,15 @@ class ShardStream:
         if size <= 1:
             return self._next_document()
         while len(self.buffer) < size:
-            self.buffer.append(self._next_document())
+            doc = self._next_document()
+            self.buffer.append(doc)
+            if self.buffer_ops is not None:
+                self.buffer_ops.append(doc)
         # Swap-remove: O(1), and the order of the rest of the buffer is still a function of the RNG.
         j = int(self.rng.integers(len(self.buffer)))
-        doc = self.buffer[j]
-        self.buffer[j] = self.buffer[-1]
-        self.buffer.pop()
-        return doc
+        if self.buffer_ops is not None:
+            self.buffer_ops.append(j)
+        return swap_remove(self.buffer, j)
 
     def next_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         need = batch_size * self.packer.seq_len
@@ -99,11 +105,16 @@ class ShardStream:
         self.stats["rows"] += batch_size
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, with_buffer: bool = True) -> dict[str, Any]:
         return {"shard": self.shard, "num_shards": self.num_shards,
                 "readers": [r.state_dict() for r in self.readers],
-                "rng": self.rng.bit_generator.state, "buffer": list(self.buffer),
+                "rng": self.rng.bit_generator.state, "buffer": list(self.buffer) if with_buffer else None,
                 "packer": self.packer.state_dict(), "stats": dict(self.stats)}
+
+    def delta_state(self) -> tuple[dict[str, Any], list[str | int]]:
+        """The state without the buffer, and the buffer operations since the previous call."""
+        ops, self.buffer_ops = self.buffer_ops or [], []
+        return self.state_dict(with_buffer=False), ops
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["shard"], state["num_shards"]) != (self.shard, self.num_shards):
@@ -121,8 +132,24 @@ class ShardStream:
         self._iters = None
 
 
+def swap_remove(items: list, j: int) -> Any:
+    """Remove and return items[j] in O(1) (the last item takes its place)."""
+    item = items[j]
+    items[j] = items[-1]
+    items.pop()
+    return item
+
+
+def replay_buffer_ops(buffer: list[str], ops: list[str | int]) -> None:
+    for op in ops:
+        if isinstance(op, str):
+            buffer.append(op)
+        else:
+            swap_remove(buffer, op)
+
+
 class _WorkerStreams(IterableDataset):
-    """DataLoader side: worker j runs stream (first + j) % S and yields (stream, batch, state)."""
+    """DataLoader side: worker j runs stream (first + j) % S and yields (stream, batch, delta state)."""
 
     def __init__(self, loader: TrainLoader, states: list[dict | None], first: int):
         self.loader, self.states, self.first = loader, states, first
@@ -136,9 +163,10 @@ class _WorkerStreams(IterableDataset):
         stream = self.loader.make_stream(k)
         if self.states[k] is not None:
             stream.load_state_dict(self.states[k])
+        stream.buffer_ops = []
         while True:
             batch = stream.next_batch(self.loader.batch_size)
-            yield k, to_tensors(batch), stream.state_dict()
+            yield k, to_tensors(batch), stream.delta_state()
 
 
 class TrainLoader:
@@ -165,6 +193,7 @@ class TrainLoader:
         self._states: list[dict | None] = [None] * self.num_streams
         self._next = 0
         self._live: ShardStream | None = None  # num_workers=0: the stream itself, state read on demand
+        self._mirrors: list[list[str]] = [[] for _ in range(self.num_streams)]  # workers' shuffle buffers
         logger.info("data: %s, rank %d/%d, %d stream(s), seq_len %d, batch %d",
                     ", ".join(f"{s.source} (weight {s.weight:g})" for s in self.specs), rank, world_size,
                     self.num_streams, seq_len, batch_size)
@@ -189,9 +218,15 @@ class TrainLoader:
             yield to_tensors(stream.next_batch(self.batch_size))
 
     def _iter_workers(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = _WorkerStreams(self, list(self._states), self._next)
+        # The main process mirrors each worker's shuffle buffer by replaying the operations sent with
+        # every batch; shipping whole buffers (megabytes of text) per batch would cost more than tokenising.
+        states = self._stream_states()
+        buffers = [list(s["buffer"]) if s is not None else [] for s in states]
+        dataset = _WorkerStreams(self, states, self._next)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_streams, prefetch_factor=4)
-        for k, batch, state in loader:
+        self._mirrors = buffers
+        for k, batch, (state, ops) in loader:
+            replay_buffer_ops(buffers[k], ops)
             self._states[k] = state
             self._next = (k + 1) % self.num_streams
             yield batch
@@ -199,7 +234,12 @@ class TrainLoader:
     def _stream_states(self) -> list[dict | None]:
         if self._live is not None:
             return [self._live.state_dict()]
-        return list(self._states)
+        states = []
+        for state, mirror in zip(self._states, self._mirrors):
+            if state is not None and state["buffer"] is None:
+                state = {**state, "buffer": list(mirror)}
+            states.append(state)
+        return states
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after the last batch handed out (torch.save-able)."""
@@ -232,13 +272,14 @@ class TrainLoader:
             raise DataError("cannot resume the data stream: the tokenizer differs from the checkpoint's "
                             f"(vocabulary {len(self.tokenizer)} vs {state['vocab_size']})")
         self._states = list(state["streams"])
+        self._mirrors = [list(s["buffer"]) if s is not None else [] for s in self._states]
         self._next = int(state["next_stream"])
         self._live = None
 
     def stats(self) -> dict[str, int]:
         """Counts of this rank: documents, tokens, rows, heldout_excluded, skipped (+ by reason), epochs."""
         total: Counter = Counter()
-        for state in self._stream_states():
+        for state in [self._live.state_dict(with_buffer=False)] if self._live is not None else self._states:
             if state is not None:
                 total.update(state["stats"])
         return dict(total)

@@ -126,10 +126,15 @@ def _parse_json_line(raw: bytes) -> Any:
 class LocalSource:
     """Files matched by a path, directory or glob; documents are files, jsonl lines or json/parquet rows."""
 
+    # Empty files are expected in some corpora (the stdlib's empty __init__.py files): still counted,
+    # but logged at DEBUG rather than as warnings on every run.
+    expected_empty = False
+
     def __init__(self, name: str, files: list[Path], base: Path, max_documents: int | None,
-                 errors: str = "strict"):
+                 errors: str = "strict", expected_empty: bool = False):
         self.name, self.files, self.base, self.max_documents = name, files, base, max_documents
         self.errors = errors  # "replace" for the stdlib corpus, whose few odd bytes are harmless
+        self.expected_empty = expected_empty
 
     @classmethod
     def from_pattern(cls, pattern: str, max_documents: int | None) -> LocalSource:
@@ -230,6 +235,8 @@ class LocalSource:
 class HubSource:
     """A Hugging Face hub dataset, streamed (`datasets.load_dataset(..., streaming=True)`)."""
 
+    expected_empty = False
+
     def __init__(self, spec: SourceSpec, max_documents: int | None):
         self.name = spec.source
         self.dataset_id = spec.source.removeprefix("hf:")
@@ -266,7 +273,8 @@ Source = LocalSource | HubSource
 
 def open_source(spec: SourceSpec, cfg: DataConfig) -> Source:
     if spec.source == "stdlib":
-        return LocalSource("stdlib", stdlib_files(), stdlib_root(), cfg.max_documents, errors="replace")
+        return LocalSource("stdlib", stdlib_files(), stdlib_root(), cfg.max_documents, errors="replace",
+                           expected_empty=True)
     if spec.source.startswith("hf:"):
         return HubSource(spec, cfg.max_documents)
     if not spec.source:
@@ -380,6 +388,9 @@ class DocumentReader:
             raise DataError(f"{where}: {bad.detail} (data.on_bad_record=skip would skip and count it)")
         self.stats["skipped"] += 1
         self.stats[f"skipped_{bad.reason}"] += 1
+        if bad.reason == "empty" and self.source.expected_empty:
+            logger.debug("skipping empty record %s", where)
+            return
         self._warned += 1
         if self._warned <= WARN_FIRST_BAD:
             more = " (further bad records are only counted)" if self._warned == WARN_FIRST_BAD else ""
