@@ -387,10 +387,11 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
             **lay.meta())
     if lay.chunks > 0:
         _dv_kernel[(lay.NV, lay.chunks, lay.H)](
-            qf, kf, dof, g, dh, dv, tables["chunk_start"], tables["chunk_len"], scale, **lay.meta())
+            qf, kf, dof, g, dh, dv, tables["chunk_start"], tables["chunk_len"], scale, num_stages=2,
+            **lay.meta())
         _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vf, dof, g, h, dh, dq, dk, dgamma, tables["chunk_start"], tables["chunk_len"], scale,
-            TT, NEED_DG=need_dg, **lay.meta())
+            TT, NEED_DG=need_dg, num_stages=2, **lay.meta())  # six tiles per loop step: keep smem in bounds
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
     dg = _log_decay_grad(dgamma, dht, ht, lay) if need_dg else q.new_empty(0, dtype=torch.float32)
     return shape(dq, lay.K), shape(dk, lay.K), shape(dv, lay.V), dg, dh0

@@ -235,3 +235,24 @@ def test_torch_compile_fullgraph():
     out = torch.compile(decode, fullgraph=True, backend="aot_eager")(q, k, v, state)
     expected = recurrent_step(q, k, v, ref_state) * 2
     assert rel_rms(out, expected) < FP32_TOL and rel_rms(state, ref_state) < FP32_TOL
+
+
+def test_bench_script_dry_run(tmp_path):
+    """scripts/bench_kernels.py (a GPU benchmark) runs end to end on tiny CPU shapes: table, JSON, plot."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    (report_path,) = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["rows"] and all("ms" in row for row in report["rows"])
+    assert all(row["vs_fp32_ref"] < 2e-2 for row in report["correctness"])
+    assert report_path.with_suffix(".png").stat().st_size > 0

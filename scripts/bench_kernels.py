@@ -1,0 +1,482 @@
+"""Benchmark and cross-check supra's Triton linear-attention kernels (GPU; `--dry-run` works on CPU).
+
+1. Correctness in bf16 of every kernel (chunked forward, every gradient, varlen, decode step) against
+   the float32 torch reference and, when installed, fla's chunk_simple_gla / fused_recurrent_simple_gla.
+2. Timing (triton.testing.do_bench, median) of forward and forward+backward for Llama-7B shapes
+   (H=32, D=128, B*T fixed, T from 1k to 32k) and fla's published shapes (B=4, H=8, D=256), against
+   fla's chunk_simple_gla and PyTorch SDPA with the FlashAttention backend (causal).
+3. A table of ms, TFLOP/s, GB/s and speed relative to fla; the HBM roofline fraction of our forward
+   for our own byte count; JSON and a PNG plot under benchmarks/results/<device>/ (or --out DIR).
+
+    python scripts/bench_kernels.py                 # on a GPU machine, about 5 minutes on an H100
+    python scripts/bench_kernels.py --dry-run --out /tmp/bench   # tiny shapes, CPU, Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the JSON and PNG (default: benchmarks/results/<device>/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes on CPU through the Triton interpreter, to check the script itself")
+    parser.add_argument("--tokens", type=int, default=32768, help="B*T for the Llama-7B shapes")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--skip-sdpa", action="store_true", help="leave out the FlashAttention columns")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost models (per call): FLOPs and bytes moved to and from HBM by our kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_flops(B: int, T: int, H: int, K: int, V: int, C: int, backward: bool) -> float:
+    """Chunked linear attention as our kernels compute it (full C x C tiles, masks not skipped).
+
+    Forward per token and head: state update 2KV, read of the state 2KV, scores 2CK, scores.v 2CV.
+    Backward: recomputed states 2KV, dstates 2KV, dv 2CK+2KV+2CV, dq/dk 4KV+4CV+4CK.
+    """
+    fwd = 4 * K * V + 2 * C * (K + V)
+    bwd = 10 * K * V + 6 * C * (K + V)
+    return B * T * H * (fwd + (bwd if backward else 0))
+
+
+def linear_bytes(B: int, T: int, H: int, K: int, V: int, C: int, elem: int, backward: bool) -> float:
+    """HBM traffic of our kernels, counting every block load (no L2 reuse assumed)."""
+    BK, BV = min(64, K), min(64, V)
+    NK, NV = math.ceil(K / BK), math.ceil(V / BV)
+    tok = B * T * H
+    states = B * math.ceil(T / C) * H * K * V * elem  # one pass over the chunk states, stored in bf16
+    fwd_states = tok * (K * NV + V * NK) * elem + states  # read k, v; write h
+    fwd_output = tok * (2 * K * NV + 2 * V) * elem + states  # read q, k, v, h; write o
+    if not backward:
+        return fwd_states + fwd_output
+    dstates = tok * (K * NV + V * NK) * elem + states  # read q, do; write dh
+    dv = tok * (2 * K * NV + 2 * V) * elem + states  # read k, q, dh, do; write dv
+    dqdk = tok * (4 * V * NK + 4 * K) * elem + 2 * states  # read do, v twice; q, k; h, dh; write dq, dk
+    return fwd_states + fwd_output + fwd_states + dstates + dv + dqdk
+
+
+def sdpa_flops(B: int, T: int, H: int, D: int, backward: bool) -> float:
+    fwd = 2 * B * H * T * T * D  # two T x T x D products, half of them masked by causality
+    return fwd * (3.5 if backward else 1.0)  # FlashAttention's convention: backward = 2.5 x forward
+
+
+def sdpa_bytes(B: int, T: int, H: int, D: int, elem: int, backward: bool) -> float:
+    return B * T * H * D * elem * (9 if backward else 4)  # q, k, v, o (+ do, dq, dk, dv, o again)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def rel_rms(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def kernels_module(name: str = ""):
+    """supra.kernels (or one of its modules); from the checkout's kernels/ when supra is not installed."""
+    import importlib
+
+    try:
+        package = importlib.import_module("supra.kernels")
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        package = importlib.import_module("kernels")  # the same files; relative imports keep one copy
+    return importlib.import_module(f"{package.__name__}.{name}") if name else package
+
+
+def load_fla() -> dict[str, Callable] | None:
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except ImportError as error:
+        print(f"fla not importable ({error}); fla columns are left out")
+        return None
+    return {"chunk": chunk_simple_gla, "recurrent": fused_recurrent_simple_gla}
+
+
+def supra_slopes(H: int):
+    """SUPRA's fixed per-head log decay (Lightning Attention slopes): g_h = -r^(h+1)."""
+    import torch
+
+    r = 2 ** (-(2 ** -(math.log2(H) - 3)))
+    return -torch.tensor([r ** (h + 1) for h in range(H)])
+
+
+class Timer:
+    """Median milliseconds: triton.testing.do_bench on CUDA, a plain wall-clock median on CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def __call__(self, fn: Callable[[], object], grad_to_none=None) -> float:
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                                 return_mode="median"))
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Correctness
+# ----------------------------------------------------------------------------------------------
+
+
+def check_correctness(device, fla, chunk_size: int, shape: tuple[int, int, int, int]) -> list[dict]:
+    """bf16 kernels against the float32 torch reference and fla; one row per compared tensor."""
+    import torch
+    import torch.nn.functional as F
+    chunk_linear_attention = kernels_module().chunk_linear_attention
+    recurrent_step = kernels_module().recurrent_step
+    triton_linear_attention = kernels_module("triton_chunk").triton_linear_attention
+    triton_linear_attention_step = kernels_module("triton_decode").triton_linear_attention_step
+
+    B, T, H, D = shape
+    rows = []
+
+    def leaves(tensors, dtype):
+        return [None if x is None else x.to(dtype).clone().requires_grad_() for x in tensors]
+
+    def run(fn, tensors, weights, cu):
+        q, k, v, g, h0 = tensors
+        o, final = fn(q, k, v, g, h0, cu)
+        ((o.float() * weights[0]).sum() + (final.float() * weights[1]).sum()).backward()
+        return [o, final] + [None if x is None else x.grad for x in tensors]
+
+    names = ["o", "final", "dq", "dk", "dv", "dg", "dh0"]
+    for case in ("per-head decay", "per-token decay", "varlen per-token"):
+        cu = torch.tensor([0, 1, T // 3, T // 3 + 1, B * T], device=device) if case.startswith("varlen") else None
+        Bc, Tc = (1, B * T) if cu is not None else (B, T)
+        docs = Bc if cu is None else len(cu) - 1
+        g = (supra_slopes(H).to(device) if case == "per-head decay"
+             else F.logsigmoid(torch.randn(Bc, Tc, H, device=device) + 2))
+        base = [torch.randn(Bc, Tc, H, D, device=device) for _ in range(3)] + [
+            g, torch.randn(docs, H, D, D, device=device)]
+        base[:3] = [x.bfloat16().float() for x in base[:3]]  # both sides see the same rounded inputs
+        weights = [torch.randn(Bc, Tc, H, D, device=device), torch.randn(docs, H, D, D, device=device)]
+
+        def ours(q, k, v, g, h0, cu):
+            return triton_linear_attention(q, k, v, g, None, h0, True, cu, chunk_size=chunk_size)
+
+        def reference(q, k, v, g, h0, cu):
+            return chunk_linear_attention(q, k, v, g, None, h0, True, cu)
+
+        got = run(ours, leaves(base[:3], torch.bfloat16) + leaves(base[3:], torch.float32), weights, cu)
+        ref = run(reference, leaves(base, torch.float32), weights, cu)
+        fla_out = None
+        if fla is not None:
+            def fla_op(q, k, v, g, h0, cu):
+                gate = {"g_gamma": g} if g.dim() == 1 else {"g": g}
+                return fla["chunk"](q=q, k=k, v=v, scale=D**-0.5, initial_state=h0, output_final_state=True,
+                                    cu_seqlens=cu, **gate)
+
+            try:
+                fla_out = run(fla_op, leaves(base[:3], torch.bfloat16) + leaves(base[3:], torch.float32),
+                              weights, cu)
+            except Exception as error:  # an fla version with another API: report, keep going
+                print(f"fla chunk_simple_gla failed on {case}: {type(error).__name__}: {error}")
+        for i, name in enumerate(names):
+            if got[i] is None:
+                continue
+            row = {"kernel": "chunk", "case": case, "tensor": name, "vs_fp32_ref": rel_rms(got[i], ref[i])}
+            if fla_out is not None and fla_out[i] is not None:
+                row["vs_fla"] = rel_rms(got[i], fla_out[i])
+                row["fla_vs_fp32_ref"] = rel_rms(fla_out[i], ref[i])
+            rows.append(row)
+
+    # Decode: a few steps from a random state, per-head decay.
+    g = supra_slopes(H).to(device)
+    state0 = torch.randn(B, H, D, D, device=device)
+    state_ours, state_ref = state0.clone(), state0.clone()
+    fla_state = state0.clone() if fla is not None else None
+    worst = {"o": 0.0, "state": 0.0}
+    worst_fla = {"o": 0.0, "state": 0.0}
+    for _ in range(4):
+        q, k, v = (torch.randn(B, H, D, device=device).bfloat16() for _ in range(3))
+        o = triton_linear_attention_step(q, k, v, state_ours, g)
+        o_ref = recurrent_step(q.float(), k.float(), v.float(), state_ref, g)
+        worst["o"] = max(worst["o"], rel_rms(o, o_ref))
+        if fla_state is not None:
+            try:
+                o_fla, fla_state = fla["recurrent"](q=q[:, None], k=k[:, None], v=v[:, None], g_gamma=g,
+                                                    scale=D**-0.5, initial_state=fla_state,
+                                                    output_final_state=True)
+                worst_fla["o"] = max(worst_fla["o"], rel_rms(o, o_fla[:, 0]))
+            except Exception as error:
+                print(f"fla fused_recurrent_simple_gla failed: {type(error).__name__}: {error}")
+                fla_state = None
+    worst["state"] = rel_rms(state_ours, state_ref)
+    for name in ("o", "state"):
+        row = {"kernel": "decode", "case": "per-head decay", "tensor": name, "vs_fp32_ref": worst[name]}
+        if fla_state is not None:
+            worst_fla["state"] = rel_rms(state_ours, fla_state)
+            row["vs_fla"] = worst_fla[name]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Timing
+# ----------------------------------------------------------------------------------------------
+
+
+def time_shape(family: str, B: int, T: int, H: int, D: int, device, fla, timer: Timer, chunk_size: int,
+               sdpa: bool) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    triton_linear_attention = kernels_module("triton_chunk").triton_linear_attention
+
+    dtype = torch.bfloat16
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    g = supra_slopes(H).to(device)
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "supra": lambda: triton_linear_attention(q, k, v, g, chunk_size=chunk_size)[0]}
+    if fla is not None:
+        methods["fla"] = lambda: fla["chunk"](q=q, k=k, v=v, g_gamma=g, scale=D**-0.5)[0]
+    if sdpa and device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        dot = do.transpose(1, 2).contiguous()
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+        methods["sdpa-flash"] = flash
+    rows = []
+    for name, fn in methods.items():
+        grads = [qt, kt, vt] if name == "sdpa-flash" else [q, k, v]
+        grad_out = dot if name == "sdpa-flash" else do
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def forward_backward(fn=fn, grad_out=grad_out):
+            fn().backward(grad_out)
+
+        for pass_name, bench, backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
+            try:
+                ms = timer(bench, grad_to_none=grads)
+            except Exception as error:  # a method that cannot run a shape (memory, limits): record why
+                rows.append({"family": family, "B": B, "T": T, "H": H, "D": D, "method": name,
+                             "pass": pass_name, "error": f"{type(error).__name__}: {error}"[:200]})
+                continue
+            if name == "sdpa-flash":
+                flops, nbytes = sdpa_flops(B, T, H, D, backward), sdpa_bytes(B, T, H, D, 2, backward)
+            else:
+                flops = linear_flops(B, T, H, D, D, chunk_size, backward)
+                nbytes = linear_bytes(B, T, H, D, D, chunk_size, 2, backward)
+            rows.append({"family": family, "B": B, "T": T, "H": H, "D": D, "method": name, "pass": pass_name,
+                         "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+    return rows
+
+
+def time_decode(B: int, H: int, D: int, device, fla, timer: Timer) -> list[dict]:
+    import torch
+    triton_linear_attention_step = kernels_module("triton_decode").triton_linear_attention_step
+
+    q, k, v = (torch.randn(B, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    g = supra_slopes(H).to(device)
+    state = torch.zeros(B, H, D, D, device=device)
+    methods = {"supra": lambda: triton_linear_attention_step(q, k, v, state, g)}
+    if fla is not None:
+        methods["fla"] = lambda: fla["recurrent"](q=q[:, None], k=k[:, None], v=v[:, None], g_gamma=g,
+                                                  scale=D**-0.5, initial_state=state, output_final_state=True)
+    nbytes = B * H * (2 * D * D * 4 + 4 * D * 2)  # the float32 state read and written once; q, k, v, o
+    rows = []
+    for name, fn in methods.items():
+        ms = timer(fn)
+        rows.append({"family": "decode", "B": B, "T": 1, "H": H, "D": D, "method": name, "pass": "step",
+                     "ms": ms, "tflops": 4 * B * H * D * D / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+    return rows
+
+
+def measure_bandwidth(device, timer: Timer, nbytes: int) -> float:
+    """Achievable HBM bandwidth: a large device-to-device copy (read + write), bytes/s."""
+    import torch
+
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def add_fla_ratios(rows: list[dict]) -> None:
+    """speedup_vs_fla = fla's time / this method's time (> 1: faster than fla)."""
+    fla_ms = {(r["family"], r["B"], r["T"], r["pass"]): r["ms"] for r in rows if r["method"] == "fla" and "ms" in r}
+    for r in rows:
+        ref = fla_ms.get((r["family"], r["B"], r["T"], r["pass"]))
+        if ref is not None and "ms" in r:
+            r["speedup_vs_fla"] = ref / r["ms"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Report
+# ----------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'family':8} {'B':>3} {'T':>6} {'H':>3} {'D':>4} {'method':11} {'pass':8} " \
+             f"{'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'fla/this':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        lead = f"{r['family']:8} {r['B']:>3} {r['T']:>6} {r['H']:>3} {r['D']:>4} {r['method']:11} {r['pass']:8} "
+        if "error" in r:
+            print(lead + r["error"])
+            continue
+        ratio = f"{r['speedup_vs_fla']:8.2f}" if "speedup_vs_fla" in r else f"{'-':>8}"
+        print(lead + f"{r['ms']:9.3f} {r['tflops']:8.2f} {r['gbps']:8.1f} {ratio}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = [f for f in dict.fromkeys(r["family"] for r in rows) if f != "decode"]
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(6 * max(1, len(families)), 4.5), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        for (method, pass_name) in dict.fromkeys((r["method"], r["pass"]) for r in rows if r["family"] == family):
+            pts = sorted((r["T"], r["ms"]) for r in rows
+                         if r["family"] == family and r["method"] == method and r["pass"] == pass_name and "ms" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", linestyle="-" if pass_name == "fwd" else "--",
+                        label=f"{method} {pass_name}")
+        shape = next(r for r in rows if r["family"] == family)
+        ax.set(xscale="log", yscale="log", xlabel="T (tokens per sequence)", ylabel="ms (median)",
+               title=f"{family}: H={shape['H']}, D={shape['D']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        print("no CUDA device: this benchmark needs a GPU (use --dry-run to check the script on CPU)")
+        return 1
+    device = torch.device("cuda" if cuda else "cpu")
+    device_name = torch.cuda.get_device_name(0) if cuda else "cpu-triton-interpreter"
+    out_dir = args.out or REPO / "benchmarks" / "results" / device_slug(device_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = Timer(cuda)
+    fla = load_fla() if cuda else None
+    chunk = 16 if args.dry_run else args.chunk_size
+
+    if args.dry_run:
+        correctness_shape = (2, 40, 2, 16)
+        llama = [(max(1, 64 // t), t) for t in (32, 64)]
+        llama_hd, fla_shapes, fla_hd, decode_shapes = (2, 16), [(1, 48)], (2, 32), [(2, 2, 16)]
+    else:
+        correctness_shape = (2, 1000, 4, 128)
+        llama = [(max(1, args.tokens // t), t) for t in (1024, 2048, 4096, 8192, 16384, 32768)]
+        llama_hd, fla_shapes, fla_hd = (32, 128), [(4, t) for t in (2048, 4096, 8192, 16384)], (8, 256)
+        decode_shapes = [(1, 32, 128), (32, 32, 128)]
+
+    print(f"device: {device_name}; fla: {'yes' if fla else 'no'}; chunk size {chunk}")
+    print("\n== correctness (relative RMS error, bf16 kernels) ==")
+    correctness = check_correctness(device, fla, chunk, correctness_shape)
+    for r in correctness:
+        extra = "".join(f"  {key}={r[key]:.2e}" for key in ("vs_fla", "fla_vs_fp32_ref") if key in r)
+        print(f"{r['kernel']:7} {r['case']:17} {r['tensor']:6} vs_fp32_ref={r['vs_fp32_ref']:.2e}{extra}")
+
+    print("\n== timing ==")
+    rows: list[dict] = []
+    for family, shapes, (H, D) in (("llama7b", llama, llama_hd), ("fla", fla_shapes, fla_hd)):
+        for B, T in shapes:
+            rows += time_shape(family, B, T, H, D, device, fla, timer, chunk, not args.skip_sdpa)
+            if cuda:
+                torch.cuda.empty_cache()
+    for B, H, D in decode_shapes:
+        rows += time_decode(B, H, D, device, fla, timer)
+    add_fla_ratios(rows)
+    print_table(rows)
+
+    nominal = next((bw for key, bw in NOMINAL_HBM.items() if key in device_name), None)
+    measured = measure_bandwidth(device, timer, (1 << 30) if cuda else (1 << 22))
+    print(f"\n== forward HBM roofline (our byte count; copy bandwidth {measured / 1e9:.0f} GB/s"
+          + (f", nominal {nominal / 1e9:.0f} GB/s" if nominal else "") + ") ==")
+    for r in rows:
+        if r["method"] == "supra" and r["pass"] == "fwd" and "ms" in r:
+            r["roofline_fraction_measured"] = r["gbps"] * 1e9 / measured
+            text = f"{r['family']:8} B={r['B']:<3} T={r['T']:<6} {r['gbps']:8.1f} GB/s = " \
+                   f"{r['roofline_fraction_measured']:.1%} of copy bandwidth"
+            if nominal:
+                r["roofline_fraction_nominal"] = r["gbps"] * 1e9 / nominal
+                text += f", {r['roofline_fraction_nominal']:.1%} of nominal"
+            print(text)
+
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    report = {"device": device_name, "git_sha": git_sha(), "command": " ".join([sys.executable] + sys.argv),
+              "date": stamp.isoformat(), "torch": torch.__version__, "triton": _triton_version(),
+              "fla": fla is not None, "chunk_size": chunk, "dry_run": args.dry_run,
+              "measured_copy_bandwidth_bytes_per_s": measured, "nominal_hbm_bytes_per_s": nominal,
+              "correctness": correctness, "rows": rows}
+    name = f"bench_kernels_{stamp:%Y%m%dT%H%M%SZ}"
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(rows, out_dir / f"{name}.png", f"linear attention, bf16, {device_name}")
+    print(f"\nwrote {out_dir / name}.json and .png")
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
