@@ -458,7 +458,7 @@ def _backward_rule(ctx, do, dht):
     q, k, v, log_decay, initial_state, cu_seqlens = ctx.saved_tensors
     need_dg = log_decay is not None and ctx.needs_input_grad[3]
     if do is None:
-        do = torch.zeros_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))
+        do = v.new_zeros(v.shape)
     if dht is None:
         docs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         dht = q.new_zeros(docs, q.shape[2], q.shape[3], v.shape[-1], dtype=torch.float32)
@@ -499,6 +499,8 @@ def triton_linear_attention(
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be (B, T, H, K) and v (B, T, H, V); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {B}")
     if log_decay is not None and log_decay.shape not in ((H,), (B, T, H)):

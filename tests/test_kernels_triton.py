@@ -101,8 +101,8 @@ def test_matches_recurrence(decay, B, T, H, K, V, chunk_size, with_h0, with_fina
 @pytest.mark.parametrize("decay", ["none", "head", "token"])
 @pytest.mark.parametrize("H, K, V", [(1, 16, 32), (3, 32, 16)])
 def test_varlen_documents(decay, H, K, V):
-    # Documents of length 1, longer than a chunk (16), an exact chunk, and a short tail.
-    cu_seqlens = [0, 1, 40, 41, 57, 90, 97]
+    # Documents of length 1, longer than a chunk (16), empty, an exact chunk, and a short tail.
+    cu_seqlens = [0, 1, 40, 41, 41, 57, 90, 97]
     errors = compare_with_reference(1, 97, H, K, V, decay, 16, True, True, cu_seqlens)
     assert max(errors.values()) < FP32_TOL, errors
 
@@ -141,6 +141,8 @@ def test_bad_inputs_raise():
         triton_linear_attention(q, q, v, cu_seqlens=torch.tensor([0, 20]))
     with pytest.raises(ValueError, match="log_decay"):
         triton_linear_attention(q, q, v, log_decay=torch.zeros(3))
+    with pytest.raises(ValueError, match="dtype"):
+        triton_linear_attention(q, q, v.double())
     with pytest.raises(ValueError, match="chunk_size"):
         triton_linear_attention(q, q, v, chunk_size=24)
 
