@@ -121,8 +121,11 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
         model_type = arch.pop("model_type", None)
         if model_type is None:
             raise SourceError("architecture needs a model_type (llama, mistral or qwen2)")
-        config = AutoConfig.for_model(model_type, **arch)
-        check_supported(config)
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except ValueError as err:
+            raise SourceError(f"bad architecture: {str(err).splitlines()[0]}") from None
+        _check_supported(config)
         with torch.device("meta" if meta else device):
             return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     where, extra = resolve_source(source)
@@ -130,13 +133,20 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
         config = AutoConfig.from_pretrained(where, **extra)
     except OSError as err:
         raise SourceError(f"could not load model {source!r}: {str(err).splitlines()[0]}") from None
-    check_supported(config)
+    _check_supported(config)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
     spec = getattr(config, "supra", None)
     if spec:
         linearize(model, LinearizeSpec.from_dict(spec))
         _load_new_parameters(model, Path(where))
     return model
+
+
+def _check_supported(config: Any) -> None:
+    try:
+        check_supported(config)
+    except ValueError as err:
+        raise SourceError(str(err)) from None
 
 
 def _load_new_parameters(model: nn.Module, directory: Path) -> None:

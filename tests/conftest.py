@@ -1,8 +1,31 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on CPU through the interpreter; the variable must be set before triton
 # decorates any kernel, so it is set here, before any test module imports supra.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The dequantised SmolLM2 (made once per machine, in $SUPRA_CACHE; later sessions reuse it)."""
+    from supra.models import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from supra.models import load_model
+
+    return load_model("smollm2-135m").eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from supra.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")

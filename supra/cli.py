@@ -1,0 +1,98 @@
+"""`supra <command> [key=value ...]`: one function per command, overrides in Hydra syntax.
+
+Mistakes in the command line (unknown command, recipe, key or value; a missing file) end with one
+line on stderr and exit code 2; nothing is written before the config has been validated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "uptrain": "convert a model and uptrain it, stage by stage, resumable (recipe=NAME ...)",
+    "eval": "perplexity, lm-eval benchmarks, passkey retrieval, speed (model=... tasks=[...])",
+    "export": "write a Hugging Face directory loadable without supra (model=RUN out=DIR)",
+    "convert": "swap softmax attention for recurrent attention, untrained (method=supra|lolcats|t2r)",
+    "skip": "remove attention sublayers chosen by similarity or position (select=... n=K)",
+    "recipes": "list the shipped recipes, or print one (recipe=NAME)",
+}
+
+USAGE = """usage: supra <command> [key=value ...]
+
+Turn a pretrained softmax-attention LLM into a recurrent linear-attention model and uptrain it.
+
+commands:
+{commands}
+
+Overrides use Hydra syntax: model=smollm2-135m tasks=[ppl,speed] train.batch_tokens=65536.
+`recipe=NAME` loads recipes/NAME.yaml first; `supra recipes` lists them.
+`supra <command> --help` prints every key with its current value."""
+
+
+class UserError(Exception):
+    """Raised by commands for a user mistake found after config validation (e.g. an existing out dir)."""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    return USAGE.format(commands="\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
+    logging.basicConfig(level=os.environ.get("SUPRA_LOG", "INFO"), format="%(message)s")
+    _quiet_libraries()
+
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError, load_config
+    from .data import DataError
+    from .models import SourceError
+
+    want_help = any(a in ("-h", "--help") for a in overrides)
+    try:
+        cfg = load_config([a for a in overrides if a not in ("-h", "--help")])
+    except ConfigError as err:
+        return fail(str(err))
+    if want_help:
+        print(f"supra {command}: {COMMANDS[command]}\n\ncurrent configuration:\n{OmegaConf.to_yaml(cfg)}")
+        return 0
+    module = importlib.import_module(f"supra.commands.{command}")
+    try:
+        result = module.run(cfg)
+    except (ConfigError, DataError, SourceError, UserError, FileNotFoundError) as err:
+        return fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except KeyboardInterrupt:
+        return fail("interrupted", code=130)
+    return int(result or 0)
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"supra: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advisories drown the run's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

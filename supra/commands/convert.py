@@ -1,0 +1,46 @@
+"""`supra convert`: swap softmax attention for recurrent attention (untrained) and save the model."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from rich.table import Table
+from torch import nn
+
+from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
+from ..layers.linearize import linearize
+from ..models import SourceError, count_parameters, save_model
+from .common import console, load_model_and_tokenizer
+
+
+def convert_model(model: nn.Module, cfg: DictConfig) -> nn.Module:
+    """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
+    one already linearized is refused, since converting twice would stack feature maps."""
+    spec = linearize_spec(cfg)
+    previous = getattr(model.config, "supra", None)
+    if previous:
+        if previous.get("method") != "softmax" and spec.method != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+                              "convert the original model instead")
+        spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
+    try:
+        return linearize(model, spec)
+    except ValueError as err:  # e.g. a layer index the model does not have
+        raise ConfigError(str(err)) from None
+
+
+def run(cfg: DictConfig) -> int:
+    out = run_dir(cfg, f"runs/{cfg.recipe or 'model'}-{cfg.method}")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    convert_model(model, cfg)
+    save_model(model, tokenizer, out, cfg.overwrite)
+    save_snapshot(cfg, out, "convert")
+    counts = count_parameters(model)
+    table = Table(title=f"converted {cfg.model} -> {out}")
+    for column in ("method", "total params", "new params", "softmax layers", "skipped layers"):
+        table.add_column(column)
+    table.add_row(cfg.method, f"{counts['total']:,}", f"{counts['new']:,}",
+                  str(list(cfg.softmax_layers)), str(list(model.config.supra["skip_layers"])))
+    console.print(table)
+    return 0
