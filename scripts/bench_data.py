@@ -65,13 +65,17 @@ def run_case(case: str, workers: int, tokens: int, seq_len: int, batch_size: int
     loader = build_train_loader(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size)
     it = iter(loader)
     next(it)  # start-up (workers forking, first buffer fill) is not throughput
+    cpu_start = time.process_time()
     start = time.perf_counter()
     count = 0
     while count < tokens:
         count += next(it)["input_ids"].numel()
     seconds = time.perf_counter() - start
+    # With workers: the CPU the training process itself spends receiving batches and states.
+    main_cpu = (time.process_time() - cpu_start) / seconds
     stats = loader.stats()
     return {"tokens": count, "seconds": seconds, "tokens_per_s": count / seconds,
+            "main_process_cpu_share": round(main_cpu, 3),
             "documents": stats.get("documents", 0), "skipped": stats.get("skipped", 0)}
 
 
@@ -100,7 +104,7 @@ def machine() -> dict:
         pass
     # Load average: this machine may be shared, and other jobs' load lowers the figures.
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "load_average_1m": round(os.getloadavg()[0], 2)}
+            "python": platform.python_version(), "load_average_1m_after": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -116,6 +120,7 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args.workers, args.tokens, args.seq_len, args.batch_size, args.shuffle)))
         return
 
+    load_before = round(os.getloadavg()[0], 2)
     cases = [("tokenizer only, 1 core", spawn("tokenizer", 0, args, one_core=True), 1),
              ("pipeline, 1 core (num_workers=0)", spawn("loader", 0, args, one_core=True), 1),
              (f"pipeline, num_workers={args.workers}", spawn("loader", args.workers, args, one_core=False),
@@ -132,7 +137,8 @@ def main() -> None:
                                 capture_output=True, text=True, cwd=ROOT).stdout.strip())
     record = {"benchmark": "bench_data", "git_sha": sha, "data_code_dirty": dirty,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {**machine(), "load_average_1m_before": load_before},
               "settings": {"corpus": "stdlib", "tokenizer": "SmolLM2-135M", "seq_len": args.seq_len,
                            "batch_size": args.batch_size, "shuffle_buffer": args.shuffle},
               "goal_tokens_per_s_per_core": 1_000_000, "results": results}
