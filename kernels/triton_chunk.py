@@ -24,10 +24,9 @@ overflows. Masked entries take exp(-inf) = 0 rather than multiplying a possibly 
 No `tl.trans` inside `tl.dot`: a transposed operand is loaded transposed through its pointers
 (Triton 3.4-3.7.0 miscompiled a transposed dot on Hopper; this layout sidesteps the whole class).
 
-Gradient of the log decay (per token or per head): with Gamma the running sum over a document,
-dL/dGamma_t = q_t . dq_t - k_t . dk_t (+ <dfinal, final> at a document's last token), because every
-term of the output and of the final state is linear in q_t with factor exp(+Gamma_t) and linear in
-k_j with factor exp(-Gamma_j). dL/dg_t is then the sum of dL/dGamma_s over s >= t in the document.
+Gradient of the log decay (per token (B, T, H), or per head (H,) as the sum over tokens): computed
+chunk by chunk in `_dqdk_kernel` from the terms in which g_t appears, all sums local to the chunk;
+the state carried across the chunk boundary enters through one <dL/dstate, state> product.
 """
 
 from __future__ import annotations
@@ -224,7 +223,7 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, g_ptr, dh_ptr, dv_ptr, chunk_start_ptr, chu
 
 
 @triton.jit
-def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dgamma_ptr,
+def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr,
                  chunk_start_ptr, chunk_len_ptr, scale, T_total,
                  H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr,
@@ -240,6 +239,7 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
     dk_state = tl.zeros([C, BK], dtype=tl.float32)  # v_j . dh^T (grad of the leaving state)
     dscores = tl.zeros([C, C], dtype=tl.float32)  # [i, j] = do_i . v_j
     dscores_t = tl.zeros([C, C], dtype=tl.float32)  # [j, i] = v_j . do_i
+    carry = 0.0  # <dh, h> over this K block: for the log-decay gradient
     m_k_t = (rk[None, :] < K)
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
@@ -256,6 +256,8 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
         dk_state += _dot(vb, dht.to(vb.dtype), PREC, UPCAST)
         dscores += _dot(dob, vt, PREC, UPCAST)
         dscores_t += _dot(vb, dot_, PREC, UPCAST)
+        if NEED_DG:
+            carry += tl.sum(tl.sum(ht.to(tl.float32) * dht.to(tl.float32), 1), 0)
     causal = rc[:, None] >= rc[None, :]
     decay = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     decay_t = tl.exp(tl.where(rc[:, None] <= rc[None, :], G[None, :] - G[:, None], float("-inf")))
@@ -269,18 +271,22 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
     tl.store(dq_ptr + tok[:, None] * K + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dk_ptr + tok[:, None] * K + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
     if NEED_DG:
-        # This K block's share of dL/dGamma = q.dq - k.dk per token, in float32. Summed term by term:
-        # each intra-chunk pair (i, j) adds P_ij to token i and takes it from token j; the pairs i == j
-        # cancel exactly, so they are left out instead of being added and subtracted (at T ~ 100 that
-        # rounding alone cost three digits of a per-head decay gradient).
+        # dL/dg_t for the tokens of this chunk, this K block's share (float32; the host sums blocks).
+        # g_t enters exp(G_i - G_j) for j < t <= i, exp(G_i) for i >= t (reads of the entering state),
+        # exp(G_last - G_j) for j < t (writes to the leaving state) and exp(G_last) (carry of the state):
+        #   dg_t = sum_{i>=t>j} P_ij + sum_{i>=t} R_i + sum_{j<t} W_j + exp(G_last) <dh, h>
+        # P: intra-chunk pair terms, R: state reads, W: state writes. Every sum stays inside the chunk,
+        # so no rounding accumulates along the sequence (a global suffix sum of q.dq - k.dk did, and
+        # lost three digits of a per-head decay gradient at T ~ 100).
         kt = tl.load(k_ptr + tok[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rc[None, :] < L),
                      other=0.0)
-        strict = rc[:, None] > rc[None, :]
-        pairs = tl.where(strict, _dot(qb, kt, PREC, UPCAST) * dscores * decay * scale, 0.0)
-        part = (tl.sum(pairs, 1) - tl.sum(pairs, 0)
-                + tl.sum(qb.to(tl.float32) * dq_state, 1) * tl.exp(G) * scale
-                - tl.sum(kb.to(tl.float32) * dk_state, 1) * tl.exp(_last(G, C) - G))
-        tl.store(dgamma_ptr + ik.to(tl.int64) * T_total * H + tok, part, mask=rc < L)
+        pairs = tl.where(rc[:, None] > rc[None, :], _dot(qb, kt, PREC, UPCAST) * dscores * decay * scale, 0.0)
+        reads = tl.sum(qb.to(tl.float32) * dq_state, 1) * tl.exp(G) * scale
+        writes = tl.sum(kb.to(tl.float32) * dk_state, 1) * tl.exp(_last(G, C) - G)
+        # sum_{s>=t} (rowsum_s - colsum_s) of the strictly lower pairs = sum over i >= t > j of P_ij.
+        part = (tl.cumsum(tl.sum(pairs, 1) - tl.sum(pairs, 0) + reads, 0, reverse=True)
+                + tl.cumsum(writes, 0) - writes + tl.exp(_last(G, C)) * carry)
+        tl.store(dg_ptr + ik.to(tl.int64) * T_total * H + tok, part, mask=rc < L)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +377,7 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
     qf, kf, vf, dof = lay.flat(q), lay.flat(k), lay.flat(v), lay.flat(do)
     g = _decay_arg(log_decay, lay, qf)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    h, ht = _states(kf, vf, g, h0, lay)  # recomputed: cheaper in memory than keeping them
+    h, _ = _states(kf, vf, g, h0, lay)  # recomputed: cheaper in memory than keeping them
 
     dh = alloc(h.shape, lay.state_dtype, q.device)
     dh0 = alloc((lay.docs, lay.H, lay.K, lay.V), torch.float32, q.device)
@@ -379,7 +385,7 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
     dq, dk, dv = alloc(qf.shape, q.dtype, q.device), alloc(kf.shape, k.dtype, q.device), alloc(
         vf.shape, v.dtype, q.device)
     need_dg = need_dg and log_decay is not None
-    dgamma = alloc((lay.NK, TT, lay.H), torch.float32, q.device) if need_dg else dh0
+    dg = alloc((lay.NK, TT, lay.H), torch.float32, q.device) if need_dg else dh0  # per K block
     tables = lay.tables
     if lay.docs * lay.H > 0:
         _dstates_kernel[(lay.NK, lay.NV, lay.docs * lay.H)](
@@ -390,26 +396,11 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
             qf, kf, dof, g, dh, dv, tables["chunk_start"], tables["chunk_len"], scale, num_stages=2,
             **lay.meta())
         _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
-            qf, kf, vf, dof, g, h, dh, dq, dk, dgamma, tables["chunk_start"], tables["chunk_len"], scale,
+            qf, kf, vf, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale,
             TT, NEED_DG=need_dg, num_stages=2, **lay.meta())  # six tiles per loop step: keep smem in bounds
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
-    dg = _log_decay_grad(dgamma, dht, ht, lay) if need_dg else q.new_empty(0, dtype=torch.float32)
+    dg = dg.sum(0).view(lay.B, lay.T, lay.H) if need_dg else q.new_empty(0, dtype=torch.float32)
     return shape(dq, lay.K), shape(dk, lay.K), shape(dv, lay.V), dg, dh0
-
-
-def _log_decay_grad(dgamma: torch.Tensor, dht: torch.Tensor, ht: torch.Tensor, lay: _Layout) -> torch.Tensor:
-    """dL/dg per token (B, T, H) float32 from the per-token dL/dGamma partials (see module docstring)."""
-    dgamma = dgamma.sum(0).double()  # (B*T, H)
-    cu = lay.tables["cu"].long()
-    ends = cu[1:] - 1
-    nonempty = cu[1:] > cu[:-1]
-    final_term = (dht.double() * ht.double()).sum((-1, -2))  # <dfinal, final> per (doc, head)
-    dgamma.index_add_(0, ends[nonempty], final_term[nonempty])
-    # Sum over s >= t within the document: a reverse cumsum minus what lies past the document's end.
-    suffix = torch.cat([dgamma.flip(0).cumsum(0).flip(0), dgamma.new_zeros(1, lay.H)])
-    token_end = torch.repeat_interleave(cu[1:], cu[1:] - cu[:-1], output_size=lay.B * lay.T)
-    dg = suffix[:-1] - suffix[token_end]
-    return dg.float().view(lay.B, lay.T, lay.H)
 
 
 # ----------------------------------------------------------------------------------------------
