@@ -246,7 +246,7 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
         m_tv = (rc[:, None] < L) & (rv[None, :] < V)
         m_vt = (rv[:, None] < V) & (rc[None, :] < L)
         dob = tl.load(do_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-        dot_ = tl.load(do_ptr + tok[None, :] * V + rv[:, None], mask=m_vt, other=0.0)
+        do_t = tl.load(do_ptr + tok[None, :] * V + rv[:, None], mask=m_vt, other=0.0)
         vb = tl.load(v_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
         vt = tl.load(v_ptr + tok[None, :] * V + rv[:, None], mask=m_vt, other=0.0)
         m_st = (rv[:, None] < V) & m_k_t
@@ -255,7 +255,7 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
         dq_state += _dot(dob, ht.to(dob.dtype), PREC, UPCAST)
         dk_state += _dot(vb, dht.to(vb.dtype), PREC, UPCAST)
         dscores += _dot(dob, vt, PREC, UPCAST)
-        dscores_t += _dot(vb, dot_, PREC, UPCAST)
+        dscores_t += _dot(vb, do_t, PREC, UPCAST)
         if NEED_DG:
             carry += tl.sum(tl.sum(ht.to(tl.float32) * dht.to(tl.float32), 1), 0)
     causal = rc[:, None] >= rc[None, :]
@@ -322,8 +322,8 @@ class _Layout:
         self.docs = len(bounds) - 1
         self.tables = _chunk_tables(bounds, chunk_size, q.device)
         self.chunks = int(self.tables["chunk_start"].numel())
-        self.BK = min(64, triton.next_power_of_2(self.K))
-        self.BV = min(64, triton.next_power_of_2(self.V))
+        self.BK = max(16, min(64, triton.next_power_of_2(self.K)))  # tl.dot needs >= 16
+        self.BV = max(16, min(64, triton.next_power_of_2(self.V)))
         self.NK, self.NV = triton.cdiv(self.K, self.BK), triton.cdiv(self.V, self.BV)
         self.decay = (NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY)
         # float32 inputs get exact float32 products; tf32 would cost about three digits.
