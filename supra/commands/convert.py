@@ -5,18 +5,33 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
 from ..layers.linearize import linearize
 from ..models import SourceError, count_parameters, save_model
+from ..skip import select_and_skip
 from .common import console, load_model_and_tokenizer
 
 
-def convert_model(model: nn.Module, cfg: DictConfig) -> nn.Module:
+def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> nn.Module:
     """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
-    one already linearized is refused, since converting twice would stack feature maps."""
-    spec = linearize_spec(cfg)
+    one already linearized is refused, since converting twice would stack feature maps.
+
+    With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
+    on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
+    the calibration text."""
     previous = getattr(model.config, "supra", None)
+    if cfg.n > 0:
+        if tokenizer is None:
+            raise ConfigError(f"n={cfg.n} (skip by select={cfg.select}) needs calibration text here; "
+                              "run `supra skip` first and convert its output")
+        if previous and previous.get("method") != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+                              "convert the original model instead")
+        select_and_skip(model, tokenizer, cfg)
+        previous = model.config.supra
+    spec = linearize_spec(cfg)
     if previous:
         if previous.get("method") != "softmax" and spec.method != "softmax":
             raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
@@ -33,7 +48,7 @@ def run(cfg: DictConfig) -> int:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
     model, tokenizer = load_model_and_tokenizer(cfg)
-    convert_model(model, cfg)
+    convert_model(model, cfg, tokenizer)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
     counts = count_parameters(model)
