@@ -74,6 +74,9 @@ class EvalConfig:
     lm_eval_limit: int | None = None
     lm_eval_fewshot: int | None = None
     lm_eval_include_path: str | None = None  # a folder of local lm-eval task YAMLs
+    # A second model source (e.g. the original, model=smollm2-135m) that speed and passkey also run,
+    # so the plots and eval.json compare the recurrent model with softmax attention and its KV cache.
+    baseline: str | None = None
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """`supra eval model=... tasks=[...]`: score any model source; results go to <out>/eval.json.
 
-Tasks: `ppl` (held-out perplexity, by position bucket). Each task is a function
-(model, tokenizer, cfg, out_dir) -> (results dict, table rows) registered in TASKS.
+Tasks: `ppl` (held-out perplexity, by position bucket), `lm_eval:<task,...>` (lm-evaluation-harness),
+`passkey` (retrieval accuracy per context length and depth), `speed` (prefill/decode speed and
+memory vs context). Each task is a function (model, tokenizer, cfg, out_dir) -> (results dict,
+table rows) registered in TASKS; plots are written beside eval.json. `eval.baseline=<source>` runs
+passkey and speed on a second model too (e.g. the original), for comparison.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, run_dir, save_snapshot
 from ..data import iter_documents
+from ..evaluate import plots
+from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import heldout_stream, perplexity
+from ..evaluate.speed import speed
+from ..models import load_model, resolve_device
 from .common import console, load_model_and_tokenizer, update_json
 
 Rows = list[tuple[str, str]]
@@ -30,16 +37,85 @@ def ppl_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConf
     result = perplexity(model, stream, cfg.seq_len, cfg.eval.batch_size)
     rows = [("perplexity", f"{result['ppl']:.3f}"), ("tokens scored", f"{result['tokens']:,}")]
     rows += [(f"  ppl at positions {b['start']}-{b['end']}", f"{b['ppl']:.3f}") for b in result["by_position"]]
+    plots.plot_loss_by_position(result, out / "ppl_by_position.png", label=_label(cfg.model))
     return result, rows
 
 
-TASKS: dict[str, Task] = {"ppl": ppl_task}
+def lm_eval_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path,
+                 names: list[str]) -> tuple[dict, Rows]:
+    from ..evaluate.lm_eval_task import run_lm_eval, summarize
+
+    results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
+                          limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
+                          batch_size=cfg.eval.batch_size)
+    return summarize(results)
+
+
+def passkey_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
+    def run_one(m: nn.Module) -> dict:
+        return passkey(m, tokenizer, list(cfg.eval.passkey_lengths), list(cfg.eval.passkey_depths),
+                       cfg.eval.passkey_trials, seed=cfg.seed)
+
+    result = _with_baseline(run_one, model, cfg)
+    plots.plot_passkey(result, out / "passkey.png", label=_label(cfg.model))
+    rows = [("mean accuracy", f"{result['mean_accuracy']:.3f}")]
+    rows += [(f"  accuracy at {n} tokens", " ".join(f"{a:.2f}" for a in row))
+             for n, row in zip(result["lengths"], result["accuracy"])]
+    if "baseline" in result:
+        base = result["baseline"]
+        plots.plot_passkey(base, out / "passkey_baseline.png", label=_label(cfg.eval.baseline))
+        rows.append((f"baseline {cfg.eval.baseline} mean accuracy", f"{base['mean_accuracy']:.3f}"))
+    return result, rows
+
+
+def speed_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
+    def run_one(m: nn.Module) -> dict:
+        return speed(m, list(cfg.eval.speed_lengths), cfg.eval.speed_decode_tokens)
+
+    result = _with_baseline(run_one, model, cfg)
+    runs = {_label(cfg.model): result}
+    if "baseline" in result:
+        label = _label(cfg.eval.baseline)
+        runs[label if label not in runs else f"{label} (baseline)"] = result["baseline"]
+    plots.plot_speed(runs, out / "speed.png")
+    rows = []
+    for label, run in runs.items():
+        for p in run["points"]:
+            rows.append((f"{label} @ {p['context']}",
+                         f"decode {p['decode_ms_per_token']:.2f} ms/tok, "
+                         f"prefill {p['prefill_tokens_per_s']:,.0f} tok/s, "
+                         f"state {p['state_bytes'] / 2**20:.2f} MiB"))
+    return result, rows
+
+
+def _with_baseline(run_one: Callable[[nn.Module], dict], model: nn.Module, cfg: DictConfig) -> dict:
+    """run_one(model), plus run_one(baseline model) under "baseline" when eval.baseline is set."""
+    result = run_one(model)
+    if cfg.eval.baseline:
+        baseline = load_model(cfg.eval.baseline, cfg.dtype, None, resolve_device(cfg.device)).eval()
+        result["baseline"] = {"model": cfg.eval.baseline, **run_one(baseline)}
+        del baseline
+    return result
+
+
+def _label(source: str) -> str:
+    return Path(source).name or source
+
+
+TASKS: dict[str, Task] = {"ppl": ppl_task, "passkey": passkey_task, "speed": speed_task}
 
 
 def task_function(name: str) -> Task:
-    base = name.split(":", 1)[0]
+    """The function for a task name; `lm_eval:a,b` is lm-eval on tasks a and b."""
+    base, _, argument = name.partition(":")
+    if base == "lm_eval":
+        names = [n.strip() for n in argument.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("lm_eval needs task names, e.g. tasks=[lm_eval:hellaswag,lm_eval:piqa]")
+        return lambda model, tokenizer, cfg, out: lm_eval_task(model, tokenizer, cfg, out, names)
     if base not in TASKS:
-        raise ConfigError(f"unknown eval task {name!r}; valid tasks: {', '.join(TASKS)}")
+        valid = ", ".join([*TASKS, "lm_eval:<task,...>"])
+        raise ConfigError(f"unknown eval task {name!r}; valid tasks: {valid}")
     return TASKS[base]
 
 

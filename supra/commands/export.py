@@ -1,0 +1,46 @@
+"""`supra export model=<run, checkpoint or model> out=DIR [dtype=bfloat16] [merge_lora=true]`.
+
+Writes a Hugging Face directory (safetensors, tokenizer, config.json with auto_map, and the
+modeling code) that `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads
+with torch and transformers alone; see supra/export.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.table import Table
+
+from ..config import run_dir, save_snapshot
+from ..export import export, merge_lora
+from ..models import SourceError, count_parameters, resolve_source
+from .common import console, load_model_and_tokenizer
+
+
+def default_out(cfg: DictConfig) -> str:
+    name = Path(cfg.model).expanduser().name or cfg.model
+    return f"runs/{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-hf"
+
+
+def run(cfg: DictConfig) -> int:
+    out = run_dir(cfg, default_out(cfg))
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # before the (slow) load
+        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    source_dir = Path(resolve_source(cfg.model)[0]) if cfg.model != "random" else None
+    if cfg.merge_lora:
+        model = merge_lora(model, source_dir if source_dir is not None and source_dir.is_dir() else None)
+    export(model.eval(), tokenizer, out, cfg.dtype, cfg.overwrite)
+    save_snapshot(cfg, out, "export")
+    spec = getattr(model.config, "supra", None) or {"method": "softmax"}
+    counts = count_parameters(model)
+    table = Table(title=f"exported {cfg.model} -> {out}")
+    for column in ("method", "dtype", "params", "softmax layers", "skipped layers"):
+        table.add_column(column)
+    table.add_row(spec.get("method", "softmax"), cfg.dtype, f"{counts['total']:,}",
+                  str(spec.get("softmax_layers", [])), str(spec.get("skip_layers", [])))
+    console.print(table)
+    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
