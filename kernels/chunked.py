@@ -32,6 +32,11 @@ def chunk_linear_attention(
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     acc = state_dtype(q.dtype)
+    if T == 0:  # an empty document (cu_seqlens [0, 0, ...]): no output, the state passes through
+        state = None if initial_state is None else initial_state.to(acc)
+        if output_final_state and state is None:
+            state = torch.zeros(B, H, K, V, device=q.device, dtype=acc)
+        return v.new_zeros(B, 0, H, V), (state if output_final_state else None)
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T

@@ -55,6 +55,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     param_dtype: str = "bfloat16"  # FSDP2 parameter dtype on GPU (reduction is float32)
+    eval_baselines: bool = True  # held-out ppl of the original and converted-untrained model first
+    sample_tokens: int = 32  # after training: tokens generated from a held-out prompt (0: none)
     dry_run: bool = False
     world_size: int | None = None  # for dry runs: GPUs to plan for (default: the launcher's)
     gpu_memory_gb: float = 80.0  # for dry runs
@@ -155,7 +157,7 @@ def load_config(overrides: list[str]) -> DictConfig:
         cfg.recipe = recipe
     for key, value in values.items():
         try:
-            OmegaConf.update(cfg, key, value, merge=False)
+            OmegaConf.update(cfg, key, value, merge=isinstance(value, (dict, list)))
         except OmegaConfBaseException as err:
             if "not in" in str(err):
                 raise ConfigError(f"unknown key {key!r}; {_valid_keys(cfg, key)}") from None

@@ -42,6 +42,23 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+def softmax_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor], starts: torch.Tensor | None,
+                  groups: int) -> torch.Tensor:
+    """The original layer's causal softmax attention per head (B, T, H, D), before o_proj; documents
+    packed into a row attend only within themselves."""
+    cos, sin = position_embeddings
+    q, k = rotate(q, cos, sin), repeat_heads(rotate(k, cos, sin), groups)
+    v = repeat_heads(v, groups)
+    T = q.shape[1]
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if starts is not None and starts[:, 1:].any():
+        document = starts.long().cumsum(-1)
+        mask = mask & (document[:, :, None] == document[:, None, :])[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
 def document_starts(position_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     if position_ids is None:
         return None
@@ -64,6 +81,8 @@ class RecurrentAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
+        # Set by the attention-transfer stage to a callable taking this layer's loss; None otherwise.
+        self.transfer: Callable[[torch.Tensor], None] | None = None
 
     def factory(self) -> dict:
         return {"device": self.q_proj.weight.device, "dtype": self.q_proj.weight.dtype}
@@ -75,12 +94,29 @@ class RecurrentAttention(nn.Module):
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        starts = document_starts(position_ids, B)
+        if self.transfer is not None:
+            return self.o_proj(self.attention_transfer(q, k, v, position_embeddings, starts)), None
         slot = recurrent_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
         out, state = self.mix(q, k, v, position_embeddings, slot.state if slot is not None else None,
-                              document_starts(position_ids, B), want_state=slot is not None)
+                              starts, want_state=slot is not None)
         if slot is not None:
             slot.advance(state, T)
         return self.o_proj(out.reshape(B, T, -1).to(hidden_states.dtype)), None
+
+    def attention_transfer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                           starts: torch.Tensor | None) -> torch.Tensor:
+        """LoLCATs stage 1: score this layer against the softmax attention it replaces, on the same
+        inputs, and hand the softmax output on (teacher forcing). The loss goes to `self.transfer`,
+        which may run its backward at once, so only one layer's graph is ever alive."""
+        B, T = q.shape[:2]
+        with torch.no_grad():
+            teacher = softmax_heads(q, k, v, position_embeddings, starts, self.groups)
+        with torch.enable_grad():
+            student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
+            self.transfer(F.mse_loss(student.float(), teacher.float()))
+        return teacher.reshape(B, T, -1).to(q.dtype)
 
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,

@@ -1,0 +1,202 @@
+"""`supra uptrain recipe=NAME`: convert, then run the recipe's stages; rerun the command to resume.
+
+The run directory (`out=`, default runs/<recipe>) holds the config snapshot, checkpoints/,
+metrics.jsonl, eval.json and, when every stage is done, model/ (a converted HF directory with LoRA
+merged, which `supra eval` and `supra export` accept as the run itself).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.table import Table
+from torch import nn
+
+from ..config import ConfigError, run_dir
+from ..data import iter_documents
+from ..evaluate.perplexity import heldout_stream, perplexity
+from ..models import SourceError, count_parameters, load_model, save_model
+from ..train.parallel import World, init_world, parallelize, shutdown_world
+from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
+from ..train.stages import add_lora, merge_lora
+from ..train.trainer import TrainingStopped, train
+from .common import console, load_model_and_tokenizer, update_json
+from .convert import convert_model
+
+# Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
+RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",
+                     "train.checkpoint_every", "train.keep_checkpoints", "eval")
+
+
+def run(cfg: DictConfig) -> int:
+    if cfg.train.dry_run:
+        return dry_run(cfg)
+    run = run_dir(cfg, f"runs/{cfg.recipe or 'uptrain'}")
+    _check_same_run(cfg, run)
+    world = init_world(cfg.device)
+    try:
+        return _uptrain(cfg, run, world)
+    except TrainingStopped as err:
+        raise SourceError(str(err)) from None
+    finally:
+        shutdown_world()
+
+
+def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
+    final = run / "model"
+    if (final / "config.json").exists():
+        console.print(f"{run}: every stage is done; the model is in {final}")
+        return 0
+    if world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "uptrain.config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(_on(cfg, world))
+    evaluate = cfg.train.eval_baselines and world.is_main
+    if evaluate:
+        _heldout_ppl(cfg, run, "original", model, tokenizer)
+    convert_model(model, cfg)
+    if evaluate:
+        _heldout_ppl(cfg, run, "converted", model, tokenizer)
+    counts = count_parameters(model)
+    model = add_lora(model, list(cfg.train.stages))
+    model = parallelize(model, world, cfg.train.param_dtype, cfg.train.activation_checkpointing, cfg.train.compile)
+    model.train()
+    code = train(cfg, run, model, tokenizer, world, counts["total"])
+    if code:
+        return code
+    _save_final(cfg, model, tokenizer, final, world)
+    if world.is_main:
+        trained = load_model(str(final), cfg.dtype, device=world.device).eval()
+        _heldout_ppl(cfg, run, "uptrained", trained, tokenizer)
+        _report(cfg, run, trained, tokenizer)
+    return 0
+
+
+def _on(cfg: DictConfig, world: World) -> DictConfig:
+    """The config with this rank's own device (torchrun gives each process one GPU)."""
+    local = cfg.copy()
+    local.device = str(world.device)
+    return local
+
+
+def _check_same_run(cfg: DictConfig, run: Path) -> None:
+    """Rerunning resumes; a different recipe in the same directory would mix two runs."""
+    snapshot = run / "uptrain.config.yaml"
+    if not snapshot.exists():
+        return
+    before, now = OmegaConf.to_container(OmegaConf.load(snapshot)), OmegaConf.to_container(cfg)
+    changed = [k for k in _diff(before, now) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
+                          "same settings to resume, or choose another out=")
+
+
+def _diff(a: object, b: object, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, tokenizer) -> None:
+    """Held-out perplexity once per run and model (a resumed run does not redo the baselines)."""
+    path = run / "eval.json"
+    import json
+
+    if path.exists() and f"ppl_{which}" in json.loads(path.read_text()):
+        return
+    was_training = model.training
+    model.eval()
+    stream = heldout_stream(tokenizer, iter_documents(cfg.data, "heldout"), cfg.eval.max_tokens)
+    result = perplexity(model, stream, cfg.seq_len, cfg.eval.batch_size)
+    model.train(was_training)
+    update_json(path, {f"ppl_{which}": result})
+    console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
+
+
+def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world: World) -> None:
+    """LoRA merged, float weights, one HF directory. Under FSDP the full state is gathered to rank 0
+    and loaded into an unsharded copy, since sharded modules cannot be merged or saved as they are."""
+    if not world.distributed:
+        save_model(merge_lora(model), tokenizer, final, overwrite=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        local = cfg.copy()
+        local.device = "cpu"
+        plain, _ = load_model_and_tokenizer(local)
+        plain = add_lora(convert_model(plain, local), list(cfg.train.stages))
+        plain.load_state_dict(state)
+        save_model(merge_lora(plain), tokenizer, final, overwrite=False)
+    torch.distributed.barrier()
+
+
+def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
+    import json
+
+    results = json.loads((run / "eval.json").read_text())
+    table = Table(title=f"held-out perplexity ({cfg.data.source}, seq_len {cfg.seq_len})")
+    for column in ("model", "perplexity", "tokens scored"):
+        table.add_column(column)
+    for which in ("original", "converted", "uptrained"):
+        if f"ppl_{which}" in results:
+            r = results[f"ppl_{which}"]
+            table.add_row(which, f"{r['ppl']:.3f}", f"{r['tokens']:,}")
+    console.print(table)
+    if cfg.train.sample_tokens > 0:
+        prompt = next(iter(iter_documents(cfg.data, "heldout")))
+        ids = tokenizer(prompt, return_tensors="pt").input_ids[:, :48].to(next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=cfg.train.sample_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        console.print("[bold]recurrent model, greedy continuation of a held-out prompt:[/bold]")
+        console.print(tokenizer.decode(ids[0]), markup=False, highlight=False, end="")
+        console.print(tokenizer.decode(out[0, ids.shape[1]:]), style="green", markup=False, highlight=False)
+    console.print(f"run directory: {run} (model/, metrics.jsonl, eval.json)")
+
+
+def dry_run(cfg: DictConfig) -> int:
+    """Plan the job on the meta device: no weights, no download when the recipe has an architecture."""
+    world_size = cfg.train.world_size or int(os.environ.get("WORLD_SIZE", "8"))
+    if cfg.architecture:
+        model = load_model("random", cfg.dtype, dict(cfg.architecture), meta=True)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.model)
+        except OSError as err:
+            raise SourceError(f"dry run needs an `architecture` in the recipe or a reachable model config: "
+                              f"{str(err).splitlines()[0]}") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    convert_model(model, cfg)
+    counts = count_parameters(model)
+    plans = plan_stages(cfg, world_size)
+    table = Table(title=f"dry run: {cfg.recipe or cfg.model} on {world_size} GPUs")
+    for column in ("stage", "tokens", "steps", "tokens/step", "micro x accum", "trainable", "memory/GPU",
+                   "est. time"):
+        table.add_column(column, justify="right")
+    total_hours = 0.0
+    for stage, plan in zip(cfg.train.stages, plans):
+        trainable = trainable_parameters(model, stage)
+        flops = plan.tokens * FLOPS_PER_PARAM[stage.name] * counts["total"]
+        hours = flops / (world_size * cfg.train.gpu_tflops * 1e12 * cfg.train.expected_mfu) / 3600
+        total_hours += hours
+        memory = memory_per_gpu_gb(model, cfg, world_size, trainable)
+        warn = " (!)" if memory > cfg.train.gpu_memory_gb else ""
+        table.add_row(stage.name, f"{plan.tokens / 1e9:.3f}B", f"{plan.steps:,}", f"{plan.tokens_per_step:,}",
+                      f"{cfg.train.micro_batch_size} x {plan.accumulation}", f"{trainable / 1e9:.3f}B",
+                      f"{memory:.1f} GB{warn}", f"{hours:,.1f} h")
+    console.print(f"parameters: total {counts['total'] / 1e9:.3f}B, new {counts['new'] / 1e9:.3f}B "
+                  f"({cfg.method}, {len(cfg.softmax_layers)} softmax layers, {len(cfg.skip_layers)} skipped)")
+    console.print(table)
+    console.print(f"estimated wall time {total_hours:,.1f} h at {cfg.train.expected_mfu:.0%} MFU of "
+                  f"{cfg.train.gpu_tflops:.0f} TFLOP/s per GPU; memory assumes FSDP2 over {world_size} GPUs "
+                  f"(train.world_size=N to change)")
+    return 0

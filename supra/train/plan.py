@@ -1,0 +1,66 @@
+"""How a recipe's token budgets turn into steps, and what a run will cost (the dry run)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+from torch import nn
+
+from ..layers.linearize import new_parameter_names
+
+# Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
+# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward.
+FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    steps: int
+    accumulation: int
+    tokens_per_step: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
+    """Gradient accumulation is derived from batch_tokens, rows per micro-batch and the world size
+    (rounded to the nearest whole number; the plan reports the batch it really uses)."""
+    tokens_per_micro = cfg.train.micro_batch_size * cfg.seq_len * world_size
+    accumulation = max(1, round(cfg.train.batch_tokens / tokens_per_micro))
+    tokens_per_step = accumulation * tokens_per_micro
+    return [StagePlan(stage.name, math.ceil(stage.tokens / tokens_per_step), accumulation, tokens_per_step)
+            for stage in cfg.train.stages]
+
+
+def trainable_parameters(model: nn.Module, stage: DictConfig) -> int:
+    """Counted on the converted model without building LoRA modules (works on the meta device)."""
+    if stage.name == "full":
+        return sum(p.numel() for p in model.parameters())
+    if stage.name == "attention_transfer":
+        new = set(new_parameter_names(model))
+        return sum(p.numel() for n, p in model.named_parameters() if n in new)
+    total = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in stage.lora_targets and hasattr(module, "in_features"):
+            total += stage.lora_r * (module.in_features + module.out_features)
+    return total
+
+
+def memory_per_gpu_gb(model: nn.Module, cfg: DictConfig, world_size: int, trainable: int) -> float:
+    """FSDP2 estimate: float32 sharded parameters, gradients and AdamW moments of the trainable
+    ones, one gathered layer in bf16, plus activations of one micro-batch (checkpointed: one layer's
+    input per layer; otherwise ~34 values per token and hidden unit per layer, Korthikanti et al.)."""
+    params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    sharded = (4 * params + 12 * trainable) / world_size
+    gathered_layer = 2 * params / layers
+    tokens = cfg.train.micro_batch_size * cfg.seq_len
+    per_layer = 2 * tokens * hidden if cfg.train.activation_checkpointing else 34 * tokens * hidden
+    logits = 4 * tokens * config.vocab_size * 2
+    return (sharded + 2 * gathered_layer + layers * per_layer + logits) / 1e9

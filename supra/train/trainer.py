@@ -1,0 +1,183 @@
+"""The one training loop: runs the recipe's stages in order, checkpointing inside and between them.
+
+Resuming is rerunning: the latest complete checkpoint gives the stage, the step inside it, the
+model, optimizer, scheduler, data-loader position and RNG, so the next step is the one that would
+have come. SIGTERM/SIGUSR1 (SLURM's warning before a time limit or preemption) make the job write a
+checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..data import build_train_loader
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .parallel import World, all_reduce_max, all_reduce_mean
+from .plan import FLOPS_PER_PARAM, StagePlan, plan_stages
+from .progress import ProgressLog
+from .stages import micro_batch_loss, set_trainable
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: scripts/slurm/uptrain.sbatch requeues the job on it
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. the loss kept diverging); the last good checkpoint is intact."""
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGUSR1 so the loop can stop cleanly at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to floor (= min_lr / lr) at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, stage: DictConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    floor = stage.min_lr / stage.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, stage.warmup_steps, steps, floor))
+    return optimizer, scheduler
+
+
+def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: World, flops_params: int) -> int:
+    """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal."""
+    plans = plan_stages(cfg, world.world_size)
+    loader = build_train_loader(cfg.data, tokenizer, cfg.seq_len, cfg.train.micro_batch_size, world.rank,
+                                world.world_size)
+    stop = StopSignal()
+    if world.is_main:
+        remove_partial_checkpoints(run)
+    stage_index, stage_step, tokens_seen, global_step = 0, 0, 0, 0
+    latest = latest_checkpoint(run)
+    if latest is not None:
+        stage_index = _read_meta(latest)["stage"]
+    total_steps = sum(p.steps for p in plans)
+    log = None
+    try:
+        while stage_index < len(plans):
+            stage, plan = cfg.train.stages[stage_index], plans[stage_index]
+            set_trainable(model, stage)
+            optimizer, scheduler = make_optimizer(model, stage, plan.steps)
+            if latest is not None:
+                meta, rank_state = load_checkpoint(latest, model, optimizer, scheduler)
+                loader.load_state_dict(rank_state["data"])
+                set_rng_state(rank_state["rng"])
+                stage_step, tokens_seen, global_step = meta["stage_step"], meta["tokens"], meta["step"]
+                latest = None
+            if log is None:
+                log = ProgressLog(run, total_steps, global_step, cfg.train.logger,
+                                  OmegaConf.to_container(cfg, resolve=True), world.is_main)
+                if global_step:
+                    log.message(f"resumed from step {global_step} (stage {stage.name}, step {stage_step})")
+            if stage_step < plan.steps:
+                log.message(f"stage {stage_index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
+                            f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank)")
+            batches = iter(loader)
+            bad_in_a_row = 0
+            while stage_step < plan.steps:
+                started = time.perf_counter()
+                loss, grad_norm = train_step(model, batches, optimizer, stage, plan, cfg, world)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    bad_in_a_row += 1
+                    log.message(f"step {global_step + 1}: non-finite loss/gradient, step skipped "
+                                f"({bad_in_a_row} in a row)")
+                    if bad_in_a_row > cfg.train.max_bad_steps:
+                        raise TrainingStopped(
+                            f"{bad_in_a_row} non-finite steps in a row in stage {stage.name}; stopped. The last "
+                            "good checkpoint is intact: lower the learning rate or check the data, then rerun")
+                else:
+                    bad_in_a_row = 0
+                    scheduler.step()
+                stage_step, global_step = stage_step + 1, global_step + 1
+                tokens_seen += plan.tokens_per_step
+                elapsed = time.perf_counter() - started
+                log.log(_record(global_step, stage.name, loss, grad_norm, optimizer, plan, tokens_seen, elapsed,
+                                flops_params, cfg, world))
+                stopping = all_reduce_max(float(stop.received is not None), world) > 0
+                if stopping or stage_step % cfg.train.checkpoint_every == 0 or stage_step == plan.steps:
+                    meta = {"stage": stage_index, "stage_name": stage.name, "stage_step": stage_step,
+                            "tokens": tokens_seen}
+                    rank_state = {"data": loader.state_dict(), "rng": rng_state()}
+                    save_checkpoint(run, global_step, model, optimizer, scheduler, rank_state, meta,
+                                    cfg.train.keep_checkpoints)
+                if stopping:
+                    log.message(f"signal received: checkpoint written at step {global_step}; exiting with "
+                                f"{REQUEUE_EXIT_CODE} so the scheduler requeues the job")
+                    return REQUEUE_EXIT_CODE
+            if world.is_main:
+                loader.log_stats()
+            stage_index, stage_step = stage_index + 1, 0
+    finally:
+        if log is not None:
+            log.close()
+    return 0
+
+
+def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: DictConfig, plan: StagePlan,
+               cfg: DictConfig, world: World) -> tuple[float, float]:
+    """One optimizer step over `plan.accumulation` micro-batches; a non-finite step is not applied."""
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float64)
+    # Layer-by-layer backward in attention transfer, except under FSDP whose reduction hooks
+    # expect one backward per forward.
+    layerwise = not world.distributed
+    for micro in range(plan.accumulation):
+        if world.distributed and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(micro == plan.accumulation - 1)
+        batch = {k: v.to(world.device, non_blocking=True) for k, v in next(batches).items()}
+        total += micro_batch_loss(model, batch, stage, 1.0 / plan.accumulation, layerwise).double().cpu()
+    loss = all_reduce_mean(total / plan.accumulation, world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _record(step: int, stage: str, loss: float, grad_norm: float, optimizer: torch.optim.Optimizer,
+            plan: StagePlan, tokens: int, elapsed: float, flops_params: int, cfg: DictConfig,
+            world: World) -> dict[str, Any]:
+    tokens_per_s = plan.tokens_per_step / elapsed
+    mfu = None
+    if world.device.type == "cuda":
+        achieved = tokens_per_s * FLOPS_PER_PARAM[stage] * flops_params
+        mfu = achieved / (cfg.train.gpu_tflops * 1e12 * world.world_size)
+    return {"step": step, "stage": stage, "loss": loss, "grad_norm": grad_norm,
+            "lr": optimizer.param_groups[0]["lr"], "tokens": tokens, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / world.world_size, "mfu": mfu, "time": time.time()}
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((path / "meta.json").read_text())
