@@ -113,7 +113,8 @@ def has_lora(model: nn.Module) -> bool:
 
 def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Path, dtype: str = "bfloat16",
            overwrite: bool = False) -> Path:
-    """Write the export directory atomically (complete, or not there at all)."""
+    """Write the export directory atomically (complete, or not there at all). The model is cast to
+    `dtype` in place."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")

@@ -110,7 +110,8 @@ class SupraLM(TemplateLM):
             max_new = int(kwargs.pop("max_gen_toks", 256))
             do_sample = bool(kwargs.pop("do_sample", False))
             sampling = {k: kwargs[k] for k in ("temperature", "top_p", "top_k") if k in kwargs} if do_sample else {}
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.prefix_token_id]
+            # Keep the end of a context too long for max_length together with the tokens to generate.
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
             prompt = torch.tensor([ids], device=self.device)
             out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new,
                                       do_sample=do_sample, num_beams=1, pad_token_id=self.eot_token_id,
