@@ -181,3 +181,23 @@ def test_bad_skip_requests_are_one_line_errors(args, message, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_export_of_a_skipped_model_keeps_the_skip_list(tmp_path, monkeypatch, smollm2_tokenizer):
+    """supra skip -> supra export -> loaded by transformers alone (remote code) and by supra."""
+    from transformers import AutoModelForCausalLM as Auto
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    skipped, exported = tmp_path / "skipped", tmp_path / "exported"
+    assert main(["skip", *TINY4, "select=last", "n=2", f"out={skipped}"]) == 0
+    assert main(["export", *TINY4, f"model={skipped}", f"out={exported}"]) == 0
+    ids = token_batches(1)[0]
+    original = load_model(str(skipped)).eval()
+    plain = Auto.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
+    via_supra = load_model(str(exported)).eval()
+    for model in (plain, via_supra):
+        assert model.config.supra["skip_layers"] == [2, 3]
+    with torch.no_grad():
+        expected = original(ids).logits
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(via_supra(ids).logits, expected, rtol=0, atol=1e-5)
