@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import git_sha
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "cpu" / "bench_data.json"
 
@@ -132,10 +134,7 @@ def main() -> None:
         print(f"{name:<36} {r['tokens']:>10,} {r['seconds']:>8.2f} {r['tokens_per_s'] / 1e6:>8.3f} "
               f"{per_core / 1e6:>12.3f}")
         results.append({"case": name, **r, "cores": cores, "tokens_per_s_per_core": per_core})
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "supra/data", "scripts/bench_data.py"],
-                                capture_output=True, text=True, cwd=ROOT).stdout.strip())
-    record = {"benchmark": "bench_data", "git_sha": sha, "data_code_dirty": dirty,
+    record = {"benchmark": "bench_data", "git_sha": git_sha(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {**machine(), "load_average_1m_before": load_before},

@@ -19,13 +19,13 @@ import datetime
 import json
 import math
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from provenance import device_slug, provenance
 
 REPO = Path(__file__).resolve().parent.parent
 NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, SXM parts
@@ -93,18 +93,6 @@ def sdpa_bytes(B: int, T: int, H: int, D: int, elem: int, backward: bool) -> flo
 def rel_rms(actual, expected) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def kernels_module(name: str = ""):
@@ -460,9 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
 
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    report = {"device": device_name, "git_sha": git_sha(), "command": " ".join([sys.executable] + sys.argv),
-              "date": stamp.isoformat(), "torch": torch.__version__, "triton": _triton_version(),
-              "fla": fla is not None, "chunk_size": chunk, "dry_run": args.dry_run,
+    report = {**provenance(), "device": device_name, "fla": fla is not None, "chunk_size": chunk,
+              "dry_run": args.dry_run,
               "measured_copy_bandwidth_bytes_per_s": measured, "nominal_hbm_bytes_per_s": nominal,
               "correctness": correctness, "rows": rows}
     name = f"bench_kernels_{stamp:%Y%m%dT%H%M%SZ}"
@@ -470,12 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, out_dir / f"{name}.png", f"linear attention, bf16, {device_name}")
     print(f"\nwrote {out_dir / name}.json and .png")
     return 0
-
-
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
 
 
 if __name__ == "__main__":

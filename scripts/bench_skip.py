@@ -27,12 +27,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_sha
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,13 +99,6 @@ def decode_speeds(sources: list[str], prompt: torch.Tensor, new_tokens: int, rep
             speeds[i].append(1.0 / statistics.median(steps))
             del model
     return speeds
-
-
-def git_sha() -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "supra", "scripts"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return done.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def markdown(rows: list[dict]) -> str:

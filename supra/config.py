@@ -50,11 +50,13 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    log_every: int = 1
+    eval_every: int = 0  # steps between held-out perplexities logged to metrics.jsonl (0: none)
     logger: str = "rich"  # rich | wandb | none
     activation_checkpointing: bool = False
     compile: bool = False
-    param_dtype: str = "bfloat16"  # FSDP2 parameter dtype on GPU (reduction is float32)
+    # Compute dtype on GPU: FSDP2's parameter dtype across processes (reduction in float32), autocast
+    # in one process; the weights and optimizer state stay in `dtype`.
+    param_dtype: str = "bfloat16"
     eval_baselines: bool = True  # held-out ppl of the original and converted-untrained model first
     sample_tokens: int = 32  # after training: tokens generated from a held-out prompt (0: none)
     dry_run: bool = False

@@ -20,10 +20,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, run_dir, save_snapshot
-from ..data import iter_documents
 from ..evaluate import plots
 from ..evaluate.passkey import passkey
-from ..evaluate.perplexity import heldout_stream, perplexity
+from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
 from ..models import load_model, resolve_device
 from .common import console, load_model_and_tokenizer, update_json
@@ -33,8 +32,7 @@ Task = Callable[[nn.Module, PreTrainedTokenizerBase, DictConfig, Path], tuple[di
 
 
 def ppl_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
-    stream = heldout_stream(tokenizer, iter_documents(cfg.data, "heldout"), cfg.eval.max_tokens)
-    result = perplexity(model, stream, cfg.seq_len, cfg.eval.batch_size)
+    result = HeldoutPerplexity(cfg, tokenizer)(model)
     rows = [("perplexity", f"{result['ppl']:.3f}"), ("tokens scored", f"{result['tokens']:,}")]
     rows += [(f"  ppl at positions {b['start']}-{b['end']}", f"{b['ppl']:.3f}") for b in result["by_position"]]
     plots.plot_loss_by_position(result, out / "ppl_by_position.png", label=_label(cfg.model))

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ConfigError, run_dir
 from ..data import iter_documents
-from ..evaluate.perplexity import heldout_stream, perplexity
+from ..evaluate.perplexity import HeldoutPerplexity
 from ..models import SourceError, count_parameters, load_model, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
@@ -58,7 +58,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     evaluate = cfg.train.eval_baselines and world.is_main
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer)
-    convert_model(model, cfg)
+    convert_model(model, cfg, tokenizer)
     if evaluate:
         _heldout_ppl(cfg, run, "converted", model, tokenizer)
     counts = count_parameters(model)
@@ -108,11 +108,7 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
 
     if path.exists() and f"ppl_{which}" in json.loads(path.read_text()):
         return
-    was_training = model.training
-    model.eval()
-    stream = heldout_stream(tokenizer, iter_documents(cfg.data, "heldout"), cfg.eval.max_tokens)
-    result = perplexity(model, stream, cfg.seq_len, cfg.eval.batch_size)
-    model.train(was_training)
+    result = HeldoutPerplexity(cfg, tokenizer)(model)
     update_json(path, {f"ppl_{which}": result})
     console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
 
@@ -130,7 +126,7 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local = cfg.copy()
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
-        plain = add_lora(convert_model(plain, local), list(cfg.train.stages))
+        plain = add_lora(convert_model(plain, local, tokenizer), list(cfg.train.stages))
         plain.load_state_dict(state)
         save_model(merge_lora(plain), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
@@ -175,6 +171,10 @@ def dry_run(cfg: DictConfig) -> int:
                               f"{str(err).splitlines()[0]}") from None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
+    if cfg.n > 0:  # which sublayers `select` drops needs real weights; any n of them cost the same
+        cfg = cfg.copy()
+        layers = model.config.num_hidden_layers
+        cfg.skip_layers, cfg.n = list(range(layers - cfg.n, layers)), 0
     convert_model(model, cfg)
     counts = count_parameters(model)
     plans = plan_stages(cfg, world_size)

@@ -13,8 +13,11 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+from ..data import iter_documents
 
 
 def heldout_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], max_tokens: int) -> torch.Tensor:
@@ -61,3 +64,23 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int, batch_size:
         by_position.append({"start": lo, "end": hi, "loss": bucket, "ppl": math.exp(bucket)})
     return {"ppl": math.exp(mean), "loss": mean, "tokens": tokens, "windows": windows, "seq_len": seq_len,
             "by_position": by_position}
+
+
+class HeldoutPerplexity:
+    """The recipe's held-out perplexity (data's held-out split, eval.max_tokens, seq_len), for a model
+    in training or not: its train/eval mode is restored. The text is tokenized once, on first use."""
+
+    def __init__(self, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.stream: torch.Tensor | None = None
+
+    def __call__(self, model: nn.Module) -> dict:
+        if self.stream is None:
+            self.stream = heldout_stream(self.tokenizer, iter_documents(self.cfg.data, "heldout"),
+                                         self.cfg.eval.max_tokens)
+        was_training = model.training
+        model.eval()
+        try:
+            return perplexity(model, self.stream, self.cfg.seq_len, self.cfg.eval.batch_size)
+        finally:
+            model.train(was_training)

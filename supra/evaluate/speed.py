@@ -71,7 +71,8 @@ def measure(model: nn.Module, length: int, decode_tokens: int, seed: int = 0) ->
     rss_before = rss_bytes()
     _sync(device)
     start = time.perf_counter()
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    # Logits of the last position only: a 64k-token prompt's full logits would take gigabytes.
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     _sync(device)
     prefill_s = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)

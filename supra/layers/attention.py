@@ -81,8 +81,8 @@ class RecurrentAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
-        # Set by the attention-transfer stage to a callable taking this layer's loss; None otherwise.
-        self.transfer: Callable[[torch.Tensor], None] | None = None
+        # Set by the attention-transfer stage: (loss, softmax output) -> output; None otherwise.
+        self.transfer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def factory(self) -> dict:
         return {"device": self.q_proj.weight.device, "dtype": self.q_proj.weight.dtype}
@@ -108,15 +108,15 @@ class RecurrentAttention(nn.Module):
                            position_embeddings: tuple[torch.Tensor, torch.Tensor],
                            starts: torch.Tensor | None) -> torch.Tensor:
         """LoLCATs stage 1: score this layer against the softmax attention it replaces, on the same
-        inputs, and hand the softmax output on (teacher forcing). The loss goes to `self.transfer`,
-        which may run its backward at once, so only one layer's graph is ever alive."""
+        inputs, and hand the softmax output on (teacher forcing). `self.transfer(loss, output)`
+        records the loss (it may run its backward at once, so one layer's graph is alive at a time)
+        and returns the output to pass on."""
         B, T = q.shape[:2]
         with torch.no_grad():
             teacher = softmax_heads(q, k, v, position_embeddings, starts, self.groups)
         with torch.enable_grad():
             student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
-            self.transfer(F.mse_loss(student.float(), teacher.float()))
-        return teacher.reshape(B, T, -1).to(q.dtype)
+            return self.transfer(F.mse_loss(student.float(), teacher.float()), teacher.reshape(B, T, -1).to(q.dtype))
 
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,

@@ -45,9 +45,7 @@ class ProgressLog:
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def _write(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -56,6 +54,17 @@ class ProgressLog:
             except Exception as err:  # a logging failure must never cost a training run
                 logger.warning("wandb.log failed (%s); continuing without wandb", err)
                 self.wandb = None
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            self._write(record)
+            self.message(f"step {record['step']}: held-out perplexity {record['heldout_ppl']:.3f} "
+                         f"after {record['tokens']:,} tokens")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
         if self.bar is not None:
             mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
             stats = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s{mfu}")

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -59,37 +57,56 @@ def recurrent_layers(model: nn.Module) -> list[RecurrentAttention]:
 
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
-                     backward_now: bool) -> torch.Tensor:
-    """The loss of one micro-batch, already backpropagated (scaled by loss_scale) when backward_now.
+                     layerwise: bool) -> torch.Tensor:
+    """Backpropagate the loss of one micro-batch (scaled by loss_scale); returns it, detached.
 
-    Attention transfer stops at the last decoder layer (the LM head is not needed) and, when
-    backward_now, runs each layer's backward as soon as its loss exists. Under FSDP the gradient
-    reduction hooks need one backward after the forward, so there the layer losses are summed."""
+    Attention transfer needs no LM head (logits for one position only). With `layerwise`, each
+    layer's backward runs as soon as its loss exists, so one layer's graph is alive at a time;
+    under FSDP, whose gradient-reduction hooks expect one backward per forward, the layer losses
+    are summed and backpropagated together."""
     if stage.name != "attention_transfer":
         loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      labels=batch["labels"], use_cache=False).loss
-        if backward_now:
-            (loss * loss_scale).backward()
-        return loss.detach() if backward_now else loss
+        (loss * loss_scale).backward()
+        return loss.detach()
 
     layers = recurrent_layers(model)
     losses: list[torch.Tensor] = []
-    collect: Callable[[torch.Tensor], None]
-    if backward_now:
-        def collect(loss: torch.Tensor) -> None:
-            (loss * TRANSFER_LOSS_SCALE * loss_scale).backward()
-            losses.append(loss.detach())
-    else:
-        collect = losses.append
+
+    def collect(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        losses.append(loss.detach())
+        scaled = loss * TRANSFER_LOSS_SCALE * loss_scale
+        if layerwise:
+            scaled.backward()
+            return output
+        return AttachLoss.apply(output, scaled)
+
     for layer in layers:
         layer.transfer = collect
     try:
-        with torch.set_grad_enabled(not backward_now):
-            model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        with torch.set_grad_enabled(not layerwise):
+            # Through the root module (FSDP's hooks live there); logits for one position only.
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           logits_to_keep=1).logits
     finally:
         for layer in layers:
             layer.transfer = None
-    total = torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
-    if not backward_now:
-        return total
-    return total.detach()
+    if not layerwise:
+        (logits.float().sum() * 0).backward()  # reaches every AttachLoss through the residual stream
+    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
+
+
+class AttachLoss(torch.autograd.Function):
+    """Identity on `output` whose backward also gives `loss` a gradient of one. Under FSDP the
+    gradient must flow through each layer's output for its hooks to reduce the layer's gradients;
+    attaching the layer's loss to its output routes the transfer loss that way."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.loss_meta
+        return grad_output, torch.ones(shape, dtype=dtype, device=device)

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data import build_train_loader
+from ..evaluate.perplexity import HeldoutPerplexity
+from ..models import torch_dtype
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -81,6 +83,7 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
     if latest is not None:
         stage_index = _read_meta(latest)["stage"]
     total_steps = sum(p.steps for p in plans)
+    heldout = HeldoutPerplexity(cfg, tokenizer)
     log = None
     try:
         while stage_index < len(plans):
@@ -123,6 +126,13 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
                 log.log(_record(global_step, stage.name, loss, grad_norm, optimizer, plan, tokens_seen, elapsed,
                                 flops_params, cfg, world))
                 stopping = all_reduce_max(float(stop.received is not None), world) > 0
+                every = cfg.train.eval_every
+                if every and (stage_step % every == 0 or stage_step == plan.steps):
+                    # Every rank scores the same text: FSDP's forward needs all of them.
+                    result = heldout(model)
+                    log.log_eval({"step": global_step, "stage": stage.name, "tokens": tokens_seen,
+                                  "heldout_ppl": result["ppl"], "heldout_loss": result["loss"],
+                                  "heldout_tokens": result["tokens"]})
                 if stopping or stage_step % cfg.train.checkpoint_every == 0 or stage_step == plan.steps:
                     meta = {"stage": stage_index, "stage_name": stage.name, "stage_step": stage_step,
                             "tokens": tokens_seen}
@@ -154,7 +164,8 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stag
         if world.distributed and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(micro == plan.accumulation - 1)
         batch = {k: v.to(world.device, non_blocking=True) for k, v in next(batches).items()}
-        total += micro_batch_loss(model, batch, stage, 1.0 / plan.accumulation, layerwise).double().cpu()
+        with compute_precision(cfg, world):
+            total += micro_batch_loss(model, batch, stage, 1.0 / plan.accumulation, layerwise).double().cpu()
     loss = all_reduce_mean(total / plan.accumulation, world)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
@@ -162,6 +173,14 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stag
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
+
+
+def compute_precision(cfg: DictConfig, world: World) -> Any:
+    """bf16 (train.param_dtype) matmuls over float32 weights on one GPU; FSDP2 casts by itself, and
+    CPU runs stay in the weights' dtype so they are exact and reproducible."""
+    dtype = torch_dtype(cfg.train.param_dtype)
+    enabled = world.device.type == "cuda" and not world.distributed and dtype != torch_dtype(cfg.dtype)
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled)
 
 
 def _record(step: int, stage: str, loss: float, grad_norm: float, optimizer: torch.optim.Optimizer,
