@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 
 import torch
-from provenance import provenance, results_dir
+from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
 from supra.commands.convert import convert_model
@@ -59,13 +58,13 @@ def run(name: str, method: str, args: argparse.Namespace, device: torch.device) 
 
 
 def plot(runs: list[dict], path: Path, device: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted({r["model"] for r in runs})
-    fig, axes = plt.subplots(2, len(names), figsize=(5 * len(names), 7), squeeze=False)
+    with figure(path, 2, len(names), (5 * len(names), 7)) as (fig, axes):
+        draw_decode(runs, names, axes)
+        fig.suptitle(f"decode, {device}")
+
+
+def draw_decode(runs: list[dict], names: list[str], axes) -> None:
     for column, name in enumerate(names):
         for r in (r for r in runs if r["model"] == name):
             contexts = [p["context"] for p in r["points"]]
@@ -77,10 +76,6 @@ def plot(runs: list[dict], path: Path, device: str) -> None:
         axes[1][column].set(xscale="log", yscale="log", xlabel="context length",
                             ylabel="cache / state per sequence (MiB)")
         axes[0][column].legend()
-    fig.suptitle(f"decode, {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -105,12 +100,7 @@ def main() -> None:
             print(f"{r['model']:<14} {r['method']:<9} {p['context']:>8} {p['decode_tokens_per_s']:>12.1f} "
                   f"{p['decode_ms_per_token']:>9.2f} {p['state_bytes'] / 2**20:>10.2f} "
                   f"{'' if peak is None else f'{peak / 2**30:.2f}':>8}")
-    out = results_dir(args.out)
-    record = {**provenance(), "benchmark": "bench_decode", "settings": {k: str(v) for k, v in vars(args).items()},
-              "runs": runs}
-    (out / "bench_decode.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(runs, out / "bench_decode.png", record["device"])
-    print(f"wrote {out / 'bench_decode.json'} and .png")
+    write_results("bench_decode", args, {"runs": runs}, lambda path, device: plot(runs, path, device))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import provenance, results_dir
+from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
 from supra.commands.convert import convert_model
@@ -132,25 +132,17 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def plot(results: list[dict], path: Path, device: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted({r["model"] for r in results})
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for method in sorted({r["method"] for r in results}):
-            points = sorted((r["seq_len"], r["tokens_per_s"]) for r in results
-                            if r["model"] == name and r["method"] == method and "tokens_per_s" in r)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU", title=name, ylim=(0, None))
-        ax.legend()
-    fig.suptitle(f"full uptraining throughput, {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(names), (5 * len(names), 4)) as (fig, axes):
+        for ax, name in zip(axes[0], names):
+            for method in sorted({r["method"] for r in results}):
+                points = sorted((r["seq_len"], r["tokens_per_s"]) for r in results
+                                if r["model"] == name and r["method"] == method and "tokens_per_s" in r)
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=method)
+            ax.set(xscale="log", xlabel="sequence length", ylabel="tokens/s per GPU", title=name, ylim=(0, None))
+            ax.legend()
+        fig.suptitle(f"full uptraining throughput, {device}")
 
 
 def main() -> None:
@@ -181,12 +173,7 @@ def main() -> None:
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else ""
         print(f"{r['model']:<14} {r['method']:<8} {r['seq_len']:>6} {r['tokens_per_s']:>10,.0f} "
               f"{r['mfu']:>6.1%} {ratio:>10} {memory:>6}")
-    out = results_dir(args.out)
-    record = {**provenance(), "benchmark": "bench_uptrain", "settings": {k: str(v) for k, v in vars(args).items()},
-              "results": results}
-    (out / "bench_uptrain.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(results, out / "bench_uptrain.png", record["device"])
-    print(f"wrote {out / 'bench_uptrain.json'} and .png")
+    write_results("bench_uptrain", args, {"results": results}, lambda path, device: plot(results, path, device))
 
 
 if __name__ == "__main__":

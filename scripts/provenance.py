@@ -7,11 +7,15 @@ the copy was made from (the device launch commands in scripts/gpu_campaign.sh do
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +64,31 @@ def provenance() -> dict[str, Any]:
     except ImportError:
         pass
     return record
+
+
+def write_results(name: str, args: argparse.Namespace, payload: dict[str, Any],
+                  draw: Callable[[Path, str], None]) -> dict[str, Any]:
+    """<out>/<name>.json (provenance, the script's settings, payload) and <out>/<name>.png from draw."""
+    out = results_dir(getattr(args, "out", None))
+    record = {**provenance(), "benchmark": name, "settings": {k: str(v) for k, v in vars(args).items()}, **payload}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    draw(out / f"{name}.png", record["device"])
+    print(f"wrote {out / name}.json and .png")
+    return record
+
+
+@contextmanager
+def figure(path: Path, rows: int = 1, columns: int = 1, size: tuple[float, float] = (6.5, 4.5)) -> Iterator[Any]:
+    """A grid of axes (always 2-D) saved to path, headless, when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

@@ -27,7 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from provenance import provenance, results_dir
+from provenance import figure, write_results
 
 PACKAGES = ["torch", "transformers", "jax", "scipy", "sklearn", "pandas", "numpy", "sympy", "matplotlib",
             "networkx", "skimage", "statsmodels", "flax", "sentence_transformers", "lightning"]
@@ -107,26 +107,19 @@ def at_budget(curve: list[dict], budget: float) -> dict | None:
     return point if abs(point["tokens"] - budget) <= 0.1 * budget else None
 
 
-def plot(results: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method, r in results["methods"].items():
-        if r["curve"]:
-            ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["ppl"] for p in r["curve"]], marker="o",
-                    label=method)
-    original = next((r["summary"].get("ppl_original") for r in results["methods"].values()
-                     if r["summary"].get("ppl_original")), None)
-    if original:
-        ax.axhline(original, color="gray", linestyle="--", label=f"original ({original:.2f})")
-    ax.set(xlabel="uptraining tokens (M)", ylabel="held-out perplexity", yscale="log", title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot(methods: dict, path: Path, title: str) -> None:
+    with figure(path) as (_, axes):
+        ax = axes[0][0]
+        for method, r in methods.items():
+            if r["curve"]:
+                ax.plot([p["tokens"] / 1e6 for p in r["curve"]], [p["ppl"] for p in r["curve"]], marker="o",
+                        label=method)
+        original = next((r["summary"]["ppl_original"] for r in methods.values() if r["summary"].get("ppl_original")),
+                        None)
+        if original:
+            ax.axhline(original, color="gray", linestyle="--", label=f"original ({original:.2f})")
+        ax.set(xlabel="uptraining tokens (M)", ylabel="held-out perplexity", yscale="log", title=title)
+        ax.legend()
 
 
 def main() -> None:
@@ -142,24 +135,21 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             process.terminate()  # writes a checkpoint and exits: rerunning the script continues
             process.wait()
-    results = {**provenance(), "benchmark": "quality_per_token",
-               "settings": {k: str(v) for k, v in vars(args).items()}, "methods": {}}
+    methods: dict[str, dict] = {}
     print(f"\n{'method':<8} {'original':>9} {'converted':>10} " + " ".join(f"{b / 1e6:>6.0f}M" for b in args.budgets)
           + f" {'final':>8} {'tokens':>11} {'tok/s':>8}")
     for method, (process, command, run) in runs.items():
         curve, summary = read_curve(run)
         points = {f"{b:.0f}": at_budget(curve, b) for b in args.budgets}
-        results["methods"][method] = {"command": " ".join(command), "exit_code": process.returncode,
+        methods[method] = {"command": " ".join(command), "exit_code": process.returncode,
                                       "curve": curve, "summary": summary, "at_budgets": points}
         cells = " ".join(f"{p['ppl']:>7.2f}" if p else f"{'-':>7}" for p in points.values())
         speed = summary.get("tokens_per_s_median") or math.nan
         ppl = {k: summary.get(f"ppl_{k}", math.nan) for k in ("original", "converted", "uptrained")}
         print(f"{method:<8} {ppl['original']:>9.3f} {ppl['converted']:>10.1f} {cells} {ppl['uptrained']:>8.3f} "
               f"{summary['tokens_trained']:>11,} {speed:>8,.0f}")
-    out = results_dir(args.out)
-    (out / "quality_per_token.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out / "quality_per_token.png", f"SmolLM2-135M, {args.corpus}, seq {args.seq_len}")
-    print(f"wrote {out / 'quality_per_token.json'} and .png")
+    title = f"SmolLM2-135M, {args.corpus}, seq {args.seq_len}"
+    write_results("quality_per_token", args, {"methods": methods}, lambda path, device: plot(methods, path, title))
 
 
 if __name__ == "__main__":

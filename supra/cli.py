@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return fail(str(err))
     if want_help:
-        print(f"supra {command}: {COMMANDS[command]}\n\ncurrent configuration:\n{OmegaConf.to_yaml(cfg)}")
+        try:
+            print(f"supra {command}: {COMMANDS[command]}\n\ncurrent configuration:\n{OmegaConf.to_yaml(cfg)}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")
         return 0
     module = importlib.import_module(f"supra.commands.{command}")
     try:
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
+    except BrokenPipeError:  # `supra ... | head`: the reader left; that is not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     return int(result or 0)
 
 

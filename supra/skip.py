@@ -122,7 +122,7 @@ def apply_skip(model: nn.Module, layers: list[int]) -> nn.Module:
     if spec.method == "softmax":
         return linearize(model, spec)
     for idx in layers:
-        blocks[idx].self_attn = SkippedAttention()
+        blocks[idx].self_attn = SkippedAttention(idx)
     model.config.supra = asdict(spec)
     return model
 

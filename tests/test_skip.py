@@ -70,6 +70,22 @@ def test_skipped_model_generates_like_its_full_forward(llama):
     assert torch.equal(generated, sequence)
 
 
+def test_a_cache_without_cache_position_keeps_positions_when_layer_0_is_skipped(llama):
+    """Called directly, with a DynamicCache and no cache_position, positions come from the cache's
+    length, which transformers reads from layer 0's slot: the skipped sublayer must count tokens."""
+    from transformers import DynamicCache
+
+    model = apply_skip(llama, [0])
+    ids = token_batches(1, rows=1, length=10)[0]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 10)]
+    assert cache.get_seq_length() == 10
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
 def test_similarity_scores_match_a_hand_computation_and_rank_a_silent_sublayer_first(llama):
     zero_attention_output(llama, [2])
     batches = token_batches()

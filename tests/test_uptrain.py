@@ -21,7 +21,8 @@ FAST = ["recipe=tiny", "train.eval_baselines=false", "train.sample_tokens=0", "t
 
 
 def losses(run: Path) -> list[tuple[int, str, float]]:
-    return [(r["step"], r["stage"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["stage"], r["loss"]) for r in records if "loss" in r]
 
 
 def uptrain_process(run: Path, *extra: str) -> subprocess.Popen:
@@ -123,9 +124,9 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys
 def test_two_processes_train_with_fsdp2_and_resume(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "supra.cli", "uptrain",
-               *FAST, f"out={run}", "train.stages=[{name: attention_transfer, tokens: 1280, lr: 1e-2},"
-               "{name: lora, tokens: 1280, lr: 1e-3}]"]
+    settings = ["uptrain", *FAST, f"out={run}", "train.stages=[{name: attention_transfer, tokens: 1280, lr: 1e-2},"
+                "{name: lora, tokens: 1280, lr: 1e-3}]"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "supra.cli", *settings]
     first = subprocess.run([*command, "train.checkpoint_every=2"], env=env, capture_output=True, text=True,
                            timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -142,6 +143,11 @@ def test_two_processes_train_with_fsdp2_and_resume(tmp_path):
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert losses(run) == records
+    # One process cannot take over two ranks' data positions.
+    shutil.rmtree(run / "model")
+    alone = subprocess.run([sys.executable, "-m", "supra.cli", *settings], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert alone.returncode == 2 and "written by 2 processes, this job has 1" in alone.stderr, alone.stderr[-2000:]
 
 
 @pytest.mark.parametrize("recipe, expected", [("mistral7b", "total 7.812B, new 0.571B"),
@@ -160,3 +166,19 @@ def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
     assert main(["uptrain", *FAST, f"out={run}", "train.stages=[{name: full, tokens: 512, lr: 1e-3}]"]) == 0
     assert main(["uptrain", *FAST, f"out={run}", "train.stages=[{name: full, tokens: 512, lr: 1e-2}]"]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+def test_eval_every_logs_heldout_perplexity(tmp_path):
+    run = tmp_path / "run"
+    assert main(["uptrain", *FAST, f"out={run}", "train.eval_every=4", "eval.max_tokens=256"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["stage"]) for r in records if "heldout_ppl" in r]
+    # every 4 steps of each 10-step stage, and at each stage's end
+    assert evaluated == [(4, "attention_transfer"), (8, "attention_transfer"), (10, "attention_transfer"),
+                         (14, "lora"), (18, "lora"), (20, "lora")]
+    assert all(math.isfinite(r["heldout_ppl"]) and r["heldout_tokens"] == 256 for r in records if "heldout_ppl" in r)
+
+
+def test_dry_run_of_a_named_source_reads_its_config_locally(smollm2_dir, capsys):
+    assert main(["uptrain", "recipe=smollm2-135m", "train.dry_run=true", "train.world_size=1"]) == 0
+    assert "parameters: total 0.136B" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ConfigError, run_dir
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
-from ..models import SourceError, count_parameters, load_model, save_model
+from ..models import SourceError, count_parameters, load_model, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
@@ -164,8 +164,9 @@ def dry_run(cfg: DictConfig) -> int:
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        where, extra = resolve_source(cfg.model)  # smollm2-135m, a .gguf, a directory or a hub id
         try:
-            config = AutoConfig.from_pretrained(cfg.model)
+            config = AutoConfig.from_pretrained(where, **extra)
         except OSError as err:
             raise SourceError(f"dry run needs an `architecture` in the recipe or a reachable model config: "
                               f"{str(err).splitlines()[0]}") from None

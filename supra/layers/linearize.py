@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .attention import METHODS
+from .cache import recurrent_slot
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
@@ -55,9 +56,18 @@ class LinearizeSpec:
 
 
 class SkippedAttention(nn.Module):
-    """An attention sublayer that was removed: it adds nothing, so the residual passes through."""
+    """An attention sublayer that was removed: it adds nothing, so the residual passes through.
+    In a cache it still counts the tokens it passed (an empty recurrent slot): transformers reads
+    the sequence length, hence positions and masks, from layer 0's slot, which may be this one."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Any = None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        if past_key_values is not None:
+            recurrent_slot(past_key_values, self.layer_idx).advance(None, hidden_states.shape[1])
         return torch.zeros_like(hidden_states), None
 
 
@@ -78,7 +88,7 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
     spec.validate(len(layers))
     for idx, layer in enumerate(layers):
         if idx in spec.skip_layers:
-            layer.self_attn = SkippedAttention()
+            layer.self_attn = SkippedAttention(idx)
         elif spec.method != "softmax" and idx not in spec.softmax_layers:
             layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
     model.config.supra = asdict(spec)

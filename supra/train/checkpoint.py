@@ -23,6 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..config import ConfigError
+
 
 def checkpoint_root(run: Path) -> Path:
     return run / "checkpoints"
@@ -82,15 +84,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model/optimizer/scheduler in place; returns (meta, this rank's state)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    ranks, world_size = len(list(path.glob("rank-*.pt"))), dist.get_world_size() if dist.is_initialized() else 1
+    if ranks != world_size:  # each rank's data position is its own: another count would skip or repeat data
+        raise ConfigError(f"checkpoint {path} was written by {ranks} processes, this job has {world_size}; "
+                          f"resume with {ranks} processes (or start a new run with another out=)")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rank_file = path / f"rank-{rank}.pt"
-    if not rank_file.exists():
-        raise ValueError(f"checkpoint {path} has no state for rank {rank}: it was written with fewer ranks; "
-                         "resume with the same number of processes")
     return json.loads((path / "meta.json").read_text()), torch.load(rank_file, weights_only=False)
 
 
