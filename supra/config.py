@@ -39,6 +39,9 @@ class StageConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # attention_transfer only: > 0 trains blocks of this many decoder layers one after another from
+    # inputs cached on disk, one block on the accelerator at a time (models that do not fit at once)
+    block_layers: int = 0
 
 
 @dataclass
@@ -219,6 +222,8 @@ def validate(cfg: DictConfig) -> None:
         _one_of("stage name", stage.name, STAGE_NAMES)
         if stage.tokens < 0 or stage.lr <= 0:
             raise ConfigError(f"stage {stage.name}: tokens must be >= 0 and lr > 0")
+        if stage.block_layers < 0 or (stage.block_layers and stage.name != "attention_transfer"):
+            raise ConfigError(f"stage {stage.name}: block_layers must be >= 0 and is for attention_transfer only")
     try:
         as_data_config(cfg.data)
     except DataError as err:

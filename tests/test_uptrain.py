@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from supra.cli import main
 from supra.train.trainer import REQUEUE_EXIT_CODE
@@ -182,3 +183,68 @@ def test_eval_every_logs_heldout_perplexity(tmp_path):
 def test_dry_run_of_a_named_source_reads_its_config_locally(smollm2_dir, capsys):
     assert main(["uptrain", "recipe=smollm2-135m", "train.dry_run=true", "train.world_size=1"]) == 0
     assert "parameters: total 0.136B" in capsys.readouterr().out
+
+
+BLOCKS = [*FAST, "architecture.num_hidden_layers=4", "train.grad_clip=1e9", "data.shuffle_buffer=0"]
+
+
+def transfer_stage(block_layers: int) -> str:
+    return (f"train.stages=[{{name: attention_transfer, tokens: 2560, lr: 1e-2, min_lr: 1e-3, warmup_steps: 2, "
+            f"block_layers: {block_layers}}}]")
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_blockwise_transfer_equals_whole_model_transfer(tmp_path):
+    """Teacher forcing makes each layer's loss depend on its own maps only, so training blocks of
+    layers one after another from cached inputs (AdamW is per parameter; clipping off) must give
+    the weights that training all layers together gives."""
+    whole, blocks = tmp_path / "whole", tmp_path / "blocks"
+    assert main(["uptrain", *BLOCKS, f"out={whole}", transfer_stage(0)]) == 0
+    assert main(["uptrain", *BLOCKS, f"out={blocks}", transfer_stage(2)]) == 0
+    expected, got = final_weights(whole), final_weights(blocks)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r[0] for r in losses(blocks)] == list(range(1, 21))  # 10 steps per block, 2 blocks
+    # Against the untrained conversion: every new parameter moved, every pretrained one did not.
+    from safetensors.torch import load_file
+
+    assert main(["convert", "recipe=tiny", "architecture.num_hidden_layers=4", f"out={tmp_path / 'untrained'}"]) == 0
+    untrained = load_file(tmp_path / "untrained" / "model.safetensors")
+    for name, value in untrained.items():
+        new = ".feature_map_" in name or name.endswith("window_factor")
+        assert torch.equal(got[name], value) != new, name
+    assert not (blocks / "blocks").exists() or not any((blocks / "blocks").iterdir())  # cache removed
+
+
+def test_blockwise_transfer_resumes_at_the_unfinished_block(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert main(["uptrain", *BLOCKS, f"out={reference}", transfer_stage(2)]) == 0
+    process = uptrain_process(stopped, *BLOCKS[len(FAST):], transfer_stage(2))
+    deadline = time.time() + 300
+    while not (stopped / "blocks" / "stage-0" / "block-0.pt").exists():
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == REQUEUE_EXIT_CODE, output
+    assert main(["uptrain", *BLOCKS, f"out={stopped}", transfer_stage(2)]) == 0
+    expected, got = final_weights(reference), final_weights(stopped)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert losses(stopped)[10:] == losses(reference)[10:]  # block 2 reran from its first step
+
+
+def test_blockwise_transfer_refuses_several_processes():
+    from omegaconf import OmegaConf
+
+    from supra.config import ConfigError
+    from supra.train.blockwise import check_blockwise
+
+    with pytest.raises(ConfigError, match="one process"):
+        check_blockwise([OmegaConf.create({"block_layers": 2})], distributed=True)

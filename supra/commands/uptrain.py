@@ -77,9 +77,11 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
 
 
 def _on(cfg: DictConfig, world: World) -> DictConfig:
-    """The config with this rank's own device (torchrun gives each process one GPU)."""
+    """The config with this rank's own device (torchrun gives each process one GPU). A block-wise
+    attention transfer loads the model into CPU memory and moves one block at a time to the GPU."""
     local = cfg.copy()
-    local.device = str(world.device)
+    blockwise = any(stage.block_layers for stage in cfg.train.stages)
+    local.device = "cpu" if blockwise else str(world.device)
     return local
 
 

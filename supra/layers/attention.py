@@ -24,6 +24,11 @@ from .cache import recurrent_slot
 from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
 
 
+def teacher_only(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """As `RecurrentAttention.transfer`: the layer passes the softmax output on and computes no student."""
+    return output
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (B, T, H, D) with HF's cos/sin of shape (B, T, D) (rotate-half convention)."""
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
@@ -114,6 +119,8 @@ class RecurrentAttention(nn.Module):
         B, T = q.shape[:2]
         with torch.no_grad():
             teacher = softmax_heads(q, k, v, position_embeddings, starts, self.groups)
+        if self.transfer is teacher_only:  # only the inputs of later layers are wanted
+            return teacher.reshape(B, T, -1).to(q.dtype)
         with torch.enable_grad():
             student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
             return self.transfer(F.mse_loss(student.float(), teacher.float()), teacher.reshape(B, T, -1).to(q.dtype))

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -70,7 +73,20 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: Di
         (loss * loss_scale).backward()
         return loss.detach()
 
-    layers = recurrent_layers(model)
+    with transfer_losses(recurrent_layers(model), loss_scale, layerwise) as losses:
+        with torch.set_grad_enabled(not layerwise):
+            # Through the root module (FSDP's hooks live there); logits for one position only.
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           logits_to_keep=1).logits
+    if not layerwise:
+        (logits.float().sum() * 0).backward()  # reaches every AttachLoss through the residual stream
+    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
+
+
+@contextmanager
+def transfer_losses(layers: list[RecurrentAttention], loss_scale: float, layerwise: bool) -> Iterator[list]:
+    """Put `layers` in attention-transfer mode; yields the list their (detached) MSEs land in.
+    Layerwise, each loss is backpropagated at once; otherwise it is attached to the layer's output."""
     losses: list[torch.Tensor] = []
 
     def collect(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -84,16 +100,10 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: Di
     for layer in layers:
         layer.transfer = collect
     try:
-        with torch.set_grad_enabled(not layerwise):
-            # Through the root module (FSDP's hooks live there); logits for one position only.
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           logits_to_keep=1).logits
+        yield losses
     finally:
         for layer in layers:
             layer.transfer = None
-    if not layerwise:
-        (logits.float().sum() * 0).backward()  # reaches every AttachLoss through the residual stream
-    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
 
 
 class AttachLoss(torch.autograd.Function):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from torch import nn
 
 from ..data import build_train_loader
 from ..evaluate.perplexity import HeldoutPerplexity
+from ..layers.linearize import decoder_layers
 from ..models import torch_dtype
+from .blockwise import block_ranges, check_blockwise, finished_blocks, remove_stage_cache, transfer_blockwise
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -70,86 +73,128 @@ def make_optimizer(model: nn.Module, stage: DictConfig, steps: int) -> tuple[tor
     return optimizer, scheduler
 
 
+class Counters:
+    """The run's step and token counts, and the bookkeeping after every optimizer step (non-finite
+    guard, metrics, stop signal) that the plain and block-wise stage loops share."""
+
+    def __init__(self, cfg: DictConfig, world: World, flops_params: int) -> None:
+        self.cfg, self.world, self.flops_params = cfg, world, flops_params
+        self.step = self.tokens = self.bad_in_a_row = 0
+        self.log: ProgressLog | None = None
+        self.stop = StopSignal()
+
+    def step_done(self, stage: DictConfig, plan: StagePlan, loss: float, grad_norm: float,
+                  optimizer: torch.optim.Optimizer, elapsed: float) -> bool:
+        """Count, guard and log one optimizer step; True when a stop signal arrived (on any rank)."""
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        if self.bad_in_a_row:
+            self.log.message(f"step {self.step + 1}: non-finite loss/gradient, step skipped "
+                             f"({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row > self.cfg.train.max_bad_steps:
+                raise TrainingStopped(
+                    f"{self.bad_in_a_row} non-finite steps in a row in stage {stage.name}; stopped. The last "
+                    "good checkpoint is intact: lower the learning rate or check the data, then rerun")
+        self.step, self.tokens = self.step + 1, self.tokens + plan.tokens_per_step
+        self.log.log(_record(self.step, stage.name, loss, grad_norm, optimizer, plan, self.tokens, elapsed,
+                             self.flops_params, self.cfg, self.world))
+        return all_reduce_max(float(self.stop.received is not None), self.world) > 0
+
+
 def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: World, flops_params: int) -> int:
     """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal."""
+    check_blockwise(list(cfg.train.stages), world.distributed)
     plans = plan_stages(cfg, world.world_size)
     loader = build_train_loader(cfg.data, tokenizer, cfg.seq_len, cfg.train.micro_batch_size, world.rank,
                                 world.world_size)
-    stop = StopSignal()
+    counters = Counters(cfg, world, flops_params)
     if world.is_main:
         remove_partial_checkpoints(run)
-    stage_index, stage_step, tokens_seen, global_step = 0, 0, 0, 0
+    stage_index, stage_step = 0, 0
     latest = latest_checkpoint(run)
     if latest is not None:
         stage_index = _read_meta(latest)["stage"]
-    total_steps = sum(p.steps for p in plans)
+    layers = len(decoder_layers(model))
+    total_steps = sum(p.steps * (len(block_ranges(layers, s.block_layers)) if s.block_layers else 1)
+                      for p, s in zip(plans, cfg.train.stages))
     heldout = HeldoutPerplexity(cfg, tokenizer)
-    log = None
     try:
         while stage_index < len(plans):
             stage, plan = cfg.train.stages[stage_index], plans[stage_index]
+            blockwise = stage.block_layers > 0
+            if not world.distributed and not blockwise:
+                model.to(world.device)  # a block-wise stage before may have left the model offloaded
             set_trainable(model, stage)
             optimizer, scheduler = make_optimizer(model, stage, plan.steps)
             if latest is not None:
                 meta, rank_state = load_checkpoint(latest, model, optimizer, scheduler)
                 loader.load_state_dict(rank_state["data"])
                 set_rng_state(rank_state["rng"])
-                stage_step, tokens_seen, global_step = meta["stage_step"], meta["tokens"], meta["step"]
+                stage_step, counters.tokens, counters.step = meta["stage_step"], meta["tokens"], meta["step"]
                 latest = None
-            if log is None:
-                log = ProgressLog(run, total_steps, global_step, cfg.train.logger,
-                                  OmegaConf.to_container(cfg, resolve=True), world.is_main)
-                if global_step:
-                    log.message(f"resumed from step {global_step} (stage {stage.name}, step {stage_step})")
+            if blockwise and stage_step < plan.steps:  # blocks finished before a stop count as done
+                done = finished_blocks(run, stage_index) * plan.steps
+                counters.step, counters.tokens = counters.step + done, counters.tokens + done * plan.tokens_per_step
+            if counters.log is None:
+                counters.log = ProgressLog(run, total_steps, counters.step, cfg.train.logger,
+                                           OmegaConf.to_container(cfg, resolve=True), world.is_main)
+                if counters.step:
+                    counters.log.message(f"resumed from step {counters.step} (stage {stage.name}, "
+                                         f"step {stage_step})")
+            log = counters.log
             if stage_step < plan.steps:
+                blocks = f", in blocks of {stage.block_layers} layers" if blockwise else ""
                 log.message(f"stage {stage_index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
-                            f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank)")
+                            f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank){blocks}")
+            counters.bad_in_a_row = 0
+            checkpoint = partial(_checkpoint, run, counters, stage_index, stage, model, optimizer, scheduler, loader)
+            if blockwise and stage_step < plan.steps:
+                block_optimizer = partial(make_optimizer, stage=stage, steps=plan.steps)
+                if transfer_blockwise(model, loader, stage, plan, block_optimizer, world.device, cfg.train.grad_clip,
+                                      run, stage_index, partial(counters.step_done, stage, plan)):
+                    log.message(f"signal received at step {counters.step}: finished blocks are saved, the current "
+                                f"one restarts on the rerun; exiting with {REQUEUE_EXIT_CODE} so the scheduler "
+                                "requeues the job")
+                    return REQUEUE_EXIT_CODE
+                stage_step = plan.steps
+                checkpoint(stage_step)
+                remove_stage_cache(run, stage_index)
             batches = iter(loader)
-            bad_in_a_row = 0
             while stage_step < plan.steps:
                 started = time.perf_counter()
                 loss, grad_norm = train_step(model, batches, optimizer, stage, plan, cfg, world)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    bad_in_a_row += 1
-                    log.message(f"step {global_step + 1}: non-finite loss/gradient, step skipped "
-                                f"({bad_in_a_row} in a row)")
-                    if bad_in_a_row > cfg.train.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{bad_in_a_row} non-finite steps in a row in stage {stage.name}; stopped. The last "
-                            "good checkpoint is intact: lower the learning rate or check the data, then rerun")
-                else:
-                    bad_in_a_row = 0
+                if math.isfinite(loss) and math.isfinite(grad_norm):
                     scheduler.step()
-                stage_step, global_step = stage_step + 1, global_step + 1
-                tokens_seen += plan.tokens_per_step
-                elapsed = time.perf_counter() - started
-                log.log(_record(global_step, stage.name, loss, grad_norm, optimizer, plan, tokens_seen, elapsed,
-                                flops_params, cfg, world))
-                stopping = all_reduce_max(float(stop.received is not None), world) > 0
+                stage_step += 1
+                stopping = counters.step_done(stage, plan, loss, grad_norm, optimizer, time.perf_counter() - started)
                 every = cfg.train.eval_every
                 if every and (stage_step % every == 0 or stage_step == plan.steps):
                     # Every rank scores the same text: FSDP's forward needs all of them.
                     result = heldout(model)
-                    log.log_eval({"step": global_step, "stage": stage.name, "tokens": tokens_seen,
+                    log.log_eval({"step": counters.step, "stage": stage.name, "tokens": counters.tokens,
                                   "heldout_ppl": result["ppl"], "heldout_loss": result["loss"],
                                   "heldout_tokens": result["tokens"]})
                 if stopping or stage_step % cfg.train.checkpoint_every == 0 or stage_step == plan.steps:
-                    meta = {"stage": stage_index, "stage_name": stage.name, "stage_step": stage_step,
-                            "tokens": tokens_seen}
-                    rank_state = {"data": loader.state_dict(), "rng": rng_state()}
-                    save_checkpoint(run, global_step, model, optimizer, scheduler, rank_state, meta,
-                                    cfg.train.keep_checkpoints)
+                    checkpoint(stage_step)
                 if stopping:
-                    log.message(f"signal received: checkpoint written at step {global_step}; exiting with "
+                    log.message(f"signal received: checkpoint written at step {counters.step}; exiting with "
                                 f"{REQUEUE_EXIT_CODE} so the scheduler requeues the job")
                     return REQUEUE_EXIT_CODE
             if world.is_main:
                 loader.log_stats()
             stage_index, stage_step = stage_index + 1, 0
     finally:
-        if log is not None:
-            log.close()
+        if counters.log is not None:
+            counters.log.close()
     return 0
+
+
+def _checkpoint(run: Path, counters: Counters, stage_index: int, stage: DictConfig, model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any, stage_step: int) -> None:
+    meta = {"stage": stage_index, "stage_name": stage.name, "stage_step": stage_step, "tokens": counters.tokens}
+    rank_state = {"data": loader.state_dict(), "rng": rng_state()}
+    save_checkpoint(run, counters.step, model, optimizer, scheduler, rank_state, meta,
+                    counters.cfg.train.keep_checkpoints)
 
 
 def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: DictConfig, plan: StagePlan,
