@@ -25,7 +25,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .models import SourceError, save_model, torch_dtype
+from .models import SourceError, publish_directory, save_model, torch_dtype
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_supra.py"
 MODELING = "modeling_supra.py"
@@ -142,17 +142,7 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
     for name, text in files.items():
         (staging / name).write_text(text)
     (staging / MODELING).write_text(modeling_file(base_model_type))
-    _publish(staging, out)
+    publish_directory(staging, out)
     return out
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the finished staging directory into place; an old `out` is removed only afterwards."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)

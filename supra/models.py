@@ -187,13 +187,19 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out:
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    publish_directory(tmp, out)
+
+
+def publish_directory(staging: Path, out: Path) -> None:
+    """Swap a finished staging directory into place; an old `out` is removed only afterwards."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(staging, out)
         shutil.rmtree(old)
     else:
-        os.replace(tmp, out)
+        os.replace(staging, out)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
