@@ -13,6 +13,9 @@ import json
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,9 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer: torch.opt
         tmp.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
-             checkpoint_id=str(tmp))
+    with _one_process_is_fine():
+        dcp.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                 checkpoint_id=str(tmp))
     torch.save(rank_state, tmp / f"rank-{rank}.pt")
     _barrier()
     if rank == 0:
@@ -90,7 +94,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                           f"resume with {ranks} processes (or start a new run with another out=)")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rank_file = path / f"rank-{rank}.pt"
@@ -108,3 +113,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns on every save and load without a process group; one process is a supported case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
