@@ -2,8 +2,8 @@
 
 Resuming is rerunning: the latest complete checkpoint gives the stage, the step inside it, the
 model, optimizer, scheduler, data-loader position and RNG, so the next step is the one that would
-have come. SIGTERM/SIGUSR1 (SLURM's warning before a time limit or preemption) make the job write a
-checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE.
+have come. SIGTERM/SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGUSR2 (submitit's,
+under supra-launch) make the job write a checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE.
 """
 
 from __future__ import annotations
@@ -45,11 +45,18 @@ class TrainingStopped(RuntimeError):
 
 
 class StopSignal:
-    """Remembers a SIGTERM/SIGUSR1 so the loop can stop cleanly at the next step boundary."""
+    """Remembers a SIGTERM/SIGUSR1/SIGUSR2 so the loop can stop cleanly at the next step boundary.
+
+    SIGUSR2 is submitit's time-limit/preemption signal: taking it here (over submitit's own handler,
+    which would requeue at once, mid-step) lets the ranks write their checkpoint first; supra/launch.py
+    then hands the signal on to submitit, which requeues the job. The handlers stay installed after
+    train() returns, and supra/launch.py reads `received` from them."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
