@@ -171,3 +171,21 @@ def test_bad_spec_values_are_refused():
         linearize(model, LinearizeSpec(method="supra", softmax_layers=[2]))
     with pytest.raises(ValueError, match="unknown method"):
         linearize(model, LinearizeSpec(method="mamba"))
+
+
+def test_per_token_decay_follows_packed_documents():
+    """Gated variants give a log decay per token (B, T, H); rows holding several documents are packed
+    into one varlen row, and the decay must be packed the same way."""
+    layer = next(m for m in tiny_model(4, method="supra").modules() if isinstance(m, attention_module.SupraAttention))
+    B, T, H, K = 2, 11, 4, 8
+    q, k, v = (torch.randn(B, T, H, K, dtype=torch.float64) for _ in range(3))
+    log_decay = -torch.rand(B, T, H, dtype=torch.float64)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[:, 0], starts[0, 5], starts[1, 8] = True, True, True
+    out, _ = layer.linear_mix(q, k, v, log_decay, 0.5, None, starts, want_state=False)
+    for row, cut in ((0, 5), (1, 8)):
+        for lo, hi in ((0, cut), (cut, T)):
+            part = slice(lo, hi)
+            expected, _ = parallel_linear_attention(q[row:row + 1, part], k[row:row + 1, part], v[row:row + 1, part],
+                                                    log_decay[row:row + 1, part], 0.5)
+            assert relative_error(out[row:row + 1, part], expected) < 1e-10

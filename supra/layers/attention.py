@@ -140,6 +140,8 @@ class RecurrentAttention(nn.Module):
         doc_start = flat.flatten().nonzero().squeeze(1)
         cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
         doc_row = doc_start // T
+        if log_decay is not None and log_decay.dim() == 3:  # per token (B, T, H): packed like the tokens
+            log_decay = log_decay.reshape(1, B * T, H)
         initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device, dtype=torch.float32)
         if state is not None:  # a row's first document continues the carried state unless it starts at 0
             carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
