@@ -60,14 +60,16 @@ def heldout_prompt(length: int) -> torch.Tensor:
 def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
     """Greedy tokens and per-step seconds. cache_position is passed because a cache's own length
     comes from layer 0, whose slot stays empty when layer 0's attention is skipped."""
+    from supra.layers.cache import cache_kwargs
+
     cache = DynamicCache(config=model.config)
     length = prompt.shape[1]
-    logits = model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(length)).logits
+    logits = model(prompt, **cache_kwargs(cache), use_cache=True, cache_position=torch.arange(length)).logits
     token = logits[:, -1:].argmax(-1)
     tokens, steps = [token], []
     for position in range(length, length + new_tokens - 1):
         start = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True,
+        logits = model(token, **cache_kwargs(cache), use_cache=True,
                        cache_position=torch.tensor([position])).logits
         token = logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - start)

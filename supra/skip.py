@@ -56,6 +56,8 @@ def attention_similarity(model: nn.Module, batches: Iterable[torch.Tensor]) -> l
             after = before + output[0].float()
             # eps keeps an all-zero row (never seen in practice) from producing NaN
             cosine = torch.nn.functional.cosine_similarity(before, after, dim=-1, eps=1e-8)
+            # a cosine is in [-1, 1]; float32 round-off lands a silent sublayer's at 1 + 2e-9
+            cosine = cosine.clamp(-1.0, 1.0)
             sums[idx] += cosine.double().sum().cpu()
         return hook
 

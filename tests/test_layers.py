@@ -13,6 +13,7 @@ from supra.kernels import parallel_linear_attention, parallel_window_hybrid_atte
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from supra.layers import attention as attention_module
+from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import LinearizeSpec, SkippedAttention, linearize, new_parameter_names
 
 METHODS = ["supra", "lolcats", "t2r"]
@@ -53,9 +54,9 @@ def decode_token_by_token(model, ids: torch.Tensor, prefill: int = 0) -> torch.T
     cache = DynamicCache(config=model.config)
     logits = []
     if prefill:
-        logits.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits)
     for t in range(prefill, ids.shape[1]):
-        logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits)
     return torch.cat(logits, dim=1)
 
 
@@ -83,8 +84,8 @@ def test_two_prompt_chunks_continue_exactly(method):
     with torch.no_grad():
         whole = model(ids).logits
         cache = DynamicCache(config=model.config)
-        first = model(ids[:, :19], past_key_values=cache, use_cache=True).logits
-        second = model(ids[:, 19:], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :19], **cache_kwargs(cache), use_cache=True).logits
+        second = model(ids[:, 19:], **cache_kwargs(cache), use_cache=True).logits
     assert relative_error(torch.cat([first, second], 1), whole) < 1e-10
 
 
@@ -129,7 +130,7 @@ def test_right_padding_with_a_cache_is_refused():
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, -2:] = 0
     with pytest.raises(ValueError, match="pad on the left"):
-        model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        model(ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), use_cache=True)
 
 
 def test_beam_search_is_refused_clearly():

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from supra.cli import main
 from supra.config import ConfigError, load_config
+from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import LinearizeSpec, SkippedAttention, decoder_layers, linearize, new_parameter_names
 from supra.models import load_model
 from supra.skip import apply_skip, attention_similarity, choose_layers, select_and_skip
@@ -80,8 +81,8 @@ def test_a_cache_without_cache_position_keeps_positions_when_layer_0_is_skipped(
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 10)]
+        steps = [model(ids[:, :6], **cache_kwargs(cache), use_cache=True).logits]
+        steps += [model(ids[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits for t in range(6, 10)]
     assert cache.get_seq_length() == 10
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from supra.cli import main
+from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import LinearizeSpec, linearize, new_parameter_names
 from supra.models import SourceError, load_model, resolve_source
 
@@ -27,8 +28,8 @@ def test_smollm2_chunked_forward_equals_token_by_token_decoding(smollm2, method,
     with torch.no_grad():
         chunked = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits] if prefill else []
-        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, 300)]
+        steps = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits] if prefill else []
+        steps += [model(ids[:, t:t + 1], **cache_kwargs(cache), use_cache=True).logits for t in range(prefill, 300)]
     recurrent = torch.cat(steps, dim=1)
     assert ((recurrent - chunked).norm() / chunked.norm()).item() < 1e-4
     out = model.generate(ids[:, :12], max_new_tokens=4, do_sample=False)

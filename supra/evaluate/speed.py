@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..layers.cache import cache_kwargs
+
 
 def tensor_bytes(value: Any) -> int:
     """Bytes of every tensor inside nested tuples/lists/NamedTuples."""
@@ -72,7 +74,7 @@ def measure(model: nn.Module, length: int, decode_tokens: int, seed: int = 0) ->
     _sync(device)
     start = time.perf_counter()
     # Logits of the last position only: a 64k-token prompt's full logits would take gigabytes.
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
     _sync(device)
     prefill_s = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
@@ -80,7 +82,7 @@ def measure(model: nn.Module, length: int, decode_tokens: int, seed: int = 0) ->
     for _ in range(decode_tokens):
         _sync(device)
         start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
         _sync(device)
         steps.append(time.perf_counter() - start)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import HybridState, linear_attention, window_hybrid_attention
-from .cache import recurrent_slot
+from .cache import handed_cache, recurrent_slot
 from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
 
 
@@ -93,8 +93,9 @@ class RecurrentAttention(nn.Module):
         return {"device": self.q_proj.weight.device, "dtype": self.q_proj.weight.dtype}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                attention_mask: torch.Tensor | None = None, cache: Any = None, past_key_values: Any = None,
                 position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+        cache = handed_cache(cache, past_key_values, kwargs, f"layer {self.layer_idx}'s attention")
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
@@ -102,7 +103,7 @@ class RecurrentAttention(nn.Module):
         starts = document_starts(position_ids, B)
         if self.transfer is not None:
             return self.o_proj(self.attention_transfer(q, k, v, position_embeddings, starts)), None
-        slot = recurrent_slot(past_key_values, self.layer_idx) if past_key_values is not None else None
+        slot = recurrent_slot(cache, self.layer_idx) if cache is not None else None
         out, state = self.mix(q, k, v, position_embeddings, slot.state if slot is not None else None,
                               starts, want_state=slot is not None)
         if slot is not None:

@@ -9,10 +9,41 @@ mask sizes stay right for position ids and for the softmax layers' masks.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.llama.modeling_llama import LlamaModel
+
+# transformers 5.24 renamed the argument that carries the cache from `past_key_values` to `cache`
+# (the old name is deprecated, "removed in 5.40"). Callers of our own pass it under this name.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """`model(ids, **cache_kwargs(cache))` under the installed transformers' spelling."""
+    return {CACHE_ARGUMENT: cache}
+
+
+def handed_cache(cache: Cache | None, past_key_values: Cache | None, kwargs: dict[str, Any],
+                 where: str) -> Cache | None:
+    """The cache a decoder layer handed to `where`, under either spelling.
+
+    A layer that misses its cache silently runs without state (decoding then diverges with no
+    error), so a Cache found under any other name, or `use_cache=True` with no cache at all, is an
+    error: a transformers release renamed the argument again and this function must learn it."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise TypeError(f"{where} was handed two different caches (cache= and past_key_values=)")
+    found = cache if cache is not None else past_key_values
+    stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
+    if stray:
+        raise TypeError(f"{where} was handed its cache as {stray[0]!r}, an argument supra does not know "
+                        f"(it reads 'cache' and 'past_key_values'); this transformers release is not supported")
+    if found is None and kwargs.get("use_cache"):
+        raise TypeError(f"{where} was called with use_cache=True but found no cache under 'cache' or "
+                        "'past_key_values'; this transformers release is not supported")
+    return found
 
 
 def _map_state(state: Any, fn) -> Any:

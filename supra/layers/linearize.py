@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attention import METHODS
-from .cache import recurrent_slot
+from .cache import handed_cache, recurrent_slot
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
@@ -64,10 +64,11 @@ class SkippedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values: Any = None,
+    def forward(self, hidden_states: torch.Tensor, *args, cache: Any = None, past_key_values: Any = None,
                 **kwargs) -> tuple[torch.Tensor, None]:
-        if past_key_values is not None:
-            recurrent_slot(past_key_values, self.layer_idx).advance(None, hidden_states.shape[1])
+        cache = handed_cache(cache, past_key_values, kwargs, f"layer {self.layer_idx}'s skipped attention")
+        if cache is not None:
+            recurrent_slot(cache, self.layer_idx).advance(None, hidden_states.shape[1])
         return torch.zeros_like(hidden_states), None
 
 
@@ -119,7 +120,8 @@ def _positions_from_padding(module: nn.Module, args: tuple, kwargs: dict) -> tup
     if mask is None or kwargs.get("position_ids") is not None or mask.dim() != 2 or bool(mask.all()):
         return None
     mask = mask.long()
-    if kwargs.get("past_key_values") is not None and bool((mask[:, 1:] < mask[:, :-1]).any()):
+    continuing = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if continuing and bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("right padding cannot be continued by a recurrent state; pad on the left")
     ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     length = ids.shape[1] if ids is not None else mask.shape[1]
