@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from .errors import UserError, check_output_dir
 from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names
 
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A model source that cannot be used; the message is one line for the user."""
 
 
@@ -179,8 +180,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out:
     """Write an HF directory atomically: into a temp sibling, then renamed; an existing `out` is
     replaced only with overwrite=true, and only once the new copy is complete."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from ..models import SourceError, count_parameters, load_model, resolve_source, 
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
-from ..train.trainer import TrainingStopped, train
+from ..train.trainer import train
 from .common import console, load_model_and_tokenizer, update_json
 from .convert import convert_model
 
@@ -39,8 +39,6 @@ def run(cfg: DictConfig) -> int:
     world = init_world(cfg.device)
     try:
         return _uptrain(cfg, run, world)
-    except TrainingStopped as err:
-        raise SourceError(str(err)) from None
     finally:
         shutdown_world()
 
