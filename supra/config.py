@@ -241,8 +241,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
     _one_of("select", cfg.select, ("similarity", "last"))
     _one_of("train.logger", cfg.train.logger, LOGGERS)
+    _one_of("train.param_dtype", cfg.train.param_dtype, tuple(DTYPES))
+    if not cfg.train.stages:
+        raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_NAMES)})")
     for stage in cfg.train.stages:
         _one_of("stage name", stage.name, STAGE_NAMES)
+        if len(stage.betas) != 2:
+            raise ConfigError(f"stage {stage.name}: betas must be two numbers [beta1, beta2], got {list(stage.betas)}")
         if stage.min_lr > stage.lr:
             raise ConfigError(f"stage {stage.name}: min_lr ({stage.min_lr}) must be at most lr ({stage.lr})")
         if stage.block_layers and stage.name != "attention_transfer":

@@ -87,6 +87,9 @@ def resolve_source(source: str) -> tuple[str, dict]:
     """(path or hub id, extra from_pretrained kwargs) for a source string."""
     if source == SMOLLM2:
         return str(smollm2_dir()), {}
+    if not source.strip():
+        raise SourceError("the model source is empty; expected smollm2-135m, random, a .gguf file, a local "
+                          "model directory, or a hub id like org/name")
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():

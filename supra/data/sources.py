@@ -117,7 +117,7 @@ def _read_text(path: Path, errors: str) -> str:
         text = raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
-        raise BadRecord("undecodable", f"line {line}: invalid UTF-8 at byte {err.start} (not a text file?)") from None
+        raise BadRecord("undecodable", f"invalid UTF-8 at byte {err.start}, line {line} (not a text file?)") from None
     if not text.strip():
         raise BadRecord("empty", "empty file")
     return text
