@@ -185,6 +185,8 @@ def load_config(overrides: list[str]) -> DictConfig:
         try:
             OmegaConf.update(cfg, key, value, merge=isinstance(value, (dict, list)))
         except OmegaConfBaseException as err:
+            if "not in" in str(err) and getattr(err, "key", None) != key.split(".")[-1]:  # a key inside the value
+                raise ConfigError(f"bad value for {key}: {_first_line(err)}") from None
             if "not in" in str(err):
                 raise ConfigError(f"unknown key {key!r}; {_valid_keys(cfg, key)}") from None
             path = re.sub(r"\.\d+(?=\.|$)", ".*", key)  # train.stages.0.lr -> train.stages.*.lr
