@@ -217,8 +217,7 @@ def test_bad_record_error_mode_names_file_and_line(tmp_path, capsys, name, conte
     data.mkdir()
     (data / "good.txt").write_text(numbered_lines(400))
     (data / name).write_bytes(content)
-    assert uptrain(tmp_path / "run", ONE_STEP, f"data.source={data}", "data.on_bad_record=error",
-                   "data.heldout_fraction=0.5") == 2
+    assert uptrain(tmp_path / "run", ONE_STEP, f"data.source={data}", "data.on_bad_record=error") == 2
     line = one_error_line(capsys)
     assert message in line and "data.on_bad_record=skip would skip" in line, line
 

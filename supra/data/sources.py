@@ -12,9 +12,10 @@ Held-out split: a stable hash (`is_heldout`) of a per-record key: the path relat
 base directory (plus `:line` or `[row]` inside a file) for local data, the text itself for hub data
 (hub order can depend on sharding, content cannot). The same key decides train and eval, so eval
 text is never trained on. A local source of one or a few documents (one big text file) may have
-no document in the held-out share: then the last share of its text (by characters, from the start
-of a line where one is near) is held out instead, the head of the document that straddles the cut
-goes to training and its tail to eval. `open_source` decides this once, in one line on the log.
+no document in the held-out share (or none left to train on): then the last share of its text (by
+characters, from the start of a line where one is near) is held out instead, the head of the
+document that straddles the cut goes to training and its tail to eval. `open_source` decides
+this, and says so in one line on the log.
 """
 
 from __future__ import annotations
@@ -314,11 +315,12 @@ _announced: set[tuple[str, float]] = set()
 
 
 def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> TailSplit | None:
-    """None when the hash split holds out at least one readable document; otherwise where the last
-    `fraction` of the source's text (at least MIN_HELDOUT_CHARS) begins. DataError when the source
+    """None when the hash split gives training and held-out text a readable document each; otherwise
+    where the last `fraction` of the source's text (at least MIN_HELDOUT_CHARS) begins. DataError when the source
     has too little text for a held-out set and a training set."""
     lengths: list[int] = []
     bad: list[str] = []
+    sides = set()
     for _, key, where, load in source.records(0, 1, 0):
         try:
             text = record_text(load(), spec.text_field, spec.format)
@@ -327,7 +329,8 @@ def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> Tail
             if len(bad) < NAME_FIRST_BAD:
                 bad.append(f"{where}: {err.detail}")
             continue
-        if key is not None and is_heldout(key, fraction):
+        sides.add(is_heldout(key, fraction))
+        if len(sides) == 2:  # the hash split gives both sets a document
             return None
         lengths.append(len(text))
     total = sum(lengths)
@@ -352,8 +355,8 @@ def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> Tail
     cut = line + 1 if line >= 0 else start
     if (source.name, fraction) not in _announced:
         _announced.add((source.name, fraction))
-        logger.info("data source %s: no whole document falls in the held-out share (data.heldout_fraction=%g of "
-                    "%d document(s)), so its last %s characters are held out instead; training never reads them",
+        logger.info("data source %s: held out by document (data.heldout_fraction=%g of %d document(s)), one side "
+                    "would be empty, so its last %s characters are held out instead; training never reads them",
                     source.name, fraction, sum(1 for n in lengths if n), f"{total - sum(lengths[:index]) - cut:,}")
     return TailSplit(index, cut)
 

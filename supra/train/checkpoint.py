@@ -138,7 +138,10 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, optimizer: torch.opt
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
         _fsync_dir(tmp)
         if final.exists():  # a damaged checkpoint of this step that the resume skipped: keep it aside
-            os.replace(final, final.with_name(f".{final.name}.damaged-{os.getpid()}"))
+            n = 0
+            while (aside := final.with_name(f".{final.name}.damaged-{n}")).exists():
+                n += 1
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         for old in sorted(checkpoint_root(run).glob("step-*"))[:-keep]:
