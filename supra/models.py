@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -107,9 +108,18 @@ def resolve_source(source: str) -> tuple[str, dict]:
     return source, {}  # a hub id
 
 
+def _unloadable(what: str, source: str, err: Exception) -> SourceError:
+    """transformers says a broken or unrecognised model in an OSError or ValueError of many lines."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return SourceError(f"could not load {what} {source!r}: {first}")
+
+
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     where, extra = resolve_source(source)
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError) as err:
+        raise _unloadable("the tokenizer of", source, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -135,10 +145,13 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
     where, extra = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(where, **extra)
-    except OSError as err:
-        raise SourceError(f"could not load model {source!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:
+        raise _unloadable("model", source, err) from None
     _check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+    except (OSError, ValueError, SafetensorError) as err:  # missing, cut short or foreign weight files
+        raise _unloadable("model", source, err) from None
     spec = getattr(config, "supra", None)
     if spec:
         linearize(model, LinearizeSpec.from_dict(spec))
