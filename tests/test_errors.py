@@ -308,3 +308,19 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path, capsys, command):
     line = one_error_line(capsys)
     assert str(out) in line
     assert out.read_text() == "mine"
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    model = tmp_path / "model"
+    assert main(["convert", "recipe=tiny", f"out={model}"]) == 0
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    (tmp_path / "fake.gguf").write_text("not a gguf")
+    capsys.readouterr()
+    for source, message in ((model, "could not load model"), (tmp_path / "broken", "not a valid JSON file"),
+                            (tmp_path / "fake.gguf", "not a GGUF file")):
+        assert main(["eval", f"model={source}", f"out={tmp_path / 'eval'}"]) == 2
+        line = one_error_line(capsys)
+        assert str(source) in line and message in line, line
