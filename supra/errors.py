@@ -1,4 +1,5 @@
-"""User mistakes: the one exception type the CLI prints as `supra: error: <one line>` (exit 2).
+"""User mistakes: the one exception type the CLI prints as `supra: error: <one line>` (exit 2), and
+the checks every command shares (output directories, numeric ranges).
 
 Library code raises a subclass (ConfigError, DataError, SourceError, ...) so a caller can tell
 them apart, and the CLI catches this one type; any other exception is a bug and keeps its traceback.

@@ -165,13 +165,12 @@ class LocalSource:
             files = sorted(p for p in path.rglob("*")
                            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
             if not files:
-                raise DataError(f"data source {pattern!r} is an empty directory; "
-                                        f"valid: {VALID_SOURCES}")
+                raise DataError(f"data source {pattern!r} is an empty directory; valid: {VALID_SOURCES}")
         elif path.is_file():
             base, files = path.parent, [path]
         else:
             raise DataError(f"data source {pattern!r} not found (no such file or directory); "
-                                    f"valid: {VALID_SOURCES}")
+                            f"valid: {VALID_SOURCES}")
         return cls(pattern, files, base, max_documents)
 
     def records(self, shard: int, num_shards: int, start: int) -> Iterator[Record]:
@@ -316,8 +315,8 @@ _announced: set[tuple[str, float]] = set()
 
 def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> TailSplit | None:
     """None when the hash split gives training and held-out text a readable document each; otherwise
-    where the last `fraction` of the source's text (at least MIN_HELDOUT_CHARS) begins. DataError when the source
-    has too little text for a held-out set and a training set."""
+    where the last `fraction` of the source's text (at least MIN_HELDOUT_CHARS) begins. DataError
+    when the source has too little text for a held-out set and a training set."""
     lengths: list[int] = []
     bad: list[str] = []
     sides = set()
@@ -355,8 +354,8 @@ def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> Tail
     cut = line + 1 if line >= 0 else start
     if (source.name, fraction) not in _announced:
         _announced.add((source.name, fraction))
-        logger.info("data source %s: held out by document (data.heldout_fraction=%g of %d document(s)), one side "
-                    "would be empty, so its last %s characters are held out instead; training never reads them",
+        logger.info("data source %s: holding out whole documents (data.heldout_fraction=%g of %d) would leave one "
+                    "side empty, so its last %s characters are held out instead; training never reads them",
                     source.name, fraction, sum(1 for n in lengths if n), f"{total - sum(lengths[:index]) - cut:,}")
     return TailSplit(index, cut)
 
