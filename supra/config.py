@@ -179,7 +179,7 @@ def load_config(overrides: list[str]) -> DictConfig:
         names = recipe_names()
         if recipe not in names:
             raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(names)}")
-        cfg = _merge(cfg, OmegaConf.create(recipe_text(recipe)), f"recipe {recipe}")
+        cfg = _merge(cfg, _parse_recipe(recipe), f"recipe {recipe}")
         cfg.recipe = recipe
     for key, value in values.items():
         try:
@@ -195,6 +195,16 @@ def load_config(overrides: list[str]) -> DictConfig:
             raise ConfigError(f"bad value for {key}: {_first_line(err)}{valid}") from None
     validate(cfg)
     return cfg
+
+
+def _parse_recipe(name: str) -> DictConfig:
+    try:
+        recipe = OmegaConf.create(recipe_text(name))
+    except Exception as err:  # YAML syntax errors come from yaml, not OmegaConf
+        raise ConfigError(f"recipe {name} is not valid YAML: {_first_line(err)}") from None
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"recipe {name} is not a mapping of keys to values (it is a {type(recipe).__name__})")
+    return recipe
 
 
 def _merge(base: DictConfig, extra: DictConfig, what: str) -> DictConfig:

@@ -324,3 +324,18 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
         assert main(["eval", f"model={source}", f"out={tmp_path / 'eval'}"]) == 2
         line = one_error_line(capsys)
         assert str(source) in line and message in line, line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b\n", "recipe broken is not a mapping of keys to values"),
+    ("seq_len: [unclosed\n", "recipe broken is not valid YAML"),
+    ("seq_len: -4\n", "seq_len must be an integer >= 1, got -4"),
+    ("sequence: 4\n", "recipe broken: unknown key 'sequence'"),
+])
+def test_a_broken_recipe_is_one_line(monkeypatch, capsys, text, message):
+    import supra.config
+
+    monkeypatch.setattr(supra.config, "recipe_names", lambda: ["broken"])
+    monkeypatch.setattr(supra.config, "recipe_text", lambda name: text)
+    assert main(["eval", "recipe=broken"]) == 2
+    assert message in one_error_line(capsys)
