@@ -1,15 +1,20 @@
 """`supra <command> [key=value ...]`: one function per command, overrides in Hydra syntax.
 
-Mistakes in the command line (unknown command, recipe, key or value; a missing file) end with one
-line on stderr and exit code 2; nothing is written before the config has been validated.
+Mistakes (unknown command, recipe, key or value; a number out of range; a missing or unreadable
+file; bad data; a damaged checkpoint) are raised as supra.errors.UserError and end with one line on
+stderr and exit code 2; nothing is written before the config has been validated. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
 import sys
+
+from .errors import UserError
 
 COMMANDS = {
     "uptrain": "convert a model and uptrain it, stage by stage, resumable (recipe=NAME ...)",
@@ -31,9 +36,10 @@ Overrides use Hydra syntax: model=smollm2-135m tasks=[ppl,speed] train.batch_tok
 `recipe=NAME` loads recipes/NAME.yaml first; `supra recipes` lists them.
 `supra <command> --help` prints every key with its current value."""
 
-
-class UserError(Exception):
-    """Raised by commands for a user mistake found after config validation (e.g. an existing out dir)."""
+# Operating-system errors about a path the user named (a missing, unwritable or full location):
+# one line like any other mistake. Other OSErrors are bugs and keep their traceback.
+PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
+               errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def usage() -> str:
@@ -54,15 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .models import SourceError
+    from .config import load_config
 
     want_help = any(a in ("-h", "--help") for a in overrides)
     try:
         cfg = load_config([a for a in overrides if a not in ("-h", "--help")])
-    except ConfigError as err:
-        return fail(str(err))
+    except UserError as err:
+        return fail(one_line(err))
     if want_help:
         try:
             print(f"supra {command}: {COMMANDS[command]}\n\ncurrent configuration:\n{OmegaConf.to_yaml(cfg)}")
@@ -73,14 +77,23 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"supra.commands.{command}")
     try:
         result = module.run(cfg)
-    except (ConfigError, DataError, SourceError, UserError, FileNotFoundError) as err:
-        return fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    except UserError as err:
+        return fail(one_line(err))
+    except OSError as err:
+        if err.errno not in PATH_ERRNOS or err.filename is None:
+            raise
+        return fail(f"{err.filename}: {err.strerror}")
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
     except BrokenPipeError:  # `supra ... | head`: the reader left; that is not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0
     return int(result or 0)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DataConfig, DataError, as_data_config
+from .data.config import DATA_RANGES
+from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ranges, count
 from .layers.linearize import LinearizeSpec
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override the user got wrong; the message is one line naming what is valid."""
 
 
@@ -129,6 +131,25 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
                          backend=cfg.backend)
 
 
+# The valid range of every numeric setting (the schema's types only say int or float); `*` is each
+# item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
+RANGES: dict[str, Range] = {
+    "seed": count(0), "seq_len": count(1), "window": count(1), "feature_dim": count(2, optional=True),
+    "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
+    "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,
+    "train.stages.*.warmup_steps": count(0), "train.stages.*.weight_decay": NON_NEGATIVE,
+    "train.stages.*.betas.*": FRACTION, "train.stages.*.lora_r": count(1), "train.stages.*.lora_alpha": POSITIVE,
+    "train.stages.*.lora_dropout": FRACTION, "train.stages.*.block_layers": count(0),
+    "train.batch_tokens": count(1), "train.micro_batch_size": count(1), "train.grad_clip": POSITIVE,
+    "train.checkpoint_every": count(1), "train.keep_checkpoints": count(1), "train.max_bad_steps": count(0),
+    "train.eval_every": count(0), "train.sample_tokens": count(0), "train.world_size": count(1, optional=True),
+    "train.gpu_memory_gb": POSITIVE, "train.gpu_tflops": POSITIVE, "train.expected_mfu": Range(0, 1, lo_open=True),
+    "eval.max_tokens": count(1), "eval.batch_size": count(1), "eval.passkey_lengths.*": count(1),
+    "eval.passkey_depths.*": Range(0, 1), "eval.passkey_trials": count(1), "eval.speed_lengths.*": count(1),
+    "eval.speed_decode_tokens": count(1), "eval.lm_eval_limit": count(1, optional=True),
+    "eval.lm_eval_fewshot": count(0, optional=True),
+}
+
 STAGE_NAMES = ("attention_transfer", "lora", "full")
 LOGGERS = ("rich", "wandb", "none")
 
@@ -158,17 +179,32 @@ def load_config(overrides: list[str]) -> DictConfig:
         names = recipe_names()
         if recipe not in names:
             raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(names)}")
-        cfg = _merge(cfg, OmegaConf.create(recipe_text(recipe)), f"recipe {recipe}")
+        cfg = _merge(cfg, _parse_recipe(recipe), f"recipe {recipe}")
         cfg.recipe = recipe
     for key, value in values.items():
         try:
             OmegaConf.update(cfg, key, value, merge=isinstance(value, (dict, list)))
         except OmegaConfBaseException as err:
+            if "not in" in str(err) and getattr(err, "key", None) != key.split(".")[-1]:  # a key inside the value
+                raise ConfigError(f"bad value for {key}: {_first_line(err)}") from None
             if "not in" in str(err):
                 raise ConfigError(f"unknown key {key!r}; {_valid_keys(cfg, key)}") from None
-            raise ConfigError(f"bad value for {key}: {_first_line(err)}") from None
+            path = re.sub(r"\.\d+(?=\.|$)", ".*", key)  # train.stages.0.lr -> train.stages.*.lr
+            rule = DATA_RANGES.get(path[5:]) if path.startswith("data.") else RANGES.get(path)
+            valid = f"; valid: {rule}" if rule else ""
+            raise ConfigError(f"bad value for {key}: {_first_line(err)}{valid}") from None
     validate(cfg)
     return cfg
+
+
+def _parse_recipe(name: str) -> DictConfig:
+    try:
+        recipe = OmegaConf.create(recipe_text(name))
+    except Exception as err:  # YAML syntax errors come from yaml, not OmegaConf
+        raise ConfigError(f"recipe {name} is not valid YAML: {_first_line(err)}") from None
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"recipe {name} is not a mapping of keys to values (it is a {type(recipe).__name__})")
+    return recipe
 
 
 def _merge(base: DictConfig, extra: DictConfig, what: str) -> DictConfig:
@@ -204,9 +240,10 @@ def _one_of(name: str, value: Any, valid: tuple) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Value checks the schema's types cannot express."""
+    """Value checks the schema's types cannot express, before anything is loaded."""
     from .models import DTYPES
 
+    check_ranges(OmegaConf.to_container(cfg, resolve=True), RANGES, ConfigError)
     try:
         linearize_spec(cfg).validate()
     except ValueError as err:
@@ -214,16 +251,19 @@ def validate(cfg: DictConfig) -> None:
     _one_of("dtype", cfg.dtype, tuple(DTYPES))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
-    if cfg.seq_len < 1:
-        raise ConfigError(f"seq_len must be >= 1, got {cfg.seq_len}")
     _one_of("select", cfg.select, ("similarity", "last"))
     _one_of("train.logger", cfg.train.logger, LOGGERS)
+    _one_of("train.param_dtype", cfg.train.param_dtype, tuple(DTYPES))
+    if not cfg.train.stages:
+        raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_NAMES)})")
     for stage in cfg.train.stages:
         _one_of("stage name", stage.name, STAGE_NAMES)
-        if stage.tokens < 0 or stage.lr <= 0:
-            raise ConfigError(f"stage {stage.name}: tokens must be >= 0 and lr > 0")
-        if stage.block_layers < 0 or (stage.block_layers and stage.name != "attention_transfer"):
-            raise ConfigError(f"stage {stage.name}: block_layers must be >= 0 and is for attention_transfer only")
+        if len(stage.betas) != 2:
+            raise ConfigError(f"stage {stage.name}: betas must be two numbers [beta1, beta2], got {list(stage.betas)}")
+        if stage.min_lr > stage.lr:
+            raise ConfigError(f"stage {stage.name}: min_lr ({stage.min_lr}) must be at most lr ({stage.lr})")
+        if stage.block_layers and stage.name != "attention_transfer":
+            raise ConfigError(f"stage {stage.name}: block_layers is for attention_transfer only")
     try:
         as_data_config(cfg.data)
     except DataError as err:

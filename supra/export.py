@@ -25,6 +25,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .errors import check_output_dir
 from .models import SourceError, publish_directory, save_model, torch_dtype
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_supra.py"
@@ -116,8 +117,7 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
     """Write the export directory atomically (complete, or not there at all). The model is cast to
     `dtype` in place."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, overwrite)
     if has_lora(model):
         raise ExportError("the model carries LoRA adapters; export with merge_lora=true")
     base_model_type = model.config.model_type

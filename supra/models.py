@@ -19,16 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from .errors import UserError, check_output_dir
 from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names
 
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A model source that cannot be used; the message is one line for the user."""
 
 
@@ -86,6 +88,9 @@ def resolve_source(source: str) -> tuple[str, dict]:
     """(path or hub id, extra from_pretrained kwargs) for a source string."""
     if source == SMOLLM2:
         return str(smollm2_dir()), {}
+    if not source.strip():
+        raise SourceError("the model source is empty; expected smollm2-135m, random, a .gguf file, a local "
+                          "model directory, or a hub id like org/name")
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
@@ -103,9 +108,18 @@ def resolve_source(source: str) -> tuple[str, dict]:
     return source, {}  # a hub id
 
 
+def _unloadable(what: str, source: str, err: Exception) -> SourceError:
+    """transformers says a broken or unrecognised model in an OSError or ValueError of many lines."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return SourceError(f"could not load {what} {source!r}: {first}")
+
+
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     where, extra = resolve_source(source)
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError) as err:
+        raise _unloadable("the tokenizer of", source, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -131,10 +145,13 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
     where, extra = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(where, **extra)
-    except OSError as err:
-        raise SourceError(f"could not load model {source!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:
+        raise _unloadable("model", source, err) from None
     _check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+    except (OSError, ValueError, SafetensorError) as err:  # missing, cut short or foreign weight files
+        raise _unloadable("model", source, err) from None
     spec = getattr(config, "supra", None)
     if spec:
         linearize(model, LinearizeSpec.from_dict(spec))
@@ -179,8 +196,7 @@ def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out:
     """Write an HF directory atomically: into a temp sibling, then renamed; an existing `out` is
     replaced only with overwrite=true, and only once the new copy is complete."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

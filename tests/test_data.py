@@ -297,9 +297,9 @@ def test_resume_refuses_other_world_size_or_settings(corpus, tok):
 
 def test_missing_path_is_one_clear_error(tmp_path, tok):
     missing = tmp_path / "nowhere.jsonl"
-    with pytest.raises(FileNotFoundError, match="nowhere.jsonl.*not found.*valid: 'stdlib'"):
+    with pytest.raises(DataError, match="nowhere.jsonl.*not found.*valid: 'stdlib'"):
         build_train_loader(DataConfig(source=str(missing)), tok, 16, 2)
-    with pytest.raises(FileNotFoundError, match="matches no files"):
+    with pytest.raises(DataError, match="matches no files"):
         iter_documents(DataConfig(source=str(tmp_path / "*.parquet")))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from supra.cli import main
+from supra.errors import UserError
 from supra.evaluate.lm_eval_task import SupraLM, run_lm_eval
 from supra.evaluate.speed import speed
 from supra.export import export, has_lora, merge_lora
@@ -126,7 +127,7 @@ def test_supra_loads_an_export_too(exports, smollm2_tokenizer):
 
 def test_export_refuses_a_non_empty_directory_and_unmerged_lora(exports, smollm2_tokenizer, tmp_path):
     model = exports["models"]["supra"]
-    with pytest.raises(SourceError, match="exists and is not empty"):
+    with pytest.raises(UserError, match="exists and is not empty"):
         export(model, smollm2_tokenizer, exports["dirs"]["supra"])
     assert main(["export", "recipe=tiny", f"model={exports['dirs']['t2r']}", f"out={exports['dirs']['t2r']}"]) == 2
 

@@ -186,7 +186,7 @@ def test_convert_applies_select_and_n_before_linearizing(tmp_path, smollm2_token
 
 
 @pytest.mark.parametrize("args, message", [
-    (["n=-1"], "n=-1 is out of range: this model has 4 attention sublayers that can be skipped, so n must be in 0..4"),
+    (["n=-1"], "n must be an integer >= 0, got -1"),  # checked with the config, before the model loads
     (["n=5"], "n must be in 0..4"),
     ([], "nothing to skip: set n=K with K in 1..4"),
     (["n=1", "select=first"], "unknown select 'first'; valid: similarity, last"),

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
+from ..errors import check_output_dir
 from ..layers.linearize import linearize
 from ..models import SourceError, count_parameters, save_model
 from ..skip import select_and_skip
@@ -45,8 +46,7 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
 
 def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, f"runs/{cfg.recipe or 'model'}-{cfg.method}")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, cfg.overwrite)
     model, tokenizer = load_model_and_tokenizer(cfg)
     convert_model(model, cfg, tokenizer)
     save_model(model, tokenizer, out, cfg.overwrite)

@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from ..config import run_dir, save_snapshot
+from ..errors import check_output_dir
 from ..export import export, merge_lora
-from ..models import SourceError, count_parameters, resolve_source
+from ..models import count_parameters, resolve_source
 from .common import console, load_model_and_tokenizer
 
 
@@ -26,8 +27,7 @@ def default_out(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, default_out(cfg))
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # before the (slow) load
-        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, cfg.overwrite)  # before the (slow) load
     model, tokenizer = load_model_and_tokenizer(cfg)
     source_dir = Path(resolve_source(cfg.model)[0]) if cfg.model != "random" else None
     if cfg.merge_lora:

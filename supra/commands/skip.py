@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from ..config import ConfigError, run_dir, save_snapshot
+from ..errors import check_output_dir
 from ..layers.linearize import decoder_layers
-from ..models import SourceError, save_model
+from ..models import save_model
 from ..skip import select_and_skip, skip_candidates
 from .common import console, load_model_and_tokenizer
 
@@ -29,8 +30,7 @@ def default_out(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, default_out(cfg))
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise SourceError(f"output directory {out} exists and is not empty; pass overwrite=true or another out=")
+    check_output_dir(out, cfg.overwrite)
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
     if cfg.n == 0 and not cfg.skip_layers:

@@ -18,11 +18,11 @@ from torch import nn
 from ..config import ConfigError, run_dir
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
-from ..models import SourceError, count_parameters, load_model, resolve_source, save_model
+from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
-from ..train.trainer import TrainingStopped, train
+from ..train.trainer import train
 from .common import console, load_model_and_tokenizer, update_json
 from .convert import convert_model
 
@@ -36,11 +36,14 @@ def run(cfg: DictConfig) -> int:
         return dry_run(cfg)
     run = run_dir(cfg, f"runs/{cfg.recipe or 'uptrain'}")
     _check_same_run(cfg, run)
+    # Mistakes in device=, model=, tokenizer= and data= are reported before anything is written.
+    resolve_device(cfg.device)
+    for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
+        resolve_source(source)
+    iter_documents(cfg.data)
     world = init_world(cfg.device)
     try:
         return _uptrain(cfg, run, world)
-    except TrainingStopped as err:
-        raise SourceError(str(err)) from None
     finally:
         shutdown_world()
 

@@ -6,10 +6,12 @@ nest them as `data: DataConfig`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ..errors import FRACTION, POSITIVE, UserError, check_ranges, count
 
 FORMATS = ("auto", "text", "chat")
 SEPARATORS = ("eos", "bos")
@@ -55,7 +57,12 @@ class DataConfig:
     tokenize_batch: int = 32  # documents per tokenizer call
 
 
-class DataError(ValueError):
+# The valid range of each numeric data setting (checked for recipes and for library callers alike).
+DATA_RANGES = {"heldout_fraction": FRACTION, "shuffle_buffer": count(0), "seed": count(0), "num_workers": count(0),
+               "max_documents": count(1, optional=True), "tokenize_batch": count(1), "mixture.*.weight": POSITIVE}
+
+
+class DataError(UserError):
     """Bad data or a bad data setting; the message is one line for the user."""
 
 
@@ -96,11 +103,4 @@ def validate(cfg: DataConfig) -> None:
     for i, comp in enumerate(cfg.mixture):
         if comp.format is not None:
             check(f"mixture[{i}].format", comp.format, FORMATS)
-        if not comp.weight > 0:
-            raise DataError(f"data.mixture[{i}].weight must be > 0, got {comp.weight}")
-    if not 0.0 <= cfg.heldout_fraction < 1.0:
-        raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
-    if cfg.num_workers < 0 or cfg.shuffle_buffer < 0 or cfg.tokenize_batch < 1:
-        raise DataError("data.num_workers and data.shuffle_buffer must be >= 0, data.tokenize_batch >= 1")
-    if cfg.max_documents is not None and cfg.max_documents < 1:
-        raise DataError(f"data.max_documents must be >= 1 or null, got {cfg.max_documents}")
+    check_ranges(asdict(cfg), DATA_RANGES, DataError, prefix="data.")

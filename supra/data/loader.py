@@ -34,6 +34,9 @@ from .sources import DocumentReader, Source, SourceSpec, new_stats, open_source,
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
+# The shuffle buffer also stops filling at this many characters: a corpus of a few big documents
+# (one 6 MB text file) would otherwise hold shuffle_buffer copies of them, in memory and in checkpoints.
+MAX_BUFFER_CHARS = 16_000_000
 # Settings that decide which documents, in which order: resuming with any of them changed would
 # silently train on a different stream, so load_state_dict refuses.
 STREAM_SETTINGS = ("source", "hf_config", "hf_split", "hf_data_files", "text_field", "format", "mixture",
@@ -60,6 +63,7 @@ class ShardStream:
         # so each epoch's order differs and a resumed run draws the very numbers it would have.
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, shard, num_shards])))
         self.buffer: list[str] = []
+        self.buffer_chars = 0
         # With record_buffer_ops, buffer changes are logged (a str: appended; an int: index taken) so
         # a worker can send its state as a small delta instead of the whole buffer with every batch.
         self.buffer_ops: list[str | int] | None = None
@@ -78,16 +82,19 @@ class ShardStream:
         size = self.cfg.shuffle_buffer
         if size <= 1:
             return self._next_document()
-        while len(self.buffer) < size:
+        while len(self.buffer) < size and self.buffer_chars < MAX_BUFFER_CHARS:
             doc = self._next_document()
             self.buffer.append(doc)
+            self.buffer_chars += len(doc)
             if self.buffer_ops is not None:
                 self.buffer_ops.append(doc)
         # Swap-remove: O(1), and the order of the rest of the buffer is still a function of the RNG.
         j = int(self.rng.integers(len(self.buffer)))
         if self.buffer_ops is not None:
             self.buffer_ops.append(j)
-        return swap_remove(self.buffer, j)
+        doc = swap_remove(self.buffer, j)
+        self.buffer_chars -= len(doc)
+        return doc
 
     def next_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         need = batch_size * self.packer.seq_len
@@ -126,6 +133,7 @@ class ShardStream:
             reader.load_state_dict(reader_state)
         self.rng.bit_generator.state = state["rng"]
         self.buffer = list(state["buffer"])
+        self.buffer_chars = sum(map(len, self.buffer))
         self.packer.load_state_dict(state["packer"])
         self.stats.clear()
         self.stats.update(state["stats"])

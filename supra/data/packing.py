@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import DataError
+
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def separator_token(tokenizer: Any, separator: str = "eos") -> tuple[str, int]:
         logger.warning("the tokenizer has no %s token; separating documents with %s (id %d) instead",
                        separator.upper(), other.upper(), ids[other])
         return other, int(ids[other])
-    raise ValueError("the tokenizer has neither an EOS nor a BOS token, so documents cannot be separated; "
+    raise DataError("the tokenizer has neither an EOS nor a BOS token, so documents cannot be separated; "
                      "use a tokenizer with eos_token set")
 
 

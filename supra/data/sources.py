@@ -11,7 +11,11 @@ union is the whole source. A hub dataset is split with `datasets.distributed.spl
 Held-out split: a stable hash (`is_heldout`) of a per-record key: the path relative to the source's
 base directory (plus `:line` or `[row]` inside a file) for local data, the text itself for hub data
 (hub order can depend on sharding, content cannot). The same key decides train and eval, so eval
-text is never trained on.
+text is never trained on. A local source of one or a few documents (one big text file) may have
+no document in the held-out share (or none left to train on): then the last share of its text (by
+characters, from the start of a line where one is near) is held out instead, the head of the
+document that straddles the cut goes to training and its tail to eval. `open_source` decides
+this, and says so in one line on the log.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import gzip
 import itertools
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "heldout")
 WARN_FIRST_BAD = 10  # bad records logged one by one per reader; the rest only in the counts
+NAME_FIRST_BAD = 3  # bad records named in summaries and errors
+# Holding out the text's last share: at least this many characters (a few dozen tokens to score),
+# and a corpus needs as many again to train on.
+MIN_HELDOUT_CHARS = 100
 GLOB_CHARS = set("*?[")
 
 # (position after this record, held-out key or None if it depends on the text, where, loader)
@@ -102,11 +111,14 @@ def _read_bytes(path: Path) -> bytes:
 
 def _read_text(path: Path, errors: str) -> str:
     try:
-        text = _read_bytes(path).decode("utf-8", errors=errors)
-    except UnicodeDecodeError as err:
-        raise BadRecord("undecodable", f"invalid UTF-8 at byte {err.start}") from None
+        raw = _read_bytes(path)
     except (OSError, EOFError) as err:
         raise BadRecord("unreadable", f"cannot read: {err}") from None
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise BadRecord("undecodable", f"invalid UTF-8 at byte {err.start}, line {line} (not a text file?)") from None
     if not text.strip():
         raise BadRecord("empty", "empty file")
     return text
@@ -135,6 +147,7 @@ class LocalSource:
         self.name, self.files, self.base, self.max_documents = name, files, base, max_documents
         self.errors = errors  # "replace" for the stdlib corpus, whose few odd bytes are harmless
         self.expected_empty = expected_empty
+        self.tail: TailSplit | None = None  # set by open_source when the held-out share is the text's end
 
     @classmethod
     def from_pattern(cls, pattern: str, max_documents: int | None) -> LocalSource:
@@ -145,20 +158,19 @@ class LocalSource:
             base = Path(*parts[:first_glob]) if first_glob else Path(".")
             files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not files:
-                raise FileNotFoundError(f"data source {pattern!r} matches no files; valid: {VALID_SOURCES}")
+                raise DataError(f"data source {pattern!r} matches no files; valid: {VALID_SOURCES}")
         elif path.is_dir():
             base = path
             # Hidden files and folders (.git, .cache, ...) are not data.
             files = sorted(p for p in path.rglob("*")
                            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
             if not files:
-                raise FileNotFoundError(f"data source {pattern!r} is an empty directory; "
-                                        f"valid: {VALID_SOURCES}")
+                raise DataError(f"data source {pattern!r} is an empty directory; valid: {VALID_SOURCES}")
         elif path.is_file():
             base, files = path.parent, [path]
         else:
-            raise FileNotFoundError(f"data source {pattern!r} not found (no such file or directory); "
-                                    f"valid: {VALID_SOURCES}")
+            raise DataError(f"data source {pattern!r} not found (no such file or directory); "
+                            f"valid: {VALID_SOURCES}")
         return cls(pattern, files, base, max_documents)
 
     def records(self, shard: int, num_shards: int, start: int) -> Iterator[Record]:
@@ -185,12 +197,15 @@ class LocalSource:
         kind = file_kind(path)
         if kind == "jsonl":
             opener = gzip.open if path.name.endswith(".gz") else open
-            empty = True
-            with opener(path, "rb") as fh:
-                for line_no, raw in enumerate(fh, 1):
-                    empty = False
-                    yield f":{line_no}", partial(_parse_json_line, raw)
-            if empty:
+            line_no = 0
+            try:
+                with opener(path, "rb") as fh:
+                    for line_no, raw in enumerate(fh, 1):
+                        yield f":{line_no}", partial(_parse_json_line, raw)
+            except (OSError, EOFError) as err:  # a corrupt .gz, an unreadable file: the rest is one bad record
+                yield f":{line_no + 1}", partial(_bad, "unreadable", f"cannot read: {err}")
+                return
+            if line_no == 0:
                 yield "", partial(_bad, "empty", "empty file")
         elif kind == "json":
             try:
@@ -236,6 +251,7 @@ class HubSource:
     """A Hugging Face hub dataset, streamed (`datasets.load_dataset(..., streaming=True)`)."""
 
     expected_empty = False
+    tail = None  # held out by content hash only: a hub stream cannot be measured up front
 
     def __init__(self, spec: SourceSpec, max_documents: int | None):
         self.name = spec.source
@@ -279,7 +295,69 @@ def open_source(spec: SourceSpec, cfg: DataConfig) -> Source:
         return HubSource(spec, cfg.max_documents)
     if not spec.source:
         raise DataError(f"data.source is empty; valid: {VALID_SOURCES}")
-    return LocalSource.from_pattern(spec.source, cfg.max_documents)
+    source = LocalSource.from_pattern(spec.source, cfg.max_documents)
+    if cfg.heldout_fraction > 0:
+        source.tail = heldout_tail(source, spec, cfg.heldout_fraction)
+    return source
+
+
+@dataclass(frozen=True)
+class TailSplit:
+    """Held out by position: records before `index` train, after it are held out, and record
+    `index` is cut at character `cut` (head trains, tail is held out)."""
+
+    index: int
+    cut: int
+
+
+_announced: set[tuple[str, float]] = set()
+
+
+def heldout_tail(source: LocalSource, spec: SourceSpec, fraction: float) -> TailSplit | None:
+    """None when the hash split gives training and held-out text a readable document each; otherwise
+    where the last `fraction` of the source's text (at least MIN_HELDOUT_CHARS) begins. DataError
+    when the source has too little text for a held-out set and a training set."""
+    lengths: list[int] = []
+    bad: list[str] = []
+    sides = set()
+    for _, key, where, load in source.records(0, 1, 0):
+        try:
+            text = record_text(load(), spec.text_field, spec.format)
+        except BadRecord as err:
+            lengths.append(0)
+            if len(bad) < NAME_FIRST_BAD:
+                bad.append(f"{where}: {err.detail}")
+            continue
+        sides.add(is_heldout(key, fraction))
+        if len(sides) == 2:  # the hash split gives both sets a document
+            return None
+        lengths.append(len(text))
+    total = sum(lengths)
+    held = max(math.ceil(total * fraction), MIN_HELDOUT_CHARS)
+    skipped = f"; bad records skipped: {'; '.join(bad)}" if bad else ""
+    if total == 0:
+        raise DataError(f"data source {source.name!r} has no readable text ({len(lengths)} record(s)){skipped}")
+    if total < held + MIN_HELDOUT_CHARS:
+        raise DataError(f"data source {source.name!r} has {total:,} characters of readable text in "
+                        f"{sum(1 for n in lengths if n)} document(s); a held-out set and a training set need "
+                        f"at least {held + MIN_HELDOUT_CHARS:,} ({held:,} held out, the rest to train on): "
+                        f"add text{skipped}")
+    start = total - held
+    index = 0
+    while start >= lengths[index]:
+        start -= lengths[index]
+        index += 1
+    # From the start of a line where one begins shortly before the cut (a little more held out).
+    _, _, _, load = next(iter(source.records(0, 1, index)))
+    text = record_text(load(), spec.text_field, spec.format)
+    line = text.rfind("\n", max(0, start - 1000), start)
+    cut = line + 1 if line >= 0 else start
+    if (source.name, fraction) not in _announced:
+        _announced.add((source.name, fraction))
+        logger.info("data source %s: holding out whole documents (data.heldout_fraction=%g of %d) would leave one "
+                    "side empty, so its last %s characters are held out instead; training never reads them",
+                    source.name, fraction, sum(1 for n in lengths if n), f"{total - sum(lengths[:index]) - cut:,}")
+    return TailSplit(index, cut)
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -370,6 +448,7 @@ class DocumentReader:
         self.position = 0
         self.epoch = 0
         self._warned = 0
+        self.first_bad: list[str] = []  # "where: what" of the first few bad records, for summaries
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "epoch": self.epoch}
@@ -388,6 +467,8 @@ class DocumentReader:
             raise DataError(f"{where}: {bad.detail} (data.on_bad_record=skip would skip and count it)")
         self.stats["skipped"] += 1
         self.stats[f"skipped_{bad.reason}"] += 1
+        if len(self.first_bad) < NAME_FIRST_BAD:
+            self.first_bad.append(f"{where}: {bad.detail}")
         if bad.reason == "empty" and self.source.expected_empty:
             logger.debug("skipping empty record %s", where)
             return
@@ -396,21 +477,41 @@ class DocumentReader:
             more = " (further bad records are only counted)" if self._warned == WARN_FIRST_BAD else ""
             logger.warning("skipping bad record %s: %s%s", where, bad.detail, more)
 
+    def _side(self, index: int) -> str:
+        """train, heldout or both (the record cut in two) when held out by position (source.tail)."""
+        tail = self.source.tail
+        side = "train" if index < tail.index else "heldout" if index > tail.index else "both"
+        if side == "heldout" and self.split == "train":
+            self.stats["heldout_excluded"] += 1
+        return side
+
     def read_epoch(self) -> Iterator[str]:
         """Documents from `position` to the end of the current epoch."""
+        tail = self.source.tail
         for position, key, where, load in self.source.records(self.shard, self.num_shards, self.position):
             self.position = position
-            if key is not None and not self._wanted(key):
+            if tail is not None:
+                if self._side(position - 1) not in (self.split, "both"):
+                    continue
+            elif key is not None and not self._wanted(key):
                 continue
             try:
                 text = record_text(load(), self.spec.text_field, self.spec.format, self.tokenizer)
             except BadRecord as bad:
                 self._skip(where, bad)
                 continue
-            if key is None and not self._wanted(f"{self.source.name}\n{text}"):
+            if tail is not None and position - 1 == tail.index:
+                text = text[:tail.cut] if self.split == "train" else text[tail.cut:]
+                if not text.strip():
+                    continue
+            elif tail is None and key is None and not self._wanted(f"{self.source.name}\n{text}"):
                 continue
             self.stats["documents"] += 1
             yield text
+
+    def bad_summary(self) -> str:
+        """'; first bad records: a.jsonl:3: not JSON (...), ...' or ''."""
+        return f"; first bad records: {'; '.join(self.first_bad)}" if self.first_bad else ""
 
     def forever(self) -> Iterator[str]:
         """Documents over endless epochs; an epoch that yields nothing from its start is an error."""
@@ -424,7 +525,7 @@ class DocumentReader:
                 raise DataError(
                     f"data source {self.source.name!r} has no {self.split} documents for shard "
                     f"{self.shard} of {self.num_shards} (stats: {dict(self.stats)}); "
-                    "use more data or fewer ranks/workers")
+                    f"use more data or fewer ranks/workers{self.bad_summary()}")
             self.epoch += 1
             self.position = 0
             self.stats["epochs"] += 1
@@ -449,9 +550,11 @@ def iter_documents(cfg: Any, split: str = "train", tokenizer: Any = None) -> Ite
 def _documents(cfg: DataConfig, split: str, tokenizer: Any, specs: list[SourceSpec],
                sources: list[Source]) -> Iterator[str]:
     stats = new_stats()
+    bad = ""
     for spec, source in zip(specs, sources):
         reader = DocumentReader(source, spec, split=split, shard=0, num_shards=1,
                                 heldout_fraction=cfg.heldout_fraction, on_bad_record=cfg.on_bad_record,
                                 stats=stats, tokenizer=tokenizer)
         yield from reader.read_epoch()
-    logger.info("read %s documents of %s: %s", split, ", ".join(s.source for s in specs), dict(stats))
+        bad += reader.bad_summary()
+    logger.info("read %s documents of %s: %s%s", split, ", ".join(s.source for s in specs), dict(stats), bad)

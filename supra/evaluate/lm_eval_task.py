@@ -20,6 +20,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UserError
+
 Request = tuple[tuple[str, str], list[int], list[int]]
 
 
@@ -132,12 +134,12 @@ def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: lis
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).expanduser().exists():
-        raise FileNotFoundError(f"eval.lm_eval_include_path {include_path} does not exist")
+        raise UserError(f"eval.lm_eval_include_path {include_path} does not exist")
     manager = TaskManager(include_path=str(Path(include_path).expanduser()) if include_path else None)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         where = f" or in {include_path}" if include_path else " (pass eval.lm_eval_include_path for local tasks)"
-        raise FileNotFoundError(f"unknown lm-eval task(s) {', '.join(unknown)}: not shipped with lm-eval{where}")
+        raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: not shipped with lm-eval{where}")
     results = simple_evaluate(model=SupraLM(model, tokenizer, batch_size), tasks=tasks, num_fewshot=num_fewshot,
                               limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0,
                               verbosity="ERROR")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..data import iter_documents
+from ..data import DataError, iter_documents
 
 
 def heldout_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], max_tokens: int) -> torch.Tensor:
@@ -31,7 +31,8 @@ def heldout_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str],
         if len(ids) > max_tokens:
             break
     if len(ids) < 2:
-        raise ValueError("the held-out split is empty: no text to score (check data= and data.heldout_fraction)")
+        raise DataError("the held-out split has no text to score; set data.heldout_fraction > 0 (or "
+                        "train.eval_baselines=false train.eval_every=0 to train without held-out perplexity)")
     return torch.tensor(ids[: max_tokens + 1])
 
 
@@ -76,8 +77,10 @@ class HeldoutPerplexity:
 
     def __call__(self, model: nn.Module) -> dict:
         if self.stream is None:
-            self.stream = heldout_stream(self.tokenizer, iter_documents(self.cfg.data, "heldout"),
-                                         self.cfg.eval.max_tokens)
+            # Formatted as training formats it (chat templates), so a document cut in two between
+            # training and held-out text is cut in the same text.
+            documents = iter_documents(self.cfg.data, "heldout", self.tokenizer)
+            self.stream = heldout_stream(self.tokenizer, documents, self.cfg.eval.max_tokens)
         was_training = model.training
         model.eval()
         try:

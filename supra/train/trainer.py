@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data import build_train_loader
+from ..errors import UserError
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..layers.linearize import decoder_layers
 from ..models import torch_dtype
@@ -40,7 +41,7 @@ from .stages import micro_batch_loss, set_trainable
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: scripts/slurm/uptrain.sbatch requeues the job on it
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError):
     """Training cannot go on (e.g. the loss kept diverging); the last good checkpoint is intact."""
 
 
