@@ -12,6 +12,7 @@ decode step (`window_hybrid_step`) is a few small torch products over a ring buf
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -30,13 +31,19 @@ __all__ = [
 ]
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Looked up once: a package search on every decode step costs more than the step's own math."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_triton(backend: str, device: torch.device) -> bool:
     """Whether `backend` on tensors of `device` runs the Triton kernels; ValueError if it cannot."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
-    available = importlib.util.find_spec("triton") is not None
+    available = triton_installed()
     if backend == "auto":
         return available and device.type == "cuda"
     if not available:

@@ -209,7 +209,7 @@ class SupraAttention(RecurrentAttention):
         fq = torch.relu(self.feature_map_q(q.reshape(B, T, -1))).view_as(q)
         fk = torch.relu(k_map(k.reshape(B, T, -1))).view_as(k)
         cos, sin = position_embeddings
-        fq, fk = rotate(fq, cos, sin), rotate(repeat_heads(fk, self.groups), cos, sin)
+        fq, fk = rotate(fq, cos, sin), repeat_heads(rotate(fk, cos, sin), self.groups)
         out, state = self.linear_mix(fq, fk, repeat_heads(v, self.groups), self.log_decay(q.device),
                                      self.head_dim**-0.5,
                                      state, starts, want_state)
