@@ -91,9 +91,21 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
     device = next(models["original"].parameters()).device
     ids = random_prompt(models["original"], length).to(device)
     running = {n: m for n, m in models.items() if n != "original" or length <= args.original_max_length}
-    caches, tokens, prefills = {}, {}, {}
-    for name, model in running.items():
-        caches[name], tokens[name], prefills[name] = prefill(model, ids)
+    caches, tokens, prefills, peaks = {}, {}, {}, {}
+    for name, model in list(running.items()):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        try:
+            caches[name], tokens[name], prefills[name] = prefill(model, ids)
+        except torch.OutOfMemoryError as err:
+            print(f"  {length:>6} {name:<9} out of memory ({str(err).splitlines()[0]})", flush=True)
+            del running[name]
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
         print(f"  {length:>6} {name:<9} prefill {prefills[name]['cpu_s']:.2f} s CPU", flush=True)
     steps: dict[str, dict[str, list[list[float]]]] = {"cpu_s": {n: [] for n in running},
                                                       "wall_s": {n: [] for n in running}}
@@ -113,7 +125,9 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
             "decode_wall_ms_per_token": 1e3 * statistics.median(every["wall_s"]),
             "state_bytes": cache_bytes(caches[name]),
         }
-        if name != "original" and "original" in running:
+        if name in peaks:  # CUDA: the prefill's peak above what was allocated before it
+            point["prefill_peak_memory_bytes"] = peaks[name]
+        if name != "original" and "original" in running:  # both measured in the same rounds
             point["decode_vs_original"] = median_ratio(steps["cpu_s"], name)
             point["decode_wall_vs_original"] = median_ratio(steps["wall_s"], name)
             point["prefill_vs_original"] = prefills[name]["cpu_s"] / prefills["original"]["cpu_s"]
