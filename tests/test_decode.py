@@ -119,3 +119,21 @@ def test_a_step_allocates_no_state():
     _, stepped = window_hybrid_step(q[:, -1], k[:, -1], v[:, -1], fq[:, -1], fk[:, -1], gate, state)
     assert [x.data_ptr() for x in stepped[:5]] == pointers
     assert stepped.next_slot == (state.next_slot + 1) % WINDOW
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_row_whose_document_starts_at_a_decode_step_forgets_its_padding(method):
+    """A row that is all padding in the prompt starts its document at a decode step (position 0):
+    the step empties that row's state, as a whole-sequence call does."""
+    model = tiny_model(2, method=method)
+    prompt, new = 6, 12
+    ids = torch.randint(1, 101, (2, prompt + new))
+    mask = torch.ones(2, prompt + new, dtype=torch.long)
+    mask[1, :prompt] = 0
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], **cache_kwargs(cache), use_cache=True)
+        steps = torch.cat([model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(cache),
+                                 use_cache=True).logits for t in range(prompt, prompt + new)], 1)
+        alone = model(ids[1:, prompt:]).logits
+    assert relative_error(steps[1:], alone) < 1e-10
