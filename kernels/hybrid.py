@@ -27,6 +27,10 @@ import torch.nn.functional as F
 
 from .reference import state_dtype
 
+# Tokens per pass of the blocked form. A pass's temporaries (scores of W x 2W per block, the block
+# states) stay in cache at this size; past it, one pass over a long prompt grew faster than T.
+SEGMENT_TOKENS = 1024
+
 
 class HybridState(NamedTuple):
     kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the window
@@ -57,6 +61,14 @@ def window_hybrid_attention(
 ) -> tuple[torch.Tensor, HybridState | None]:
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1)."""
     B, T, H, D = q.shape
+    segment = window * max(1, SEGMENT_TOKENS // window)
+    if T > segment:  # segments carrying the state: every pass has the same working set, at any T
+        outs = []
+        for start in range(0, T, segment):
+            part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
+            y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True)
+            outs.append(y)
+        return torch.cat(outs, dim=1), (state if output_final_state else None)
     E = v.shape[-1]
     W = window
     acc = state_dtype(q.dtype)
@@ -121,7 +133,9 @@ def window_hybrid_attention(
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(B, H, (nb + 1) * W, -1)
 
-        kv = kv0 + flat(fkb)[:, :, :T].transpose(-1, -2) @ flat(vb)[:, :, :T]
+        whole = T // W  # key blocks entirely before place T, already summed in block_state
+        kv = (kv0 + block_state[:, :, :whole].sum(2)
+              + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
         final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
                                   for x in (kb, vb, fkb)),
                             valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), 0)

@@ -137,3 +137,20 @@ def test_a_row_whose_document_starts_at_a_decode_step_forgets_its_padding(method
                                  use_cache=True).logits for t in range(prompt, prompt + new)], 1)
         alone = model(ids[1:, prompt:]).logits
     assert relative_error(steps[1:], alone) < 1e-10
+
+
+def test_long_prompts_run_in_segments_that_carry_the_state(monkeypatch):
+    """Past SEGMENT_TOKENS the blocked form runs segment by segment; outputs and the final state are
+    those of one pass (here segments of 4 windows, and a length that ends inside a window)."""
+    from supra.kernels import hybrid
+
+    T = 4 * 4 * WINDOW + 13
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
+    one_pass, one_state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    monkeypatch.setattr(hybrid, "SEGMENT_TOKENS", 4 * WINDOW)
+    segmented, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    assert relative_error(segmented, parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW)) < 1e-12
+    assert relative_error(segmented, one_pass) < 1e-12
+    for name in ("kv", "k", "v", "fk"):
+        assert relative_error(getattr(state, name), getattr(one_state, name)) < 1e-12
+    assert torch.equal(state.valid, one_state.valid) and state.next_slot == one_state.next_slot
