@@ -6,18 +6,20 @@ when triton is installed and the torch forms otherwise; "torch" and "triton" for
 Triton on CPU tensors works only through the interpreter (TRITON_INTERPRET=1 set before the first
 use), which is what the tests do. The Triton modules are imported on first use, so a CPU install
 without triton still imports this package. The LoLCATs hybrid (`hybrid.py`) runs as its blocked
-torch form on every device: it never builds a T x T matrix, but it is not a fused Triton kernel.
+torch form on every device: it never builds a T x T matrix, but it is not a fused Triton kernel; its
+decode step (`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 
 from .chunked import chunk_linear_attention
-from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention
+from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
 BACKENDS = ("auto", "torch", "triton")
@@ -25,8 +27,14 @@ BACKENDS = ("auto", "torch", "triton")
 __all__ = [
     "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "linear_attention_step",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
-    "recurrent_step", "use_triton", "window_hybrid_attention",
+    "recurrent_step", "use_triton", "window_hybrid_attention", "window_hybrid_step",
 ]
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Looked up once: a package search on every decode step costs more than the step's own math."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
@@ -35,7 +43,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "torch":
         return False
-    available = importlib.util.find_spec("triton") is not None
+    available = triton_installed()
     if backend == "auto":
         return available and device.type == "cuda"
     if not available:
@@ -75,11 +83,12 @@ def linear_attention_step(
     scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One decode token: q, k (B, H, K), v (B, H, V); float32 `state` (B, H, K, V) updated in place.
+    """One decode token: q, k (B, H, K), v (B, H, V); contiguous `state` (B, H, K, V) updated in place.
 
-    log_decay is None, per head (H,) or per sequence (B, H). Returns o (B, H, V) in q's dtype.
+    log_decay is None, per head (H,) or per sequence (B, H). Returns o (B, H, V) in q's dtype. A
+    float64 state (the float64 tests) takes the torch form, as `linear_attention` does.
     """
-    if use_triton(backend, q.device):
+    if use_triton(backend, q.device) and state.dtype == torch.float32:
         from .triton_decode import triton_linear_attention_step
 
         return triton_linear_attention_step(q, k, v, state, log_decay, scale)

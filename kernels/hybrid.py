@@ -8,9 +8,14 @@ For query n, with window W, gate g_h = sigmoid(factor_h), and feature maps fq, f
 
 `window_hybrid_attention` works in blocks of W queries: each block sees its own and the previous
 block of keys exactly and everything older through a running linear state, so no T x T matrix is
-ever formed. Its state is what a decoder keeps: the linear state over tokens that left the window
-(F x (V+1), the last column is the denominator) plus the last W-1 tokens' k, v and fk, with a
-mask for rows whose current document is shorter than that (left padding, packed documents).
+ever formed. `window_hybrid_step` is the decoder's one-token form of the same sum.
+
+Their state is what a decoder keeps: the linear state over tokens that left the window (F x (V+1),
+the last column is the denominator) plus a ring buffer of the last W tokens' k, v and fk. Slot
+`next_slot` holds the oldest of them, which the next token pushes out of the window: the step moves
+it into the linear state and writes the new token into its slot, so a step touches W keys and one
+F x (V+1) state, allocates no buffer and concatenates nothing. `valid` marks slots that hold no
+token of the row's current document (left padding, packed documents, prompts shorter than W).
 """
 
 from __future__ import annotations
@@ -22,13 +27,25 @@ import torch.nn.functional as F
 
 from .reference import state_dtype
 
+# Tokens per pass of the blocked form. A pass's temporaries (scores of W x 2W per block, the block
+# states) stay in cache at this size; past it, one pass over a long prompt grew faster than T.
+SEGMENT_TOKENS = 1024
+
 
 class HybridState(NamedTuple):
-    kv: torch.Tensor  # (B, H, F, V + 1) float32: sum of fk_j [v_j, 1] over tokens older than the window
-    k: torch.Tensor  # (B, P, H, D) the last P <= W-1 tokens, not yet in kv
-    v: torch.Tensor  # (B, P, H, V)
-    fk: torch.Tensor  # (B, P, H, F)
-    valid: torch.Tensor  # (B, P) bool: False for cached slots that belong to no token of this sequence
+    kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the window
+    k: torch.Tensor  # (B, H, W, D) ring buffer of the last W tokens
+    v: torch.Tensor  # (B, H, W, V + 1), last column 1: the window's denominator comes out of one product
+    fk: torch.Tensor  # (B, H, W, F), zero in invalid slots: they add nothing when they leave the window
+    valid: torch.Tensor  # (B, W) bool: False for slots that hold no token of this row's document
+    next_slot: int  # the slot of the oldest token, which the next token replaces
+
+
+def ring_in_time_order(state: HybridState) -> tuple[torch.Tensor, ...]:
+    """The ring's k, v, fk as (B, W, H, .) from oldest to newest, and valid (B, W)."""
+    s = state.next_slot
+    return (*(x.roll(-s, dims=2).transpose(1, 2) for x in (state.k, state.v[..., :-1], state.fk)),
+            state.valid.roll(-s, dims=1))
 
 
 def window_hybrid_attention(
@@ -44,10 +61,18 @@ def window_hybrid_attention(
 ) -> tuple[torch.Tensor, HybridState | None]:
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1)."""
     B, T, H, D = q.shape
+    segment = window * max(1, SEGMENT_TOKENS // window)
+    if T > segment:  # segments carrying the state: every pass has the same working set, at any T
+        outs = []
+        for start in range(0, T, segment):
+            part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
+            y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True)
+            outs.append(y)
+        return torch.cat(outs, dim=1), (state if output_final_state else None)
     E = v.shape[-1]
     W = window
     acc = state_dtype(q.dtype)
-    P = 0 if state is None else state.k.shape[1]
+    P = 0 if state is None else W
     nb = -(-T // W)
     front, back = W - P, nb * W - T
 
@@ -64,13 +89,13 @@ def window_hybrid_attention(
     def two_blocks(x: torch.Tensor) -> torch.Tensor:  # key blocks b and b+1 side by side: (B, H, nb, 2W, .)
         return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
 
-    cached = (None, None, None) if state is None else (state.k, state.v, state.fk)
+    cached = (None, None, None) if state is None else ring_in_time_order(state)
     kb, vb, fkb = (key_blocks(x, c) for x, c in zip((k, v, fk), cached))
     vb = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)  # ones column carries the denominator
     valid = torch.zeros(B, (nb + 1) * W, dtype=torch.bool, device=q.device)
     valid[:, front:front + P + T] = True
     if state is not None:
-        valid[:, front:front + P] = state.valid
+        valid[:, :P] = cached[3]
     valid = valid.view(B, 1, nb + 1, W)
     fkb = fkb * valid[..., None]  # padding tokens must not enter the linear state
     qb, fqb = query_blocks(q), query_blocks(fq)
@@ -103,16 +128,49 @@ def window_hybrid_attention(
 
     final = None
     if output_final_state:
-        seq_k, seq_v, seq_fk = (x.permute(0, 2, 3, 1, 4).reshape(B, (nb + 1) * W, H, -1)[:, front:front + P + T]
-                                for x in (kb, vb, fkb))
-        seq_valid = valid.reshape(B, (nb + 1) * W)[:, front:front + P + T]
-        keep = min(W - 1, P + T)
-        leaving = P + T - keep
-        kv = kv0 + torch.einsum("bthf,bthe->bhfe", seq_fk[:, :leaving], seq_v[:, :leaving])
-        tail = slice(P + T - keep, P + T)
-        final = HybridState(kv, seq_k[:, tail].to(k.dtype), seq_v[:, tail, :, :E].to(v.dtype),
-                            seq_fk[:, tail].to(fk.dtype), seq_valid[:, tail])
+        # The sequence ends at W + T (the front padding and cached tokens take the first W places):
+        # its last W places become the ring, oldest first (next_slot 0), everything before the state.
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(B, H, (nb + 1) * W, -1)
+
+        whole = T // W  # key blocks entirely before place T, already summed in block_state
+        kv = (kv0 + block_state[:, :, :whole].sum(2)
+              + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
+        final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
+                                  for x in (kb, vb, fkb)),
+                            valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), 0)
     return y.to(q.dtype), final
+
+
+def window_hybrid_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    state: HybridState,
+) -> tuple[torch.Tensor, HybridState]:
+    """One new token per row: q, k (B, H, D), v (B, H, V), fq, fk (B, H, F); the state's tensors
+    are updated in place (the returned state differs only in next_slot). Returns y (B, H, V)."""
+    B, H, D = q.shape
+    E = v.shape[-1]
+    Fd = fk.shape[-1]
+    slot = state.next_slot
+    # The oldest token leaves the window: into the linear state (zero fk if it is no token).
+    state.kv.view(B * H, Fd, E + 1).baddbmm_(state.fk[:, :, slot].reshape(B * H, Fd, 1),
+                                             state.v[:, :, slot].reshape(B * H, 1, E + 1))
+    state.k[:, :, slot] = k
+    state.v[:, :, slot, :E] = v
+    state.fk[:, :, slot] = fk
+    state.valid[:, slot] = True
+    acc = state.kv.dtype
+    scores = (state.k @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, W)
+    scores = scores.masked_fill_(~state.valid[:, None], float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
+    out = (weights.unsqueeze(2) @ state.v).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
+    y = out[..., :E] / out[..., E:]
+    return y.to(q.dtype), state._replace(next_slot=(slot + 1) % state.k.shape[2])
 
 
 def parallel_window_hybrid_attention(

@@ -123,16 +123,20 @@ def recurrent_step(
     log_decay: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """One decode step: q, k (B, H, K), v (B, H, V); `state` (B, H, K, V) is updated in place.
+    """One decode step: q, k (B, H, K), v (B, H, V); contiguous `state` (B, H, K, V) is updated in place.
 
     log_decay is None, per head (H,) or per sequence (B, H) for this token. Returns o (B, H, V) in
     q's dtype: o = scale * q . (exp(g) * state + k^T v).
     """
+    B, H, K = q.shape
+    V = v.shape[-1]
     acc = state.dtype
     if log_decay is not None:
         decay = log_decay.to(device=state.device, dtype=acc).exp()
-        state.mul_(decay.expand(state.shape[:2])[..., None, None])
-    state.add_(k.to(acc)[..., :, None] * v.to(acc)[..., None, :])
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.einsum("bhk,bhkv->bhv", q.to(acc) * scale, state)
+        state.mul_(decay.expand(B, H)[..., None, None])
+    # Rank-one update and read as batched products on the state's own memory: no K x V temporary.
+    flat = state.view(B * H, K, V)
+    flat.baddbmm_(k.to(acc).reshape(B * H, K, 1), v.to(acc).reshape(B * H, 1, V))
+    scale = K**-0.5 if scale is None else scale
+    out = torch.bmm(q.to(acc).reshape(B * H, 1, K), flat).view(B, H, V) * scale
     return out.to(q.dtype)

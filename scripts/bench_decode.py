@@ -1,106 +1,211 @@
-"""Decode speed and memory against context length: a converted (recurrent) model vs the original with
-its KV cache, through `supra.evaluate.speed` (the `supra eval tasks=[speed]` measurement).
+"""Decode and prefill speed against context length: converted (recurrent) models vs the original with
+its KV cache, every method, measured side by side in one process.
 
-Models: SmolLM2-135M and a Llama-2-7B-shaped model (random init, all 32 layers; decode cost does
-not depend on the weights), each original and converted with --method, in bf16. For each context
-length: prefill of random tokens, then the median time of single-token decode steps; peak GPU memory
-above the weights; the bytes the sequence holds (recurrent state vs keys and values).
+For each context length, every model (the original and one converted model per --methods) prefills
+the same random prompt into its own cache; then --rounds rounds, each decoding --decode-tokens greedy
+tokens with every model in turn (the order rotates each round), so a change of load on a shared
+machine touches all models alike. A model's decode time is the median over all its steps; the
+converted/original ratio is the median over rounds of the ratio of that round's medians. Times are
+process CPU time (the work of this process's threads, not the time other processes hold the cores)
+and wall time; the table and the ratios use CPU time. Converted models are untrained: speed does not
+depend on the weights.
 
-    python scripts/bench_decode.py                    # GPU: 1k..64k
-    python scripts/bench_decode.py --dry-run          # CPU: tiny recipe, short contexts
+    python scripts/bench_decode.py                    # GPU: SmolLM2-135M and a Llama-7B-shaped model, bf16, 1k..64k
+    python scripts/bench_decode.py                    # CPU: SmolLM2-135M, float32, 256 1k 8k (a few minutes a model)
+    python scripts/bench_decode.py --lengths 256 32768 --original-max-length 8192 --name bench_decode_32k
+    python scripts/bench_decode.py --dry-run          # tiny recipe, contexts 64 and 128
+
+On CPU the original is prefilled only up to --original-max-length (default 8192): its softmax
+prefill is quadratic, and 32k tokens take tens of minutes on two threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import os
+import statistics
 from pathlib import Path
 
 import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
-from supra.commands.convert import convert_model
 from supra.config import load_config
-from supra.evaluate.speed import speed
+from supra.evaluate.speed import cache_bytes, decode, prefill, random_prompt
+from supra.layers.linearize import LinearizeSpec, linearize
 
 MODELS = {
     "smollm2-135m": ["recipe=smollm2-135m"],
     "llama7b-shape": ["recipe=llama7b", "model=random", "tokenizer=smollm2-135m"],
     "tiny": ["recipe=tiny"],
 }
+METHODS = ("supra", "t2r", "lolcats")
+GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+CPU_LENGTHS = [256, 1024, 8192]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "llama7b-shape"], choices=sorted(MODELS))
-    parser.add_argument("--method", default="supra", help="conversion method of the recurrent model")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
+                        help="default: smollm2-135m and llama7b-shape on GPU, smollm2-135m on CPU")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help=f"context lengths; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
+    parser.add_argument("--original-max-length", type=int, default=None,
+                        help="longest context the original is measured at; default: all on GPU, 8192 on CPU")
+    parser.add_argument("--decode-tokens", type=int, default=8, help="decoded tokens per model per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--name", default="bench_decode", help="result file name (JSON and PNG)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dry-run", action="store_true", help="tiny model on CPU, contexts 64 and 128")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.decode_tokens, args.rounds, args.threads) < 1:
+        parser.error("--decode-tokens, --rounds and --threads must be >= 1")
+    if args.lengths is not None and min(args.lengths) < 1:
+        parser.error("--lengths must be positive")
+    return args
 
 
-def run(name: str, method: str, args: argparse.Namespace, device: torch.device) -> dict:
-    cfg = load_config([*MODELS[name], f"method={method}", f"dtype={args.dtype}", f"device={device}"])
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    if method != "softmax":
-        convert_model(model, cfg, tokenizer)
-    result = speed(model.eval(), list(args.lengths), args.decode_tokens)
-    del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"model": name, "method": "original" if method == "softmax" else method, **result}
+def load_models(name: str, methods: list[str], dtype: str, device: torch.device) -> dict[str, torch.nn.Module]:
+    """The original and one converted copy per method, all from one load."""
+    cfg = load_config([*MODELS[name], "method=softmax", f"dtype={dtype}", f"device={device}"])
+    original, _ = load_model_and_tokenizer(cfg)
+    models = {"original": original.eval()}
+    for method in methods:
+        models[method] = linearize(copy.deepcopy(original), LinearizeSpec(method=method)).eval()
+    return models
+
+
+def median_ratio(steps: dict[str, list[list[float]]], model: str) -> float:
+    """Median over rounds of (this model's median step / the original's median step), same round."""
+    return statistics.median(statistics.median(mine) / statistics.median(base)
+                             for mine, base in zip(steps[model], steps["original"]))
+
+
+def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse.Namespace) -> list[dict]:
+    device = next(models["original"].parameters()).device
+    ids = random_prompt(models["original"], length).to(device)
+    running = {n: m for n, m in models.items() if n != "original" or length <= args.original_max_length}
+    caches, tokens, prefills, peaks = {}, {}, {}, {}
+    for name, model in list(running.items()):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        try:
+            caches[name], tokens[name], prefills[name] = prefill(model, ids)
+        except torch.OutOfMemoryError as err:
+            print(f"  {length:>6} {name:<9} out of memory ({str(err).splitlines()[0]})", flush=True)
+            del running[name]
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        if device.type == "cuda":
+            peaks[name] = torch.cuda.max_memory_allocated(device) - before
+        print(f"  {length:>6} {name:<9} prefill {prefills[name]['cpu_s']:.2f} s CPU", flush=True)
+    steps: dict[str, dict[str, list[list[float]]]] = {"cpu_s": {n: [] for n in running},
+                                                      "wall_s": {n: [] for n in running}}
+    order = list(running)
+    for r in range(args.rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            tokens[name], times = decode(running[name], caches[name], tokens[name], args.decode_tokens)
+            for clock in steps:
+                steps[clock][name].append(times[clock])
+    points = []
+    for name in running:
+        every = {clock: [t for one_round in steps[clock][name] for t in one_round] for clock in steps}
+        point = {
+            "model": name, "context": length,
+            "prefill_cpu_s": prefills[name]["cpu_s"], "prefill_wall_s": prefills[name]["wall_s"],
+            "decode_ms_per_token": 1e3 * statistics.median(every["cpu_s"]),
+            "decode_wall_ms_per_token": 1e3 * statistics.median(every["wall_s"]),
+            "state_bytes": cache_bytes(caches[name]),
+        }
+        if name in peaks:  # CUDA: the prefill's peak above what was allocated before it
+            point["prefill_peak_memory_bytes"] = peaks[name]
+        if name != "original" and "original" in running:  # both measured in the same rounds
+            point["decode_vs_original"] = median_ratio(steps["cpu_s"], name)
+            point["decode_wall_vs_original"] = median_ratio(steps["wall_s"], name)
+            point["prefill_vs_original"] = prefills[name]["cpu_s"] / prefills["original"]["cpu_s"]
+        points.append(point)
+    return points
+
+
+def summarise(points: list[dict]) -> dict[str, dict]:
+    """Per converted model: the goals' figures where their lengths were measured."""
+    at = {(p["model"], p["context"]): p for p in points}
+    lengths = sorted({p["context"] for p in points})
+    summary = {}
+    for model in sorted({p["model"] for p in points}):
+        mine = {n: at[(model, n)] for n in lengths if (model, n) in at}
+        row = {}
+        for n in (1024, 8192):
+            if n in mine and "decode_vs_original" in mine[n]:
+                row[f"decode_vs_original_{n}"] = mine[n]["decode_vs_original"]
+        if 1024 in mine and 8192 in mine:
+            row["prefill_8k_over_1k"] = mine[8192]["prefill_cpu_s"] / mine[1024]["prefill_cpu_s"]
+        first, last = min(mine), max(mine)
+        row[f"decode_{last}_over_{first}"] = mine[last]["decode_ms_per_token"] / mine[first]["decode_ms_per_token"]
+        summary[model] = row
+    return summary
 
 
 def plot(runs: list[dict], path: Path, device: str) -> None:
-    names = sorted({r["model"] for r in runs})
-    with figure(path, 2, len(names), (5 * len(names), 7)) as (fig, axes):
-        draw_decode(runs, names, axes)
-        fig.suptitle(f"decode, {device}")
-
-
-def draw_decode(runs: list[dict], names: list[str], axes) -> None:
-    for column, name in enumerate(names):
-        for r in (r for r in runs if r["model"] == name):
-            contexts = [p["context"] for p in r["points"]]
-            axes[0][column].plot(contexts, [p["decode_tokens_per_s"] for p in r["points"]], marker="o",
-                                 label=r["method"])
-            axes[1][column].plot(contexts, [p["state_bytes"] / 2**20 for p in r["points"]], marker="o",
-                                 label=r["method"])
-        axes[0][column].set(xscale="log", ylabel="decode tokens/s (batch 1)", title=name, ylim=(0, None))
-        axes[1][column].set(xscale="log", yscale="log", xlabel="context length",
-                            ylabel="cache / state per sequence (MiB)")
-        axes[0][column].legend()
+    with figure(path, 2, len(runs), (5.5 * len(runs), 8)) as (fig, axes):
+        for column, run in enumerate(runs):
+            for model in dict.fromkeys(p["model"] for p in run["points"]):
+                mine = [p for p in run["points"] if p["model"] == model]
+                contexts = [p["context"] for p in mine]
+                axes[0][column].plot(contexts, [p["decode_ms_per_token"] for p in mine], marker="o", label=model)
+                axes[1][column].plot(contexts, [p["prefill_cpu_s"] for p in mine], marker="o", label=model)
+            axes[0][column].set(xscale="log", ylabel="decode ms/token (batch 1)", title=run["model"], ylim=(0, None))
+            axes[1][column].set(xscale="log", yscale="log", xlabel="context length", ylabel="prefill s")
+            axes[0][column].legend()
+        fig.suptitle(f"decode and prefill vs context, {device} (process CPU time)")
 
 
 def main() -> None:
     args = parse_args()
-    if args.dry_run:
-        args.models, args.lengths, args.decode_tokens, args.dtype = ["tiny"], [64, 128], 4, "float32"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if args.dry_run:
+        args.models, args.lengths, args.decode_tokens, args.rounds, args.dtype = ["tiny"], [64, 128], 2, 2, "float32"
+    args.models = args.models or (["smollm2-135m", "llama7b-shape"] if on_gpu else ["smollm2-135m"])
+    args.lengths = sorted(args.lengths or (GPU_LENGTHS if on_gpu else CPU_LENGTHS))
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    if args.original_max_length is None:
+        args.original_max_length = max(args.lengths) if on_gpu else 8192
+    if not on_gpu:
+        torch.set_num_threads(args.threads)
     runs = []
+    load_before = os.getloadavg()
     for name in args.models:
-        for method in ("softmax", args.method):
-            try:
-                runs.append(run(name, method, args, device))
-            except torch.OutOfMemoryError as err:
-                print(f"{name} {method}: out of memory ({str(err).splitlines()[0]})", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
-    print(f"\n{'model':<14} {'method':<9} {'context':>8} {'decode tok/s':>12} {'ms/token':>9} "
-          f"{'state MiB':>10} {'peak GB':>8}")
-    for r in runs:
-        for p in r["points"]:
-            peak = p.get("peak_memory_over_weights_bytes")
-            print(f"{r['model']:<14} {r['method']:<9} {p['context']:>8} {p['decode_tokens_per_s']:>12.1f} "
-                  f"{p['decode_ms_per_token']:>9.2f} {p['state_bytes'] / 2**20:>10.2f} "
-                  f"{'' if peak is None else f'{peak / 2**30:.2f}':>8}")
-    write_results("bench_decode", args, {"runs": runs}, lambda path, device: plot(runs, path, device))
+        print(f"{name}: original and {', '.join(args.methods)}", flush=True)
+        models = load_models(name, args.methods, args.dtype, device)
+        points = [p for length in args.lengths for p in bench_length(models, length, args)]
+        runs.append({"model": name, "points": points, "summary": summarise(points)})
+        del models
+        gc.collect()
+    print(f"\n{'model':<14} {'method':<9} {'context':>8} {'decode ms':>10} {'x orig':>7} {'prefill s':>10} "
+          f"{'x orig':>7} {'state MiB':>10}")
+    for run in runs:
+        for p in run["points"]:
+            ratio = f"{p['decode_vs_original']:.2f}" if "decode_vs_original" in p else ""
+            pre = f"{p['prefill_vs_original']:.2f}" if "prefill_vs_original" in p else ""
+            print(f"{run['model']:<14} {p['model']:<9} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
+                  f"{p['prefill_cpu_s']:>10.2f} {pre:>7} {p['state_bytes'] / 2**20:>10.2f}")
+        for model, row in run["summary"].items():
+            print(f"{run['model']} {model}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
+    machine = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "note": "shared machine: other processes ran during the measurement; times are process CPU "
+                       "time, ratios are taken within a round"}
+    write_results(args.name, args, {"machine": machine, "runs": runs},
+                  lambda path, device_name: plot(runs, path, device_name))
 
 
 if __name__ == "__main__":

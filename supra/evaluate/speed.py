@@ -60,33 +60,51 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, dict]:
+    """Run the prompt into a fresh cache: (cache, next greedy token, wall and process CPU seconds)."""
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    # Logits of the last position only: a 64k-token prompt's full logits would take gigabytes.
+    logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
+    _sync(device)
+    seconds = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+    return cache, logits[:, -1:].argmax(-1), seconds
+
+
+@torch.no_grad()
+def decode(model: nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict]:
+    """`steps` greedy single-token steps continuing `cache`: (last token, per-step wall and CPU seconds).
+    Process CPU time counts the work of every thread of this process and not the time other processes
+    hold the cores, so it is the steadier measure on a shared machine."""
+    device = token.device
+    times: dict[str, list[float]] = {"wall_s": [], "cpu_s": []}
+    for _ in range(steps):
+        _sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        _sync(device)
+        times["wall_s"].append(time.perf_counter() - wall)
+        times["cpu_s"].append(time.process_time() - cpu)
+    return token, times
+
+
+@torch.no_grad()
 def measure(model: nn.Module, length: int, decode_tokens: int, seed: int = 0) -> dict:
     """One context length: prefill time, median decode step time, cache bytes, memory."""
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
-    cache = DynamicCache(config=model.config)
+    ids = random_prompt(model, length, seed).to(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base_allocated = torch.cuda.memory_allocated(device)
     rss_before = rss_bytes()
-    _sync(device)
-    start = time.perf_counter()
-    # Logits of the last position only: a 64k-token prompt's full logits would take gigabytes.
-    logits = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits
-    _sync(device)
-    prefill_s = time.perf_counter() - start
-    token = logits[:, -1:].argmax(-1)
-    steps = []
-    for _ in range(decode_tokens):
-        _sync(device)
-        start = time.perf_counter()
-        logits = model(input_ids=token, **cache_kwargs(cache), use_cache=True).logits
-        token = logits[:, -1:].argmax(-1)
-        _sync(device)
-        steps.append(time.perf_counter() - start)
-    decode_s = statistics.median(steps)
+    cache, token, prefill_time = prefill(model, ids)
+    _, steps = decode(model, cache, token, decode_tokens)
+    prefill_s = prefill_time["wall_s"]
+    decode_s = statistics.median(steps["wall_s"])
     result = {
         "context": length,
         "prefill_s": prefill_s,
@@ -100,6 +118,11 @@ def measure(model: nn.Module, length: int, decode_tokens: int, seed: int = 0) ->
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_memory_over_weights_bytes"] = result["peak_memory_bytes"] - base_allocated
     return result
+
+
+def random_prompt(model: nn.Module, length: int, seed: int = 0) -> torch.Tensor:
+    """(1, length) random token ids: prefill and decode cost do not depend on the text."""
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 def speed(model: nn.Module, lengths: list[int], decode_tokens: int = 32) -> dict:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import HybridState, linear_attention, window_hybrid_attention
+from ..kernels import HybridState, linear_attention, linear_attention_step, window_hybrid_attention, window_hybrid_step
 from .cache import handed_cache, recurrent_slot
 from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
 
@@ -70,9 +70,24 @@ def document_starts(position_ids: torch.Tensor | None, batch: int) -> torch.Tens
     return (position_ids == 0).expand(batch, -1)
 
 
+def stepping(q: torch.Tensor, state: Any) -> bool:
+    """Whether this call is a decode step: one new token continuing a state, outside autograd (the
+    step forms update the state in place, which a backward through the previous state would not
+    survive). Subclasses call it in `mix` to take their one-token path."""
+    return q.shape[1] == 1 and state is not None and not torch.is_grad_enabled()
+
+
+def restarting_rows(starts: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows (B,) whose one new token starts a document (position 0): their state must not carry over."""
+    if starts is None or not bool(starts[:, 0].any()):
+        return None
+    return starts[:, 0]
+
+
 class RecurrentAttention(nn.Module):
     """Shared plumbing: projections, cache slot, output projection. Subclasses implement
-    `mix(q, k, v, position_embeddings, state, starts, want_state) -> (out, state)`."""
+    `mix(q, k, v, position_embeddings, state, starts, want_state) -> (out, state)`; when
+    `stepping(q, state)` it is a decode step, which `linear_mix` turns into one recurrent step."""
 
     new_parameter_prefixes: tuple[str, ...] = ()
 
@@ -129,8 +144,17 @@ class RecurrentAttention(nn.Module):
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,
                    want_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decayed linear attention over rows that may hold several documents, one kernel call."""
+        """Decayed linear attention over rows that may hold several documents, one kernel call;
+        a decode step updates `state` in place through `linear_attention_step`."""
         backend = self.spec.backend
+        if stepping(q, state):
+            restart = restarting_rows(starts)
+            if restart is not None:
+                state.mul_(~restart.view(-1, 1, 1, 1))
+            if log_decay is not None and log_decay.dim() == 3:  # per token (B, 1, H)
+                log_decay = log_decay[:, 0]
+            out = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay, scale, backend=backend)
+            return out.unsqueeze(1), state
         fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
         if fresh:
             return linear_attention(q, k, v, log_decay, scale, state, want_state, backend=backend)
@@ -143,10 +167,11 @@ class RecurrentAttention(nn.Module):
         doc_row = doc_start // T
         if log_decay is not None and log_decay.dim() == 3:  # per token (B, T, H): packed like the tokens
             log_decay = log_decay.reshape(1, B * T, H)
-        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device, dtype=torch.float32)
+        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device,
+                              dtype=torch.float32 if state is None else state.dtype)  # float64 stays float64
         if state is not None:  # a row's first document continues the carried state unless it starts at 0
             carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
-            initial[carries] = state[doc_row[carries]].float()
+            initial[carries] = state[doc_row[carries]]
         out, final = linear_attention(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
                                       v.reshape(1, B * T, H, -1), log_decay, scale, initial, want_state,
                                       cu_seqlens=cu_seqlens, backend=backend)
@@ -168,8 +193,15 @@ class SupraAttention(RecurrentAttention):
         self.feature_map_q = dense_relu_map(self.num_heads * self.head_dim, identity, **self.factory())
         self.feature_map_k = (None if self.groups == 1
                               else dense_relu_map(self.num_kv_heads * self.head_dim, identity, **self.factory()))
-        # Plain floats, not a buffer: model.to(bfloat16) must not round the decay.
+        # Plain floats, not a buffer: model.to(bfloat16) must not round the decay. The float32 tensor
+        # is made once per device, not on every call.
         self.log_decay_values = log_decay_rates(spec.decay, self.num_heads)
+        self._log_decay: torch.Tensor | None = None
+
+    def log_decay(self, device: torch.device) -> torch.Tensor:
+        if self._log_decay is None or self._log_decay.device != device:
+            self._log_decay = torch.tensor(self.log_decay_values, device=device, dtype=torch.float32)
+        return self._log_decay
 
     def mix(self, q, k, v, position_embeddings, state, starts, want_state):
         B, T = q.shape[:2]
@@ -177,9 +209,9 @@ class SupraAttention(RecurrentAttention):
         fq = torch.relu(self.feature_map_q(q.reshape(B, T, -1))).view_as(q)
         fk = torch.relu(k_map(k.reshape(B, T, -1))).view_as(k)
         cos, sin = position_embeddings
-        fq, fk = rotate(fq, cos, sin), rotate(repeat_heads(fk, self.groups), cos, sin)
-        log_decay = torch.tensor(self.log_decay_values, device=q.device, dtype=torch.float32)
-        out, state = self.linear_mix(fq, fk, repeat_heads(v, self.groups), log_decay, self.head_dim**-0.5,
+        fq, fk = rotate(fq, cos, sin), repeat_heads(rotate(fk, cos, sin), self.groups)
+        out, state = self.linear_mix(fq, fk, repeat_heads(v, self.groups), self.log_decay(q.device),
+                                     self.head_dim**-0.5,
                                      state, starts, want_state)
         # GroupNorm with one group per head and no affine replaces the softmax denominator.
         return F.layer_norm(at_least_float32(out), (out.shape[-1],), eps=1e-5), state
@@ -230,6 +262,12 @@ class LolcatsAttention(RecurrentAttention):
         v = repeat_heads(v, self.groups)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         gate = torch.sigmoid(self.window_factor.float())
+        if stepping(q, state):
+            restart = restarting_rows(starts)
+            if restart is not None:
+                state = restart_hybrid_rows(state, restart)
+            out, state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], gate, state)
+            return out.unsqueeze(1), state
 
         def hybrid(q, k, v, fq, fk, state):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state)
@@ -259,23 +297,22 @@ def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, st
 
 
 def merge_rows_select(state: HybridState, row: int) -> HybridState:
-    return HybridState(*(x[row:row + 1] for x in state))
+    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ("kv", "k", "v", "fk", "valid")})
 
 
 def merge_hybrid_states(states: list[HybridState]) -> HybridState:
-    """Stack per-row hybrid states; rows whose document is shorter get invalid left padding."""
-    width = max(s.k.shape[1] for s in states)
+    """Stack per-row hybrid states; each comes from a whole-sequence call, so their rings all start
+    at slot 0."""
+    return HybridState(*(torch.cat([getattr(s, f) for s in states]) for f in ("kv", "k", "v", "fk", "valid")), 0)
 
-    def pad(x: torch.Tensor, value: float | bool) -> torch.Tensor:
-        missing = width - x.shape[1]
-        if missing == 0:
-            return x
-        filler = torch.full((x.shape[0], missing, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
-        return torch.cat([filler, x], dim=1)
 
-    return HybridState(torch.cat([s.kv for s in states]),
-                       *(torch.cat([pad(getattr(s, f), 0) for s in states]) for f in ("k", "v", "fk")),
-                       torch.cat([pad(s.valid, False) for s in states]))
+def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
+    """Empty the state of `rows` (B,) in place: no linear state, no token in the window."""
+    keep = ~rows
+    state.kv.mul_(keep.view(-1, 1, 1, 1))
+    state.fk.mul_(keep.view(-1, 1, 1, 1))
+    state.valid.logical_and_(keep[:, None])
+    return state
 
 
 METHODS: dict[str, type[RecurrentAttention]] = {

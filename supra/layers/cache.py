@@ -47,11 +47,12 @@ def handed_cache(cache: Cache | None, past_key_values: Cache | None, kwargs: dic
 
 
 def _map_state(state: Any, fn) -> Any:
-    if state is None:
-        return None
+    """fn on every tensor of a (nested) state; other fields (a ring buffer's next slot) are kept."""
     if isinstance(state, torch.Tensor):
         return fn(state)
-    return type(state)(*(_map_state(x, fn) for x in state))
+    if isinstance(state, tuple):
+        return type(state)(*(_map_state(x, fn) for x in state))
+    return state
 
 
 class RecurrentStateLayer(DynamicLayer):

@@ -1,0 +1,156 @@
+"""The one-token decode paths: every method's step (linear_attention_step, the hybrid's ring buffer)
+against the chunked forward of the whole sequence, with left padding, a state carried across prompt
+chunks and more decoded tokens than the window holds; and `generate()` really takes them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from supra.kernels import (
+    parallel_window_hybrid_attention,
+    window_hybrid_attention,
+    window_hybrid_step,
+)
+from test_layers import METHODS, TOLERANCE, relative_error, tiny_model
+from transformers import DynamicCache
+
+from supra.layers import attention as attention_module
+from supra.layers.cache import cache_kwargs
+
+WINDOW = 8  # tiny_model's window: 21 decoded tokens wrap the ring more than twice
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the kernel entry points the layers call: one-token steps and whole-sequence forms."""
+    calls = {"step": 0, "sequence": 0}
+
+    def counted(name: str, kind: str):
+        original = getattr(attention_module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(attention_module, name, wrapper)
+
+    for name in ("linear_attention_step", "window_hybrid_step"):
+        counted(name, "step")
+    for name in ("linear_attention", "window_hybrid_attention"):
+        counted(name, "sequence")
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", METHODS)
+def test_steps_match_the_chunked_forward_with_left_padding(method, dtype, monkeypatch):
+    model = tiny_model(2, dtype, method=method)
+    B, pad, prompt, new = 3, (0, 4, 9), 13, 21
+    ids = torch.randint(1, 101, (B, prompt + new))
+    mask = torch.ones(B, prompt + new, dtype=torch.long)
+    for row, p in enumerate(pad):
+        mask[row, :p] = 0
+    calls = count_calls(monkeypatch)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        cache = DynamicCache(config=model.config)
+        logits = []
+        for lo, hi in ((0, 6), (6, prompt)):  # the prompt in two chunks: a state carried between them
+            logits.append(model(ids[:, lo:hi], attention_mask=mask[:, :hi], **cache_kwargs(cache),
+                                use_cache=True).logits)
+        before = dict(calls)
+        for t in range(prompt, prompt + new):
+            logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(cache),
+                                use_cache=True).logits)
+    layers = model.config.num_hidden_layers
+    assert calls["step"] - before["step"] == new * layers and calls["sequence"] == before["sequence"]
+    real = mask.bool()
+    assert relative_error(torch.cat(logits, 1)[real], whole[real]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_takes_the_one_token_step(method, monkeypatch):
+    model = tiny_model(2, torch.float32, method=method)
+    calls = count_calls(monkeypatch)
+    new_tokens = 5
+    model.generate(torch.randint(1, 101, (2, 7)), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0)
+    layers = model.config.num_hidden_layers
+    assert calls == {"step": (new_tokens - 1) * layers, "sequence": layers}
+
+
+def random_hybrid_inputs(B: int, T: int, H: int = 3, D: int = 8, E: int = 5, Fd: int = 6,
+                         dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    q, k = torch.randn(B, T, H, D, dtype=dtype), torch.randn(B, T, H, D, dtype=dtype)
+    v = torch.randn(B, T, H, E, dtype=dtype)
+    fq, fk = torch.rand(B, T, H, Fd, dtype=dtype), torch.rand(B, T, H, Fd, dtype=dtype)
+    return q, k, v, fq, fk, torch.rand(H, dtype=dtype)
+
+
+@pytest.mark.parametrize("prefill", [0, 3, WINDOW, 19])
+def test_the_ring_buffer_wraps_past_the_window(prefill):
+    """Prefill (shorter or longer than the window, or a single token), then more than 3W steps: every
+    step's output is the definition's, and the ring ends where a whole-sequence call puts it."""
+    T = prefill + 3 * WINDOW + 5
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
+    expected = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW)
+    first = max(prefill, 1)
+    out, state = window_hybrid_attention(*(x[:, :first] for x in (q, k, v, fq, fk)), gate, WINDOW,
+                                         output_final_state=True)
+    outs = [out]
+    for t in range(first, T):
+        y, state = window_hybrid_step(q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], gate, state)
+        outs.append(y.unsqueeze(1))
+    assert relative_error(torch.cat(outs, 1), expected) < 1e-12
+    # The stepped ring, continued by a whole-sequence call, equals one call over everything.
+    _, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    more = random_hybrid_inputs(2, 11)
+    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state)
+    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole)
+    assert relative_error(after_steps, after_whole) < 1e-12
+    assert relative_error(state.kv, whole.kv) < 1e-12
+
+
+def test_a_step_allocates_no_state():
+    """The step writes into the state it is given: same tensors, only the next slot moves."""
+    q, k, v, fq, fk, gate = random_hybrid_inputs(1, WINDOW + 2)
+    _, state = window_hybrid_attention(*(x[:, :-1] for x in (q, k, v, fq, fk)), gate, WINDOW,
+                                       output_final_state=True)
+    pointers = [x.data_ptr() for x in state[:5]]
+    _, stepped = window_hybrid_step(q[:, -1], k[:, -1], v[:, -1], fq[:, -1], fk[:, -1], gate, state)
+    assert [x.data_ptr() for x in stepped[:5]] == pointers
+    assert stepped.next_slot == (state.next_slot + 1) % WINDOW
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_row_whose_document_starts_at_a_decode_step_forgets_its_padding(method):
+    """A row that is all padding in the prompt starts its document at a decode step (position 0):
+    the step empties that row's state, as a whole-sequence call does."""
+    model = tiny_model(2, method=method)
+    prompt, new = 6, 12
+    ids = torch.randint(1, 101, (2, prompt + new))
+    mask = torch.ones(2, prompt + new, dtype=torch.long)
+    mask[1, :prompt] = 0
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :prompt], attention_mask=mask[:, :prompt], **cache_kwargs(cache), use_cache=True)
+        steps = torch.cat([model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(cache),
+                                 use_cache=True).logits for t in range(prompt, prompt + new)], 1)
+        alone = model(ids[1:, prompt:]).logits
+    assert relative_error(steps[1:], alone) < 1e-10
+
+
+def test_long_prompts_run_in_segments_that_carry_the_state(monkeypatch):
+    """Past SEGMENT_TOKENS the blocked form runs segment by segment; outputs and the final state are
+    those of one pass (here segments of 4 windows, and a length that ends inside a window)."""
+    from supra.kernels import hybrid
+
+    T = 4 * 4 * WINDOW + 13
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
+    one_pass, one_state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    monkeypatch.setattr(hybrid, "SEGMENT_TOKENS", 4 * WINDOW)
+    segmented, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    assert relative_error(segmented, parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW)) < 1e-12
+    assert relative_error(segmented, one_pass) < 1e-12
+    for name in ("kv", "k", "v", "fk"):
+        assert relative_error(getattr(state, name), getattr(one_state, name)) < 1e-12
+    assert torch.equal(state.valid, one_state.valid) and state.next_slot == one_state.next_slot
