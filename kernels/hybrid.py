@@ -41,8 +41,18 @@ def window_hybrid_attention(
     window: int = 64,
     state: HybridState | None = None,
     output_final_state: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1)."""
+    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1).
+
+    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
+    """
+    from . import use_triton  # here: the package imports this module
+
+    if state is None and use_triton(backend, q.device):
+        from .triton_hybrid import triton_window_hybrid_attention
+
+        return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state)
     B, T, H, D = q.shape
     E = v.shape[-1]
     W = window
