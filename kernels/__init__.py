@@ -5,8 +5,9 @@ calls; each picks the implementation for the device. Backends: "auto" uses Trito
 when triton is installed and the torch forms otherwise; "torch" and "triton" force one. Forcing
 Triton on CPU tensors works only through the interpreter (TRITON_INTERPRET=1 set before the first
 use), which is what the tests do. The Triton modules are imported on first use, so a CPU install
-without triton still imports this package. The LoLCATs hybrid (`hybrid.py`) runs as its blocked
-torch form on every device: it never builds a T x T matrix, but it is not a fused Triton kernel.
+without triton still imports this package. The LoLCATs hybrid (`window_hybrid_attention`) follows the
+same rule for a stateless call (training, prefill: the fused kernels of `triton_hybrid.py`); a call
+with a decoder state runs its blocked torch form on every device.
 """
 
 from __future__ import annotations

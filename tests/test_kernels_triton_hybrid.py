@@ -160,3 +160,19 @@ def test_custom_ops_opcheck():
     o, m, z = torch.ops.supra.window_hybrid_fwd(*(t.detach() for t in x), 5, 16)
     torch.library.opcheck(torch.ops.supra.window_hybrid_bwd.default,
                           (*(t.detach() for t in x), o, m, z, torch.randn_like(o), 5, 16))
+
+
+def test_tied_window_max():
+    """All keys equal: every window score ties for the max. torch's amax spreads dL/dc_n evenly over
+    the tied keys, the kernels give it to the first; every other gradient and the sum of dk agree."""
+    B, T, H, D, W = 1, 30, 2, 16, 6
+    inputs = make_inputs(B, T, H, D, 16, 16)
+    inputs["k"] = torch.randn(1, 1, H, D).expand(B, T, H, D).contiguous()
+    weights = torch.randn(B, T, H, 16)
+    o, grads = output_and_grads(lambda *x: triton_window_hybrid_attention(*x, window=W)[0], inputs, weights, {})
+    ref_o, ref_grads = output_and_grads(lambda *x: parallel_window_hybrid_attention(*x, window=W), inputs, weights,
+                                        dict.fromkeys(inputs, torch.float64))
+    grads["k"], ref_grads["k"] = grads["k"].sum(1), ref_grads["k"].sum(1)
+    assert rel_rms(o, ref_o) < FP32_TOL
+    for name, ref in ref_grads.items():
+        assert rel_rms(grads[name], ref) < FP32_TOL, name
