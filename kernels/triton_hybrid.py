@@ -443,7 +443,8 @@ def triton_window_hybrid_attention(
     """The LoLCATs hybrid through the Triton kernels; contract of `window_hybrid_attention` with no state.
 
     chunk_size (a power of two >= 16 and >= window) defaults to the smallest such. float64 inputs go
-    to the torch blocked form (Triton's dot has no float64 path worth using).
+    to the torch blocked form (Triton's dot has no float64 path worth using). Features may have
+    their own dtype (Hedgehog's are float32 under bf16 autocast).
     """
     B, T, H, D = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or fq.shape[:3] != q.shape[:3] or fk.shape != fq.shape:
@@ -451,17 +452,18 @@ def triton_window_hybrid_attention(
                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(fq.shape)}, {tuple(fk.shape)}")
     if window_gate.shape != (H,):
         raise ValueError(f"window_gate must be (H,)={H,}, got {tuple(window_gate.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or fq.dtype != fk.dtype:
-        raise ValueError(f"q, k, v must share a dtype and fq, fk another; got {q.dtype}, {k.dtype}, {v.dtype}, "
-                         f"{fq.dtype}, {fk.dtype}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     chunk_size = max(16, triton.next_power_of_2(window)) if chunk_size is None else chunk_size
     if chunk_size < max(16, window) or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 and >= window ({window}), got {chunk_size}")
-    if q.dtype == torch.float64 or T == 0:
+    # One dtype for the activations, one for the features (RoPE in float32 under autocast can leave q, k
+    # float32 beside a bf16 v); the output comes back in q's dtype, as from the torch form.
+    act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    feat = torch.promote_types(fq.dtype, fk.dtype)
+    if torch.float64 in (act, feat) or T == 0:
         return window_hybrid_attention(q, k, v, fq, fk, window_gate, window, None, output_final_state,
                                        backend="torch")
-    o, _, _ = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
+    o, _, _ = _fwd_op(*(x.to(act).contiguous() for x in (q, k, v)), *(x.to(feat).contiguous() for x in (fq, fk)),
                       window_gate.float().contiguous(), window, chunk_size)
-    return o, (final_hybrid_state(k, v, fk, window) if output_final_state else None)
+    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window) if output_final_state else None)
