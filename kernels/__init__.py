@@ -12,39 +12,18 @@ with a decoder state runs its blocked torch form on every device.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
+from .backend import BACKENDS, use_triton
 from .chunked import chunk_linear_attention
 from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
-
-BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
     "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "linear_attention_step",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
     "recurrent_step", "use_triton", "window_hybrid_attention",
 ]
-
-
-def use_triton(backend: str, device: torch.device) -> bool:
-    """Whether `backend` on tensors of `device` runs the Triton kernels; ValueError if it cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
-    available = importlib.util.find_spec("triton") is not None
-    if backend == "auto":
-        return available and device.type == "cuda"
-    if not available:
-        raise ValueError("backend='triton' needs the triton package (pip install 'supra[triton]')")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 (the Triton "
-                         "interpreter, set before first use); use backend='torch' or 'auto' instead")
-    return True
 
 
 def linear_attention(

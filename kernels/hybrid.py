@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .backend import use_triton
 from .reference import state_dtype
 
 
@@ -47,8 +48,6 @@ def window_hybrid_attention(
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
     """
-    from . import use_triton  # here: the package imports this module
-
     if state is None and use_triton(backend, q.device):
         from .triton_hybrid import triton_window_hybrid_attention
 
