@@ -5,53 +5,26 @@ calls; each picks the implementation for the device. Backends: "auto" uses Trito
 when triton is installed and the torch forms otherwise; "torch" and "triton" force one. Forcing
 Triton on CPU tensors works only through the interpreter (TRITON_INTERPRET=1 set before the first
 use), which is what the tests do. The Triton modules are imported on first use, so a CPU install
-without triton still imports this package. The LoLCATs hybrid (`hybrid.py`) runs as its blocked
-torch form on every device: it never builds a T x T matrix, but it is not a fused Triton kernel; its
-decode step (`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens.
+without triton still imports this package. The LoLCATs hybrid (`window_hybrid_attention`) follows the
+same rule for a stateless call (training, prefill: the fused kernels of `triton_hybrid.py`); a call
+with a decoder state runs its blocked torch form on every device, and its decode step
+(`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
+from .backend import BACKENDS, use_triton
 from .chunked import chunk_linear_attention
 from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
-
-BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
     "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "linear_attention_step",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
     "recurrent_step", "use_triton", "window_hybrid_attention", "window_hybrid_step",
 ]
-
-
-@functools.cache
-def triton_installed() -> bool:
-    """Looked up once: a package search on every decode step costs more than the step's own math."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def use_triton(backend: str, device: torch.device) -> bool:
-    """Whether `backend` on tensors of `device` runs the Triton kernels; ValueError if it cannot."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
-    available = triton_installed()
-    if backend == "auto":
-        return available and device.type == "cuda"
-    if not available:
-        raise ValueError("backend='triton' needs the triton package (pip install 'supra[triton]')")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 (the Triton "
-                         "interpreter, set before first use); use backend='torch' or 'auto' instead")
-    return True
 
 
 def linear_attention(

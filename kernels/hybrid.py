@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .backend import use_triton
 from .reference import state_dtype
 
 # Tokens per pass of the blocked form. A pass's temporaries (scores of W x 2W per block, the block
@@ -58,8 +59,16 @@ def window_hybrid_attention(
     window: int = 64,
     state: HybridState | None = None,
     output_final_state: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1)."""
+    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1).
+
+    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
+    """
+    if state is None and use_triton(backend, q.device):
+        from .triton_hybrid import triton_window_hybrid_attention
+
+        return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state)
     B, T, H, D = q.shape
     segment = window * max(1, SEGMENT_TOKENS // window)
     if T > segment:  # segments carrying the state: every pass has the same working set, at any T

@@ -7,6 +7,9 @@
    fla's chunk_simple_gla and PyTorch SDPA with the FlashAttention backend (causal).
 3. A table of ms, TFLOP/s, GB/s and speed relative to fla; the HBM roofline fraction of our forward
    for our own byte count; JSON and a PNG plot under benchmarks/results/<device>/ (or --out DIR).
+4. The LoLCATs hybrid (window 64, H=32, D=F=128): the fused Triton kernels (triton_hybrid.py, "supra")
+   against its blocked torch form ("torch-form"), fla's chunk_simple_gla on the same features (plain linear attention,
+   what the hybrid adds the window to) and SDPA; its bf16 forward and gradients against float32 torch.
 
     python scripts/bench_kernels.py                 # on a GPU machine, about 5 minutes on an H100
     python scripts/bench_kernels.py --dry-run --out /tmp/bench   # tiny shapes, CPU, Triton interpreter
@@ -74,6 +77,33 @@ def linear_bytes(B: int, T: int, H: int, K: int, V: int, C: int, elem: int, back
     dv = tok * (2 * K * NV + 2 * V) * elem + states  # read k, q, dh, do; write dv
     dqdk = tok * (4 * V * NK + 4 * K) * elem + 2 * states  # read do, v twice; q, k; h, dh; write dq, dk
     return fwd_states + fwd_output + fwd_states + dstates + dv + dqdk
+
+
+def hybrid_flops(B: int, T: int, H: int, D: int, F: int, V: int, C: int, backward: bool) -> float:
+    """The fused hybrid as our kernels compute it (two full C x C tiles per query chunk, masks not skipped).
+
+    Forward per token and head: scores 4CD, feature products 4CF, weights.v 4CV, state read and
+    update 4FV. Backward: states and dstates 4FV; dq kernel 8CD+4CF+4CV+2FV; dkv kernel 8CD+8CF+8CV+4FV.
+    """
+    fwd = 4 * C * (D + F + V) + 4 * F * V
+    bwd = 16 * C * D + 12 * C * F + 12 * C * V + 10 * F * V
+    return B * T * H * (fwd + (bwd if backward else 0))
+
+
+def hybrid_bytes(B: int, T: int, H: int, D: int, F: int, V: int, C: int, elem: int, backward: bool) -> float:
+    """HBM traffic of our hybrid kernels, counting every tile load (keys twice: two query chunks read them).
+
+    Features are float32 (4 bytes), activations `elem` bytes, states float32 once per chunk.
+    """
+    tok, states = B * T * H, B * math.ceil(T / C) * H * F * (V + 1) * 4
+    walk = tok * (4 * F + elem * V) + states  # read fk, v; write the states
+    fwd = walk + tok * (elem * (3 * D + 3 * V) + 4 * 3 * F + 8) + states  # q, k x2, v x2, o; fq, fk x2; c, z
+    if not backward:
+        return fwd
+    dstates = tok * (4 * F + elem * V + 8) + states
+    dq = tok * (elem * (4 * D + 3 * V) + 4 * 4 * F + 20) + states  # + do, dq, dfq, per-token scalars
+    dkv = tok * (elem * (5 * D + 6 * V) + 4 * 4 * F + 32) + states
+    return fwd + walk + dstates + dq + dkv
 
 
 def sdpa_flops(B: int, T: int, H: int, D: int, backward: bool) -> float:
@@ -341,6 +371,97 @@ def add_fla_ratios(rows: list[dict]) -> None:
             r["speedup_vs_fla"] = ref / r["ms"]
 
 
+def hybrid_inputs(B: int, T: int, H: int, D: int, device, dtype) -> list:
+    """q, k, v in `dtype`; positive float32 features (as Hedgehog's); a float32 gate in (0, 1)."""
+    import torch
+
+    q, k, v = (torch.randn(B, T, H, D, device=device).to(dtype) for _ in range(3))
+    fq, fk = (torch.randn(B, T, H, D, device=device).softmax(-1) for _ in range(2))
+    return [q, k, v, fq, fk, torch.sigmoid(torch.randn(H, device=device))]
+
+
+def check_hybrid(device, window: int, shape: tuple[int, int, int, int]) -> list[dict]:
+    """The fused hybrid in bf16 against its blocked torch form in float32 on the same rounded inputs.
+
+    The gate's gradient is left to the tests: it mostly cancels, so its bf16 error is no kernel figure.
+    """
+    triton_window_hybrid_attention = kernels_module("triton_hybrid").triton_window_hybrid_attention
+    window_hybrid_attention = kernels_module().window_hybrid_attention
+    import torch
+
+    base = hybrid_inputs(*shape, device, torch.bfloat16)
+    weights = torch.randn(*shape[:3], shape[3], device=device)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype if i < 3 else torch.float32).clone().requires_grad_() for i, x in enumerate(base)]
+        o = fn(*leaves)
+        (o.float() * weights).sum().backward()
+        return [o] + [x.grad for x in leaves[:5]]
+
+    got = run(lambda *x: triton_window_hybrid_attention(*x, window)[0], torch.bfloat16)
+    ref = run(lambda *x: window_hybrid_attention(*x, window, backend="torch")[0], torch.float32)
+    return [{"kernel": "hybrid", "case": f"window {window}", "tensor": name, "vs_fp32_ref": rel_rms(a, b)}
+            for name, a, b in zip(["o", "dq", "dk", "dv", "dfq", "dfk"], got, ref)]
+
+
+def time_hybrid(B: int, T: int, H: int, D: int, window: int, device, fla, timer: Timer, sdpa: bool) -> list[dict]:
+    """Forward and forward+backward of the hybrid: fused Triton, blocked torch, fla's linear part alone, SDPA."""
+    import torch
+    import torch.nn.functional as F
+    triton_window_hybrid_attention = kernels_module("triton_hybrid").triton_window_hybrid_attention
+    window_hybrid_attention = kernels_module().window_hybrid_attention
+
+    leaves = [x.requires_grad_() for x in hybrid_inputs(B, T, H, D, device, torch.bfloat16)]
+    q, k, v, fq, fk, gate = leaves
+    do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    methods: dict[str, Callable[[], torch.Tensor]] = {
+        "supra": lambda: triton_window_hybrid_attention(q, k, v, fq, fk, gate, window)[0],
+        "torch-form": lambda: window_hybrid_attention(q, k, v, fq, fk, gate, window, backend="torch")[0]}
+    grads = {"supra": leaves, "torch-form": leaves}
+    if fla is not None:
+        fqb, fkb = (x.detach().bfloat16().requires_grad_() for x in (fq, fk))
+        methods["fla"] = lambda: fla["chunk"](q=fqb, k=fkb, v=v, scale=1.0)[0]
+        grads["fla"] = [fqb, fkb, v]
+    if sdpa and device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+        methods["sdpa-flash"] = flash
+        grads["sdpa-flash"] = [qt, kt, vt]
+    C = max(16, 1 << (window - 1).bit_length())  # the kernels' default chunk
+    rows = []
+    for name, fn in methods.items():
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def forward_backward(fn=fn):
+            fn().backward(do)
+
+        for pass_name, bench, backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
+            lead = {"family": "hybrid", "B": B, "T": T, "H": H, "D": D, "method": name, "pass": pass_name}
+            try:
+                ms = timer(bench, grad_to_none=grads[name])
+            except Exception as error:  # memory, limits, another fla API: record why
+                rows.append({**lead, "error": f"{type(error).__name__}: {error}"[:200]})
+                continue
+            if name == "sdpa-flash":
+                flops, nbytes = sdpa_flops(B, T, H, D, backward), sdpa_bytes(B, T, H, D, 2, backward)
+            elif name == "fla":
+                flops = linear_flops(B, T, H, D, D, 64, backward)
+                nbytes = linear_bytes(B, T, H, D, D, 64, 2, backward)
+            else:  # the torch form does the same arithmetic, in more passes
+                flops = hybrid_flops(B, T, H, D, D, D, C, backward)
+                nbytes = hybrid_bytes(B, T, H, D, D, D, C, 2, backward)
+            rows.append({**lead, "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Report
 # ----------------------------------------------------------------------------------------------
@@ -408,15 +529,19 @@ def main(argv: list[str] | None = None) -> int:
         correctness_shape = (2, 40, 2, 16)
         llama = [(max(1, 64 // t), t) for t in (32, 64)]
         llama_hd, fla_shapes, fla_hd, decode_shapes = (2, 16), [(1, 48)], (2, 32), [(2, 2, 16)]
+        hybrid_window, hybrid_check, hybrid_shapes, hybrid_hd = 8, (1, 40, 2, 16), [(1, 40)], (1, 16)
     else:
         correctness_shape = (2, 1000, 4, 128)
         llama = [(max(1, args.tokens // t), t) for t in (1024, 2048, 4096, 8192, 16384, 32768)]
         llama_hd, fla_shapes, fla_hd = (32, 128), [(4, t) for t in (2048, 4096, 8192, 16384)], (8, 256)
         decode_shapes = [(1, 32, 128), (32, 32, 128)]
+        hybrid_window, hybrid_check, hybrid_hd = 64, (2, 1000, 4, 128), (32, 128)
+        hybrid_shapes = [(max(1, args.tokens // t), t) for t in (1024, 4096, 16384)]
 
     print(f"device: {device_name}; fla: {'yes' if fla else 'no'}; chunk size {chunk}")
     print("\n== correctness (relative RMS error, bf16 kernels) ==")
     correctness = check_correctness(device, fla, chunk, correctness_shape)
+    correctness += check_hybrid(device, hybrid_window, hybrid_check)
     for r in correctness:
         extra = "".join(f"  {key}={r[key]:.2e}" for key in ("vs_fla", "fla_vs_fp32_ref") if key in r)
         print(f"{r['kernel']:7} {r['case']:17} {r['tensor']:6} vs_fp32_ref={r['vs_fp32_ref']:.2e}{extra}")
@@ -430,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     for B, H, D in decode_shapes:
         rows += time_decode(B, H, D, device, fla, timer)
+    for B, T in hybrid_shapes:
+        rows += time_hybrid(B, T, *hybrid_hd, hybrid_window, device, fla, timer, not args.skip_sdpa)
+        if cuda:
+            torch.cuda.empty_cache()
     add_fla_ratios(rows)
     print_table(rows)
 

@@ -42,7 +42,7 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     def linear(q, k, v, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
-    def hybrid(q, k, v, fq, fk, gate, window, state, want_state):
+    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window), None
 

@@ -270,7 +270,8 @@ class LolcatsAttention(RecurrentAttention):
             return out.unsqueeze(1), state
 
         def hybrid(q, k, v, fq, fk, state):
-            return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state)
+            return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
+                                           backend=self.spec.backend)
 
         return per_document(hybrid, (q, k, v, fq, fk), state, starts, merge_hybrid_states)
 

@@ -1,0 +1,479 @@
+"""Triton LoLCATs hybrid attention, forward and backward, as a torch custom op.
+
+Same contract as `hybrid.window_hybrid_attention` for the stateless call (training, prefill): q, k
+(B, T, H, D) after RoPE, v (B, T, H, V), features fq, fk (B, T, H, F), window_gate g (H,). Per query n
+and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj inside the window:
+
+    w_nj = g exp(s_nj - c_n) [n-W < j <= n]  +  fq_n.fk_j [j <= n-W]
+    y_n  = sum_j w_nj v_j / z_n,   z_n = sum_j w_nj           (one shared denominator)
+
+Chunks of C >= W tokens (like fla's chunked kernels). Query chunk i meets the keys of chunks i-1 and i
+as two masked C x C tiles (the window part, and the linear part for those already older than the
+window); every key before chunk i-1 is older than the window (n - j > C >= W), so it enters only
+through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
+c_n is exact, not an online running max: both tiles are scored before any exp.
+
+Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
+  _states_kernel   [NF, NV, B*H]  walk the chunks in order, store hs[i] for every query chunk.
+  _forward_kernel  [chunks, B*H]  y, and per query c_n and z_n, kept for the backward.
+  _dstates_kernel  [NF, NV, B*H]  walk backwards: dhs[c] = dL/d(sum over key chunk c of fk [v, 1]),
+                                   fed by the queries of chunks >= c + 2.
+  _dq_kernel       [chunks, B*H]  dq, dfq, the gate's gradient per chunk, and per query dL/dc_n with
+                                   the key that holds the max.
+  _dkv_kernel      [chunks, B*H]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus dhs[c].
+
+Backward: with do' = do_n / z_n and delta_n = do_n.y_n / z_n, dL/dw_nj = do'_n.v_j - delta_n. c_n is no
+normaliser here (the linear part does not share it), so it has a gradient of its own,
+dL/dc_n = -sum_window dL/dw_nj g exp(s_nj - c_n), which reaches q_n and the key holding the max (torch's
+amax splits it evenly between tied keys; here the first of them takes it, also a valid subgradient).
+The backward recomputes the states and the score tiles instead of keeping them (memory).
+
+States are float32 (the Hedgehog features are float32 even under bf16 autocast). As in
+`triton_chunk.py`, no `tl.trans` inside `tl.dot`: a transposed operand is loaded transposed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .hybrid import HybridState, window_hybrid_attention
+from .reference import state_dtype
+from .triton_chunk import _dot, alloc
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(ptr, b, t, h, T, H, cols, D):
+    """Tile (tokens t, columns cols) of row b, head h of a (B, T, H, D) tensor; 0 outside the tensor."""
+    tok = (b * T + t).to(tl.int64) * H + h
+    mask = ((t >= 0) & (t < T))[:, None] & (cols[None, :] < D)
+    return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _cols(ptr, b, t, h, T, H, cols, D):
+    """The same tile transposed, (columns cols, tokens t), loaded through its pointers."""
+    tok = (b * T + t).to(tl.int64) * H + h
+    mask = (cols[:, None] < D) & ((t >= 0) & (t < T))[None, :]
+    return tl.load(ptr + tok[None, :] * D + cols[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _per_token(ptr, b, t, h, T, H, other):
+    """A (B, T, H) per-token value for tokens t."""
+    return tl.load(ptr + (b * T + t).to(tl.int64) * H + h, mask=(t >= 0) & (t < T), other=other)
+
+
+@triton.jit
+def _masks(n, j, T, W):
+    """(window, older) for queries n against keys j (global token indices, broadcast by the caller)."""
+    live = (n < T) & (j >= 0)
+    return live & (j <= n) & (j > n - W), live & (j <= n - W)
+
+
+@triton.jit
+def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC,
+                   C: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    jf, jv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rf, rv = jf * BFS + tl.arange(0, BFS), jv * BVS + tl.arange(0, BVS)
+    m_fv = (rf[:, None] < F) & (rv[None, :] < V)
+    acc = tl.zeros([BFS, BVS], dtype=tl.float32)
+    acc_den = tl.zeros([BFS], dtype=tl.float32)
+    for i in range(NC):
+        base = bh.to(tl.int64) * NC + i
+        tl.store(hs_ptr + base * F * V + rf[:, None] * V + rv[None, :], acc, mask=m_fv)
+        if jv == 0:
+            tl.store(hden_ptr + base * F + rf, acc_den, mask=rf < F)
+        j = (i - 1) * C + tl.arange(0, C)  # query chunk i + 1 reads what chunk i - 1 adds
+        fkt = _cols(fk_ptr, b, j, h, T, H, rf, F)
+        vb = _rows(v_ptr, b, j, h, T, H, rv, V)
+        acc += _dot(fkt, vb.to(fkt.dtype), PREC, UPCAST)
+        acc_den += tl.sum(fkt.to(tl.float32), 1)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, o_ptr, m_ptr, z_ptr,
+                    scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+                    BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    i, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
+    n = i * C + tl.arange(0, C)
+    g = tl.load(gate_ptr + h).to(tl.float32)
+    qb = _rows(q_ptr, b, n, h, T, H, rd, D)
+    fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
+
+    # Both tiles' scores first, so c_n is the exact window max before any exp.
+    jp, jc = n - C, n  # keys of the previous chunk and of this one
+    sp = _dot(qb, _cols(k_ptr, b, jp, h, T, H, rd, D), PREC, UPCAST) * scale
+    sc = _dot(qb, _cols(k_ptr, b, jc, h, T, H, rd, D), PREC, UPCAST) * scale
+    win_p, old_p = _masks(n[:, None], jp[None, :], T, W)
+    win_c, old_c = _masks(n[:, None], jc[None, :], T, W)
+    c = tl.maximum(tl.max(tl.where(win_p, sp, float("-inf")), 1), tl.max(tl.where(win_c, sc, float("-inf")), 1))
+    c = tl.where(n < T, c, 0.0)  # rows past T see no key
+
+    wp = g * tl.exp(tl.where(win_p, sp - c[:, None], float("-inf")))
+    wp += tl.where(old_p, _dot(fqb, _cols(fk_ptr, b, jp, h, T, H, rf, F), PREC, UPCAST), 0.0)
+    wc = g * tl.exp(tl.where(win_c, sc - c[:, None], float("-inf")))
+    wc += tl.where(old_c, _dot(fqb, _cols(fk_ptr, b, jc, h, T, H, rf, F), PREC, UPCAST), 0.0)
+    vp = _rows(v_ptr, b, jp, h, T, H, rv, V)
+    vc = _rows(v_ptr, b, jc, h, T, H, rv, V)
+
+    base = bh.to(tl.int64) * NC + i
+    hs = tl.load(hs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < V),
+                 other=0.0)
+    hden = tl.load(hden_ptr + base * F + rf, mask=rf < F, other=0.0)
+    num = (_dot(wp.to(vp.dtype), vp, PREC, UPCAST) + _dot(wc.to(vc.dtype), vc, PREC, UPCAST)
+           + _dot(fqb, hs.to(fqb.dtype), PREC, UPCAST))
+    den = tl.sum(wp, 1) + tl.sum(wc, 1) + tl.sum(fqb.to(tl.float32) * hden[None, :], 1)
+    den = tl.where(n < T, den, 1.0)
+
+    tok = (b * T + n).to(tl.int64) * H + h
+    live = n < T
+    tl.store(o_ptr + tok[:, None] * V + rv[None, :], (num / den[:, None]).to(o_ptr.dtype.element_ty),
+             mask=live[:, None] & (rv[None, :] < V))
+    tl.store(m_ptr + tok, c, mask=live)
+    tl.store(z_ptr + tok, den, mask=live)
+
+
+@triton.jit
+def _dstates_kernel(fq_ptr, do_ptr, z_ptr, delta_ptr, dhs_ptr, dhden_ptr, T, H, F, V, NC,
+                    C: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    jf, jv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rf, rv = jf * BFS + tl.arange(0, BFS), jv * BVS + tl.arange(0, BVS)
+    m_fv = (rf[:, None] < F) & (rv[None, :] < V)
+    acc = tl.zeros([BFS, BVS], dtype=tl.float32)
+    acc_den = tl.zeros([BFS], dtype=tl.float32)
+    for r in range(NC):
+        i = NC - 1 - r
+        base = bh.to(tl.int64) * NC + i
+        tl.store(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], acc, mask=m_fv)
+        if jv == 0:
+            tl.store(dhden_ptr + base * F + rf, acc_den, mask=rf < F)
+        n = (i + 1) * C + tl.arange(0, C)  # key chunk i - 1 is first read by query chunk i + 1
+        fqt = _cols(fq_ptr, b, n, h, T, H, rf, F)
+        z = _per_token(z_ptr, b, n, h, T, H, 1.0)
+        dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
+        acc += _dot(fqt, dos.to(fqt.dtype), PREC, UPCAST)
+        acc_den -= tl.sum(fqt.to(tl.float32) * _per_token(delta_ptr, b, n, h, T, H, 0.0)[None, :], 1)
+
+
+@triton.jit
+def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, m_ptr, z_ptr, delta_ptr,
+               do_ptr, dq_ptr, dfq_ptr, dc_ptr, amax_ptr, dg_ptr,
+               scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+               BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    i, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
+    n = i * C + tl.arange(0, C)
+    g = tl.load(gate_ptr + h).to(tl.float32)
+    qb = _rows(q_ptr, b, n, h, T, H, rd, D)
+    fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
+    c = _per_token(m_ptr, b, n, h, T, H, 0.0)
+    delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
+    dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / _per_token(z_ptr, b, n, h, T, H, 1.0)[:, None]
+
+    dq = tl.zeros([C, BD], dtype=tl.float32)
+    dfq = tl.zeros([C, BF], dtype=tl.float32)
+    dc = tl.zeros([C], dtype=tl.float32)
+    dg = tl.zeros([C], dtype=tl.float32)
+    best = tl.full([C], float("-inf"), dtype=tl.float32)
+    amax = tl.full([C], -1, dtype=tl.int32)
+    for t in tl.static_range(2):  # keys of the previous chunk, then of this one
+        j = (i - 1 + t) * C + tl.arange(0, C)
+        s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
+        window, older = _masks(n[:, None], j[None, :], T, W)
+        e = tl.exp(tl.where(window, s - c[:, None], float("-inf")))
+        vt = _cols(v_ptr, b, j, h, T, H, rv, V)
+        dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
+        dpw = dw * g * e
+        kb = _rows(k_ptr, b, j, h, T, H, rd, D)
+        fkb = _rows(fk_ptr, b, j, h, T, H, rf, F)
+        dq += _dot(dpw.to(kb.dtype), kb, PREC, UPCAST)
+        dfq += _dot(tl.where(older, dw, 0.0).to(fkb.dtype), fkb, PREC, UPCAST)
+        dc -= tl.sum(dpw, 1)
+        dg += tl.sum(dw * e, 1)
+        # The key holding the max: strict > keeps the first of tied keys.
+        masked = tl.where(window, s, float("-inf"))
+        tile_best = tl.max(masked, 1)
+        tile_arg = (i - 1 + t) * C + tl.argmax(masked, 1, tie_break_left=True).to(tl.int32)
+        amax = tl.where(tile_best > best, tile_arg, amax)
+        best = tl.maximum(best, tile_best)
+    live = n < T
+    dq += dc[:, None] * _rows(k_ptr, b, amax, h, T, H, rd, D).to(tl.float32)
+
+    base = bh.to(tl.int64) * NC + i
+    hst = tl.load(hs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
+                  other=0.0)
+    hden = tl.load(hden_ptr + base * F + rf, mask=rf < F, other=0.0)
+    dfq += _dot(dos.to(fqb.dtype), hst.to(fqb.dtype), PREC, UPCAST) - delta[:, None] * hden[None, :]
+
+    tok = (b * T + n).to(tl.int64) * H + h
+    tl.store(dq_ptr + tok[:, None] * D + rd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=live[:, None] & (rd[None, :] < D))
+    tl.store(dfq_ptr + tok[:, None] * F + rf[None, :], dfq.to(dfq_ptr.dtype.element_ty),
+             mask=live[:, None] & (rf[None, :] < F))
+    tl.store(dc_ptr + tok, dc, mask=live)
+    tl.store(amax_ptr + tok, amax, mask=live)
+    tl.store(dg_ptr + base, tl.sum(tl.where(live, dg, 0.0), 0))
+
+
+@triton.jit
+def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_ptr, m_ptr, z_ptr, delta_ptr,
+                do_ptr, dc_ptr, amax_ptr, dk_ptr, dv_ptr, dfk_ptr,
+                scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    i, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
+    j = i * C + tl.arange(0, C)
+    g = tl.load(gate_ptr + h).to(tl.float32)
+    kb = _rows(k_ptr, b, j, h, T, H, rd, D)
+    fkb = _rows(fk_ptr, b, j, h, T, H, rf, F)
+    vb = _rows(v_ptr, b, j, h, T, H, rv, V)
+
+    # Tiles are transposed, [key, query]: these keys are "this chunk" for query chunk i, "previous" for i + 1.
+    dk = tl.zeros([C, BD], dtype=tl.float32)
+    dv = tl.zeros([C, BV], dtype=tl.float32)
+    dfk = tl.zeros([C, BF], dtype=tl.float32)
+    for t in tl.static_range(2):
+        n = (i + t) * C + tl.arange(0, C)
+        c = _per_token(m_ptr, b, n, h, T, H, 0.0)
+        z = _per_token(z_ptr, b, n, h, T, H, 1.0)
+        delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
+        window, older = _masks(n[None, :], j[:, None], T, W)
+        s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
+        e = tl.exp(tl.where(window, s - c[None, :], float("-inf")))
+        fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
+        a = tl.where(older, _dot(fkb, _cols(fq_ptr, b, n, h, T, H, rf, F), PREC, UPCAST), 0.0)
+        dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
+        dos_t = _cols(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[None, :]
+        dv += _dot((g * e + a).to(vb.dtype), dos.to(vb.dtype), PREC, UPCAST)
+        dw = _dot(vb, dos_t.to(vb.dtype), PREC, UPCAST) - delta[None, :]
+        holds_max = j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :]
+        ds = dw * g * e + tl.where(holds_max, _per_token(dc_ptr, b, n, h, T, H, 0.0)[None, :], 0.0)
+        qb = _rows(q_ptr, b, n, h, T, H, rd, D)
+        dk += _dot(ds.to(qb.dtype), qb, PREC, UPCAST)
+        dfk += _dot(tl.where(older, dw, 0.0).to(fqb.dtype), fqb, PREC, UPCAST)
+
+    # What the linear state carries to query chunks >= i + 2.
+    base = bh.to(tl.int64) * NC + i
+    m_fv = (rf[:, None] < F) & (rv[None, :] < V)
+    dhs = tl.load(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=m_fv, other=0.0)
+    dhst = tl.load(dhs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
+                   other=0.0)
+    dhden = tl.load(dhden_ptr + base * F + rf, mask=rf < F, other=0.0)
+    dv += _dot(fkb, dhs.to(fkb.dtype), PREC, UPCAST)
+    dfk += _dot(vb.to(fkb.dtype), dhst.to(fkb.dtype), PREC, UPCAST) + dhden[None, :]
+
+    live = j < T
+    tok = (b * T + j).to(tl.int64) * H + h
+    tl.store(dk_ptr + tok[:, None] * D + rd[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=live[:, None] & (rd[None, :] < D))
+    tl.store(dv_ptr + tok[:, None] * V + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=live[:, None] & (rv[None, :] < V))
+    tl.store(dfk_ptr + tok[:, None] * F + rf[None, :], dfk.to(dfk_ptr.dtype.element_ty),
+             mask=live[:, None] & (rf[None, :] < F))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: layout and launches
+# ----------------------------------------------------------------------------------------------
+
+
+class _Layout:
+    """Shapes, block sizes and launch options shared by the forward and backward."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, chunk_size: int) -> None:
+        self.B, self.T, self.H, self.D = q.shape
+        self.F, self.V, self.W, self.C = fq.shape[-1], v.shape[-1], window, chunk_size
+        self.NC = triton.cdiv(self.T, self.C)
+        # Whole head dims per tile in the chunk kernels (the denominator needs all of F, the max all of D);
+        # the state walks split F and V into blocks of at most 64. tl.dot needs >= 16.
+        self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
+        self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
+        self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # float32 in, float32 products out
+        self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        self.scale = self.D**-0.5
+
+    def chunk_meta(self) -> dict:
+        return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "C": self.C,
+                "BD": self.BD, "BF": self.BF, "BV": self.BV, "PREC": self.prec, "UPCAST": self.upcast}
+
+    def walk_meta(self) -> dict:
+        return {"H": self.H, "F": self.F, "V": self.V, "NC": self.NC, "C": self.C, "BFS": self.BFS,
+                "BVS": self.BVS, "PREC": self.prec, "UPCAST": self.upcast}
+
+    def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        BH = self.B * self.H
+        return (alloc((BH, self.NC, self.F, self.V), torch.float32, device),
+                alloc((BH, self.NC, self.F), torch.float32, device))
+
+
+def _states(fk: torch.Tensor, v: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    hs, hden = lay.state_buffers(fk.device)
+    _states_kernel[(lay.NF, lay.NV, lay.B * lay.H)](fk, v, hs, hden, lay.T, **lay.walk_meta())
+    return hs, hden
+
+
+def _forward(q, k, v, fq, fk, gate, window, chunk_size):
+    lay = _Layout(q, v, fq, window, chunk_size)
+    hs, hden = _states(fk, v, lay)
+    o = alloc(v.shape, q.dtype, q.device)
+    m = alloc(q.shape[:3], torch.float32, q.device)
+    z = alloc(q.shape[:3], torch.float32, q.device)
+    _forward_kernel[(lay.NC, lay.B * lay.H)](q, k, v, fq, fk, gate, hs, hden, o, m, z, lay.scale, lay.T,
+                                            **lay.chunk_meta())
+    return o, m, z
+
+
+def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
+    lay = _Layout(q, v, fq, window, chunk_size)
+    BH, dev = lay.B * lay.H, q.device
+    delta = (do.float() * o.float()).sum(-1) / z  # do_n.y_n / z_n (B, T, H)
+    hs, hden = _states(fk, v, lay)  # recomputed: cheaper in memory than keeping them
+    dhs, dhden = lay.state_buffers(dev)
+    _dstates_kernel[(lay.NF, lay.NV, BH)](fq, do, z, delta, dhs, dhden, lay.T, **lay.walk_meta())
+
+    dq, dfq = alloc(q.shape, q.dtype, dev), alloc(fq.shape, fq.dtype, dev)
+    dc = alloc(q.shape[:3], torch.float32, dev)
+    amax = torch.empty(q.shape[:3], dtype=torch.int32, device=dev)
+    dg = alloc((lay.B, lay.H, lay.NC), torch.float32, dev)  # per chunk; summed below
+    _dq_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, hs, hden, m, z, delta, do, dq, dfq, dc, amax, dg,
+                             lay.scale, lay.T, **lay.chunk_meta())
+    dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
+    _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dk, dv, dfk,
+                              lay.scale, lay.T, **lay.chunk_meta())
+    return dq, dk, dv, dfq, dfk, dg.sum((0, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (so torch.compile keeps them in one graph) and their autograd
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("supra::window_hybrid_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
+            gate: torch.Tensor, window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, fq, fk, gate, window, chunk_size)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, fq, fk, gate, window, chunk_size):
+    B, T, H, _ = q.shape
+    return (q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32),
+            q.new_empty(B, T, H, dtype=torch.float32))
+
+
+@torch.library.custom_op("supra::window_hybrid_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
+            gate: torch.Tensor, o: torch.Tensor, m: torch.Tensor, z: torch.Tensor, do: torch.Tensor,
+            window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(fq),
+            torch.empty_like(fk), gate.new_empty(gate.shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, fq, fk, gate, window, chunk_size = inputs
+    o, m, z = output
+    ctx.mark_non_differentiable(m, z)
+    ctx.save_for_backward(q, k, v, fq, fk, gate, o, m, z)
+    ctx.window, ctx.chunk_size = window, chunk_size
+
+
+def _backward_rule(ctx, do, dm, dz):
+    q, k, v, fq, fk, gate, o, m, z = ctx.saved_tensors
+    if do is None:
+        do = o.new_zeros(o.shape)
+    dq, dk, dv, dfq, dfk, dgate = _bwd_op(q, k, v, fq, fk, gate, o, m, z, do.contiguous(), ctx.window,
+                                          ctx.chunk_size)
+    return dq, dk, dv, dfq, dfk, dgate.to(gate.dtype), None, None
+
+
+torch.library.register_autograd("supra::window_hybrid_fwd", _backward_rule, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int) -> HybridState:
+    """The decoder's state after a stateless call, laid out as `window_hybrid_attention` leaves it:
+    the last W tokens in the ring (front slots invalid when T < W, oldest first, next_slot 0) and
+    the linear state over everything before them (one pass over fk and v, in torch)."""
+    B, T, H = k.shape[:3]
+    acc = state_dtype(k.dtype)
+    keep = min(window, T)
+    leaving = T - keep
+    v_and_one = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)
+    kv = torch.einsum("bthf,bthe->bhfe", fk[:, :leaving].to(acc), v_and_one[:, :leaving])
+
+    def ring(x: torch.Tensor) -> torch.Tensor:  # (B, H, W, .), the last `keep` tokens at the back
+        return F.pad(x[:, leaving:].to(acc), (0, 0, 0, 0, window - keep, 0)).transpose(1, 2).contiguous()
+
+    ring_v = ring(v_and_one)
+    ring_v[..., -1] = 1  # every slot's ones column: a slot filled later by a decode step keeps it
+    valid = torch.zeros(B, window, dtype=torch.bool, device=k.device)
+    valid[:, window - keep:] = True
+    return HybridState(kv, ring(k), ring_v, ring(fk), valid, 0)
+
+
+def triton_window_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int = 64,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """The LoLCATs hybrid through the Triton kernels; contract of `window_hybrid_attention` with no state.
+
+    chunk_size (a power of two >= 16 and >= window) defaults to the smallest such. float64 inputs go
+    to the torch blocked form (Triton's dot has no float64 path worth using). Features may have
+    their own dtype (Hedgehog's are float32 under bf16 autocast).
+    """
+    B, T, H, D = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or fq.shape[:3] != q.shape[:3] or fk.shape != fq.shape:
+        raise ValueError(f"q, k must be (B, T, H, D), v (B, T, H, V), fq, fk (B, T, H, F); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(fq.shape)}, {tuple(fk.shape)}")
+    if window_gate.shape != (H,):
+        raise ValueError(f"window_gate must be (H,)={H,}, got {tuple(window_gate.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    chunk_size = max(16, triton.next_power_of_2(window)) if chunk_size is None else chunk_size
+    if chunk_size < max(16, window) or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 and >= window ({window}), got {chunk_size}")
+    # One dtype for the activations, one for the features (RoPE in float32 under autocast can leave q, k
+    # float32 beside a bf16 v); the output comes back in q's dtype, as from the torch form.
+    act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    feat = torch.promote_types(fq.dtype, fk.dtype)
+    if torch.float64 in (act, feat) or T == 0:
+        return window_hybrid_attention(q, k, v, fq, fk, window_gate, window, None, output_final_state,
+                                       backend="torch")
+    o, _, _ = _fwd_op(*(x.to(act).contiguous() for x in (q, k, v)), *(x.to(feat).contiguous() for x in (fq, fk)),
+                      window_gate.float().contiguous(), window, chunk_size)
+    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window) if output_final_state else None)
