@@ -102,6 +102,7 @@ class RecipeConfig:
     # conversion (see supra.layers.linearize.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
+    gate: str = "key"  # gla/gdn: key | learned
     feature_map_init: str = "default"
     feature_dim: int | None = None
     window: int = 64
@@ -123,7 +124,7 @@ class RecipeConfig:
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
     """The conversion settings of a config (its flat method/decay/... keys)."""
-    return LinearizeSpec(method=cfg.method, decay=cfg.decay, feature_map_init=cfg.feature_map_init,
+    return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
                          feature_dim=cfg.feature_dim, window=cfg.window,
                          softmax_layers=list(cfg.softmax_layers), skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)

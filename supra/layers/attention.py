@@ -278,8 +278,12 @@ def merge_hybrid_states(states: list[HybridState]) -> HybridState:
                        torch.cat([pad(s.valid, False) for s in states]))
 
 
+from .gated import GatedDeltaAttention, GlaAttention  # noqa: E402  (gated.py builds on the classes above)
+
 METHODS: dict[str, type[RecurrentAttention]] = {
     "supra": SupraAttention,
     "lolcats": LolcatsAttention,
     "t2r": T2RAttention,
+    "gla": GlaAttention,
+    "gdn": GatedDeltaAttention,
 }

@@ -17,28 +17,32 @@ from .attention import METHODS
 from .cache import handed_cache, recurrent_slot
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
+METHOD_NAMES = (*METHODS, "softmax")  # softmax: no conversion (the original model)
 
 
 @dataclass
 class LinearizeSpec:
-    method: str = "lolcats"  # supra | lolcats | t2r | softmax
+    method: str = "lolcats"  # supra | lolcats | t2r | gla | gdn | softmax
     decay: str = "supra"  # supra: Lightning slopes (SUPRA's choice); retnet: 1 - 2^(-5-h); none
+    gate: str = "key"  # gla/gdn decay: key (Liger, from the key projection) | learned (starts at `decay`)
     feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
     feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
-    window: int = 64  # lolcats sliding softmax window
+    window: int = 64  # lolcats sliding softmax window; gla: also, 0 for none
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
 
     def validate(self, num_layers: int | None = None) -> None:
-        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"),
+        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
                    "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.window < (1 if self.method == "lolcats" else 0):
+            raise ValueError(f"window must be >= 1 for lolcats (>= 0 otherwise), got {self.window}")
+        if self.method in ("gla", "gdn") and self.gate == "learned" and self.decay == "none":
+            raise ValueError("gate=learned starts at the fixed rates of `decay`, and decay=none has none; "
+                             "use decay=supra or decay=retnet")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
