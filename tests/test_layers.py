@@ -24,7 +24,7 @@ SPECS = {  # test name: conversion settings
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
     "gdn": {"method": "gdn"},
-    "gdn-learned": {"method": "gdn", "gate": "learned", "decay": "retnet"},
+    "gdn-learned": {"method": "gdn", "gate": "learned", "decay": "retnet", "window": 0},
 }
 METHODS = list(SPECS)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -11,12 +11,15 @@ Both reuse the pretrained q/k/v/o. The per-token, per-head log decay comes from 
            Llama-style models, a linear function of the input of the same rank).
 
 GLA (`method=gla`): normalised linear attention over Hedgehog features after RoPE, both numerator and
-denominator decayed by the gate; with `window > 0` mixed per head with an exact sliding-window softmax
-(Liger Attention: 0.5 x window softmax + 0.5 x gated linear; our mix is a learnable per-head weight
-starting at 0.5).
+denominator decayed by the gate; with `window > 0` (default 64) mixed per head with an exact
+sliding-window softmax (Liger Attention: 0.5 x window softmax + 0.5 x gated linear; our mix is a
+learnable per-head weight starting at 0.5).
 
-GDN (`method=gdn`): the gated delta rule (kernels/delta_rule.py) on RoPE'd, L2-normalised q and k,
-with beta_t = sigmoid(x_t W_beta + b_beta) from a new projection (W_beta = 0, so beta starts at 0.5).
+GDN (`method=gdn`): the gated delta rule (kernels/delta_rule.py) on L2-normalised q and k (after RoPE
+and an identity-initialised per-head map each), with beta_t = sigmoid(x_t W_beta + b_beta) from a new
+projection (W_beta = 0, so beta starts at 0.5); with `window > 0` mixed with the same sliding-window
+softmax as GLA. Untrained, pure GDN (window=0) has none of the teacher's peaked softmax weights
+(nothing divides by a sum of exponentials), so the window is what keeps a converted model usable.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ from .attention import (
     repeat_heads,
     rotate,
 )
-from .feature_maps import HedgehogFeatureMap, log_decay_rates
+from .feature_maps import HeadwiseLinear, HedgehogFeatureMap, log_decay_rates
 
 KEY_GATE_NORMALIZER = 16.0  # Liger's gate_logit_normalizer: keeps the key gate's decays near 1
 
 
 class GatedState(NamedTuple):
     window: HybridState | None  # the sliding-window softmax's last tokens (None without a window)
-    linear: torch.Tensor  # (B, H, F, V + 1) decayed linear state; the last column is the denominator
+    recurrent: torch.Tensor  # GLA: (B, H, F, V + 1), the last column is the denominator; GDN: (B, H, K, V)
 
 
 class DecayGate(nn.Module):
@@ -67,32 +70,19 @@ class DecayGate(nn.Module):
         return F.logsigmoid(at_least_float32(self.proj(q.flatten(2))))
 
 
-class GlaAttention(RecurrentAttention):
-    """Gated linear attention (+ an optional sliding-window softmax); see the module docstring."""
-
-    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "window_mix")
-    eps = 1e-6
+class GatedAttention(RecurrentAttention):
+    """Shared by GLA and GDN: the decay gate, and the optional sliding-window softmax mixed in per head."""
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
         super().__init__(attention, config, layer_idx, spec)
-        dim = spec.feature_dim or self.head_dim
-        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
-        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
         self.gate = DecayGate(spec.gate, spec.decay, self.num_heads, self.head_dim, self.groups, **self.factory())
         self.window_mix = (nn.Parameter(torch.zeros(self.num_heads, **self.factory())) if spec.window > 0
                            else None)
 
-    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
-        log_decay = self.gate(q, k)
-        cos, sin = position_embeddings
-        q = rotate(q, cos, sin)
-        k = repeat_heads(rotate(k, cos, sin), self.groups)
-        v = repeat_heads(v, self.groups)
-        v_and_one = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the denominator
-        linear, linear_state = self.linear_mix(self.feature_map_q(q), self.feature_map_k(k), v_and_one, log_decay,
-                                               1.0, None if state is None else state.linear, starts, want_state)
-        linear = at_least_float32(linear)
-        out = linear[..., :-1] / linear[..., -1:].clamp_min(self.eps)
+    def mix_window(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   state: GatedState | None, starts: torch.Tensor | None, want_state: bool,
+                   recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
+        """sigmoid(window_mix) x sliding-window softmax + the rest x `out`; q, k after RoPE."""
         window_state = None
         if self.window_mix is not None:
             # The LoLCATs hybrid with no features is exactly a sliding-window softmax (and keeps its state).
@@ -105,18 +95,48 @@ class GlaAttention(RecurrentAttention):
             local, window_state = per_document(window, (q, k, v, none, none), None if state is None else state.window,
                                                starts, merge_hybrid_states)
             weight = torch.sigmoid(self.window_mix.float())[:, None]
-            out = weight * at_least_float32(local) + (1 - weight) * out
-        return out, (GatedState(window_state, linear_state) if want_state else None)
+            out = weight * at_least_float32(local) + (1 - weight) * at_least_float32(out)
+        return out, (GatedState(window_state, recurrent_state) if want_state else None)
 
 
-class GatedDeltaAttention(RecurrentAttention):
-    """Gated DeltaNet student; see the module docstring and kernels/delta_rule.py."""
+class GlaAttention(GatedAttention):
+    """Gated linear attention (+ an optional sliding-window softmax); see the module docstring."""
 
-    new_parameter_prefixes = ("gate", "beta_proj")
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "window_mix")
+    eps = 1e-6
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
         super().__init__(attention, config, layer_idx, spec)
-        self.gate = DecayGate(spec.gate, spec.decay, self.num_heads, self.head_dim, self.groups, **self.factory())
+        dim = spec.feature_dim or self.head_dim
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        log_decay = self.gate(q, k)
+        cos, sin = position_embeddings
+        q = rotate(q, cos, sin)
+        k = repeat_heads(rotate(k, cos, sin), self.groups)
+        v = repeat_heads(v, self.groups)
+        v_and_one = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the denominator
+        linear, linear_state = self.linear_mix(self.feature_map_q(q), self.feature_map_k(k), v_and_one, log_decay,
+                                               1.0, None if state is None else state.recurrent, starts, want_state)
+        linear = at_least_float32(linear)
+        out = linear[..., :-1] / linear[..., -1:].clamp_min(self.eps)
+        return self.mix_window(out, q, k, v, state, starts, want_state, linear_state)
+
+
+class GatedDeltaAttention(GatedAttention):
+    """Gated DeltaNet student (+ an optional sliding-window softmax); see the module docstring."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "beta_proj", "window_mix")
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        # Identity-initialised maps before the L2 norm: what attention transfer trains besides the gates.
+        self.feature_map_q = HeadwiseLinear(self.num_heads, self.head_dim, self.head_dim, bias=False,
+                                            identity_init=True, **self.factory())
+        self.feature_map_k = HeadwiseLinear(self.num_heads, self.head_dim, self.head_dim, bias=False,
+                                            identity_init=True, **self.factory())
         self.beta_proj = nn.Linear(self.num_heads * self.head_dim, self.num_heads, **self.factory())
         with torch.no_grad():
             self.beta_proj.weight.zero_()
@@ -126,9 +146,14 @@ class GatedDeltaAttention(RecurrentAttention):
         log_decay = self.gate(q, k)
         beta = torch.sigmoid(at_least_float32(self.beta_proj(q.flatten(2))))
         cos, sin = position_embeddings
-        q = F.normalize(at_least_float32(rotate(q, cos, sin)), dim=-1)
-        k = F.normalize(at_least_float32(repeat_heads(rotate(k, cos, sin), self.groups)), dim=-1)
-        return self.delta_mix(q, k, repeat_heads(v, self.groups), beta, log_decay, state, starts, want_state)
+        q = rotate(q, cos, sin)
+        k = repeat_heads(rotate(k, cos, sin), self.groups)
+        v = repeat_heads(v, self.groups)
+        fq = F.normalize(at_least_float32(self.feature_map_q(q)), dim=-1)
+        fk = F.normalize(at_least_float32(self.feature_map_k(k)), dim=-1)
+        out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
+                                          starts, want_state)
+        return self.mix_window(out, q, k, v, state, starts, want_state, delta_state)
 
     def delta_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                   log_decay: torch.Tensor, state: torch.Tensor | None, starts: torch.Tensor | None,

@@ -27,7 +27,7 @@ class LinearizeSpec:
     gate: str = "key"  # gla/gdn decay: key (Liger, from the key projection) | learned (starts at `decay`)
     feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
     feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
-    window: int = 64  # lolcats sliding softmax window; gla: also, 0 for none
+    window: int = 64  # sliding softmax window of lolcats, and of gla/gdn (0: none)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
