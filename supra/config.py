@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data import DataConfig, DataError, as_data_config
 from .layers.linearize import LinearizeSpec
+from .softmax_select import parse_auto
 
 
 class ConfigError(ValueError):
@@ -106,7 +107,7 @@ class RecipeConfig:
     feature_map_init: str = "default"
     feature_dim: int | None = None
     window: int = 64
-    softmax_layers: list[int] = field(default_factory=list)
+    softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
     backend: str = "auto"
     # evaluation
@@ -123,10 +124,12 @@ class RecipeConfig:
 
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
-    """The conversion settings of a config (its flat method/decay/... keys)."""
+    """The conversion settings of a config (its flat method/decay/... keys); softmax_layers=auto:K
+    gives no softmax layers here: `convert_model` measures which K to keep."""
     return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
                          feature_dim=cfg.feature_dim, window=cfg.window,
-                         softmax_layers=list(cfg.softmax_layers), skip_layers=list(cfg.skip_layers),
+                         softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),
+                         skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from omegaconf import DictConfig
 from rich.table import Table
 from torch import nn
@@ -10,7 +12,8 @@ from transformers import PreTrainedTokenizerBase
 from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
 from ..layers.linearize import linearize
 from ..models import SourceError, count_parameters, save_model
-from ..skip import select_and_skip
+from ..skip import calibration_batches, select_and_skip
+from ..softmax_select import choose_softmax_layers, parse_auto
 from .common import console, load_model_and_tokenizer
 
 
@@ -20,7 +23,8 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
 
     With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
     on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
-    the calibration text."""
+    the calibration text. So does `softmax_layers=auto:K` (supra/softmax_select.py), measured on the
+    converted model; the choice is recorded in `model.config.supra_softmax_choice`."""
     previous = getattr(model.config, "supra", None)
     if cfg.n > 0:
         if tokenizer is None:
@@ -38,9 +42,20 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
                               "convert the original model instead")
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
     try:
-        return linearize(model, spec)
+        auto = parse_auto(cfg.softmax_layers)
+        if auto is None:
+            return linearize(model, spec)
+        if tokenizer is None:
+            raise ConfigError(f"softmax_layers={cfg.softmax_layers} measures layers on calibration text here; "
+                              "run `supra convert` with it first and use its output")
+        choice = choose_softmax_layers(model, spec, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
     except ValueError as err:  # e.g. a layer index the model does not have
         raise ConfigError(str(err)) from None
+    # Recorded with the model (config.json of every saved copy), and in cfg so that a second
+    # conversion in this process (uptrain's final merge) rebuilds the same hybrid without measuring.
+    model.config.supra_softmax_choice = choice
+    cfg.softmax_layers = choice["chosen"]
+    return model
 
 
 def run(cfg: DictConfig) -> int:
@@ -51,11 +66,15 @@ def run(cfg: DictConfig) -> int:
     convert_model(model, cfg, tokenizer)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
+    choice = getattr(model.config, "supra_softmax_choice", None)
+    if choice is not None:  # softmax_layers=auto:K: the measurement, beside the model (as skip.json)
+        (out / "softmax_layers.json").write_text(json.dumps({"model": cfg.model, "method": cfg.method, **choice},
+                                                            indent=2))
     counts = count_parameters(model)
     table = Table(title=f"converted {cfg.model} -> {out}")
     for column in ("method", "total params", "new params", "softmax layers", "skipped layers"):
         table.add_column(column)
     table.add_row(cfg.method, f"{counts['total']:,}", f"{counts['new']:,}",
-                  str(list(cfg.softmax_layers)), str(list(model.config.supra["skip_layers"])))
+                  str(list(model.config.supra["softmax_layers"])), str(list(model.config.supra["skip_layers"])))
     console.print(table)
     return 0
