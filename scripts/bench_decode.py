@@ -20,8 +20,8 @@ import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
-from supra.commands.convert import convert_model
 from supra.config import load_config
+from supra.convert import convert_model
 from supra.evaluate.speed import speed
 
 MODELS = {

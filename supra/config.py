@@ -125,7 +125,7 @@ class RecipeConfig:
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
     """The conversion settings of a config (its flat method/decay/... keys); softmax_layers=auto:K
-    gives no softmax layers here: `convert_model` measures which K to keep."""
+    gives no softmax layers here: `convert.convert_model` measures which K to keep."""
     return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
                          feature_dim=cfg.feature_dim, window=cfg.window,
                          softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),

@@ -7,6 +7,7 @@ softmax) for a recurrent layer, removes skipped attention sublayers, and records
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -91,17 +92,24 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
     check_supported(model.config)
     layers = decoder_layers(model)
     spec.validate(len(layers))
-    for idx, layer in enumerate(layers):
-        if idx in spec.skip_layers:
-            layer.self_attn = SkippedAttention(idx)
-        elif spec.method != "softmax" and idx not in spec.softmax_layers:
-            layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
+    swap_attention(model, spec, range(len(layers)))
     model.config.supra = asdict(spec)
     decoder = model.get_decoder()
     if not getattr(decoder, "_supra_positions_hook", False):
         decoder.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)
         decoder._supra_positions_hook = True
     return model
+
+
+def swap_attention(model: nn.Module, spec: LinearizeSpec, layers: Iterable[int]) -> None:
+    """Give each of `layers` the attention `spec` asks for: removed (in skip_layers), left as it is
+    (method=softmax, or in softmax_layers), or a recurrent layer of spec.method around its q/k/v/o."""
+    blocks = decoder_layers(model)
+    for idx in layers:
+        if idx in spec.skip_layers:
+            blocks[idx].self_attn = SkippedAttention(idx)
+        elif spec.method != "softmax" and idx not in spec.softmax_layers:
+            blocks[idx].self_attn = METHODS[spec.method](blocks[idx].self_attn, model.config, idx, spec)
 
 
 def new_parameter_names(model: nn.Module) -> list[str]:
