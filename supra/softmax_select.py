@@ -24,13 +24,13 @@ from .layers.linearize import LinearizeSpec, decoder_layers, linearize
 
 def parse_auto(value: Any) -> int | None:
     """K for "auto:K", None for an explicit list of layers; ValueError for anything else."""
-    if not isinstance(value, str):
+    match = re.fullmatch(r"auto:(\d+)", value.strip()) if isinstance(value, str) else None
+    if match is not None:
+        return int(match.group(1))
+    if not isinstance(value, str) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         return None
-    match = re.fullmatch(r"auto:(\d+)", value.strip())
-    if match is None:
-        raise ValueError(f"softmax_layers must be a list of layer indices or auto:K (K layers chosen by "
-                         f"measurement), got {value!r}")
-    return int(match.group(1))
+    raise ValueError(f"softmax_layers must be a list of layer indices or auto:K (K layers chosen by "
+                     f"measurement), got {value!r}")
 
 
 @torch.no_grad()
