@@ -5,7 +5,7 @@ does) and scored on the same held-out stdlib tokens as `supra eval tasks=[ppl]` 
 recipe's seq_len, 512). The original model is scored in the same run, so every row carries its ratio
 to it. CPU time is process time (the machine is shared: wall time would measure the neighbours).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_gated.py [--tokens 8192]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_gated.py [--tokens 8192] [--only VARIANT ...]
 
 Prints a markdown table and writes benchmarks/results/cpu/gated_untrained.json and .png.
 """
@@ -42,6 +42,8 @@ VARIANTS = {  # name: conversion (None: the original model)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored per model")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="variants to score (the original always is: the ratios need it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "benchmarks/results/cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -50,6 +52,8 @@ def main() -> None:
     score = HeldoutPerplexity(cfg, tokenizer)
     rows = []
     for name, spec in VARIANTS.items():
+        if spec is not None and name not in args.only:
+            continue
         start, load = time.process_time(), os.getloadavg()[0]
         model = base if spec is None else linearize(copy.deepcopy(base), LinearizeSpec(**spec))
         with torch.no_grad():

@@ -54,7 +54,7 @@ class DecayGate(nn.Module):
 
     def __init__(self, kind: str, decay: str, heads: int, head_dim: int, groups: int, **factory):
         super().__init__()
-        self.kind, self.groups = kind, groups
+        self.groups = groups
         self.proj = None
         if kind == "learned":
             rates = torch.tensor(log_decay_rates(decay, heads), dtype=torch.float64).exp()
