@@ -7,6 +7,7 @@ Triton on CPU tensors works only through the interpreter (TRITON_INTERPRET=1 set
 use), which is what the tests do. The Triton modules are imported on first use, so a CPU install
 without triton still imports this package. The LoLCATs hybrid (`hybrid.py`) runs as its blocked
 torch form on every device: it never builds a T x T matrix, but it is not a fused Triton kernel.
+So does the gated delta rule (`delta_rule.py`, `delta_rule` here): its chunked WY form in torch.
 """
 
 from __future__ import annotations
