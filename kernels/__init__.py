@@ -8,7 +8,8 @@ use), which is what the tests do. The Triton modules are imported on first use, 
 without triton still imports this package. The LoLCATs hybrid (`window_hybrid_attention`) follows the
 same rule for a stateless call (training, prefill: the fused kernels of `triton_hybrid.py`); a call
 with a decoder state runs its blocked torch form on every device, and its decode step
-(`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens.
+(`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens. The gated delta
+rule (`delta_rule.py`, `delta_rule` here) runs its chunked WY form in torch on every device.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 
 from .backend import BACKENDS, use_triton
 from .chunked import chunk_linear_attention
+from .delta_rule import chunk_delta_rule, delta_rule_step, recurrent_delta_rule
 from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
 __all__ = [
-    "BACKENDS", "HybridState", "chunk_linear_attention", "linear_attention", "linear_attention_step",
+    "BACKENDS", "HybridState", "chunk_delta_rule", "chunk_linear_attention", "delta_rule", "delta_rule_step",
+    "linear_attention", "linear_attention_step", "recurrent_delta_rule",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
     "recurrent_step", "use_triton", "window_hybrid_attention", "window_hybrid_step",
 ]
@@ -66,3 +69,21 @@ def linear_attention_step(
 
         return triton_linear_attention_step(q, k, v, state, log_decay, scale)
     return recurrent_step(q, k, v, state, log_decay, scale)
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule (training, prefill, decode); see `delta_rule.py` for the contract.
+    Every backend runs the chunked torch form: there is no Triton kernel for it yet."""
+    use_triton(backend, q.device)  # validates the backend name
+    return chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)

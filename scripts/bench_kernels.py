@@ -10,6 +10,8 @@
 4. The LoLCATs hybrid (window 64, H=32, D=F=128): the fused Triton kernels (triton_hybrid.py, "supra")
    against its blocked torch form ("torch-form"), fla's chunk_simple_gla on the same features (plain linear attention,
    what the hybrid adds the window to) and SDPA; its bf16 forward and gradients against float32 torch.
+5. The gated delta rule: our chunked torch form (float32; no Triton kernel yet) and fla's
+   chunk_gated_delta_rule (bf16) against the float64 recurrence, and their forward / forward+backward ms.
 
     python scripts/bench_kernels.py                 # on a GPU machine, about 5 minutes on an H100
     python scripts/bench_kernels.py --dry-run --out /tmp/bench   # tiny shapes, CPU, Triton interpreter
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -507,6 +510,58 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. The gated delta rule (method=gdn): our chunked torch form against fla's chunk_gated_delta_rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_backward(fn: Callable, leaves: list, rest: tuple) -> None:
+    out, _ = fn(*leaves, *rest)
+    out.float().sum().backward()
+
+
+def delta_rule_block(device, timer: Timer, shapes: list[tuple[int, int, int, int]]) -> list[dict]:
+    """Relative RMS error against the float64 recurrence (output and final state), and ms for forward
+    and forward+backward, of supra's chunked WY form (float32) and, when installed, fla's (bf16)."""
+    import torch
+    import torch.nn.functional as F
+
+    kernels = kernels_module()
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        chunk_gated_delta_rule = None
+    ours = {"supra-torch": lambda q, k, v, g, b, h0: kernels.chunk_delta_rule(q, k, v, b, g, None, h0, True)}
+    if chunk_gated_delta_rule is not None and device.type == "cuda":
+        ours["fla"] = lambda q, k, v, g, b, h0: chunk_gated_delta_rule(
+            q.bfloat16(), k.bfloat16(), v.bfloat16(), g, b.bfloat16(), initial_state=h0, output_final_state=True)
+    rows = []
+    for B, T, H, D in shapes:
+        q, v = torch.randn(B, T, H, D, device=device), torch.randn(B, T, H, D, device=device)
+        k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
+        g, beta = F.logsigmoid(torch.randn(B, T, H, device=device) + 2), torch.rand(B, T, H, device=device)
+        h0 = torch.randn(B, H, D, D, device=device)
+        small = T <= 1024  # the float64 token loop is the reference only where it is quick enough
+        if small:
+            ref = kernels.recurrent_delta_rule(*(x.double() for x in (q, k, v, beta, g)), None, h0.double(), True)
+        for name, fn in ours.items():
+            row = {"kernel": name, "B": B, "T": T, "H": H, "D": D}
+            try:
+                out, final = fn(q, k, v, g, beta, h0)
+                if small:
+                    row["o_vs_fp64_ref"], row["state_vs_fp64_ref"] = rel_rms(out, ref[0]), rel_rms(final, ref[1])
+                row["fwd_ms"] = timer(functools.partial(fn, q, k, v, g, beta, h0))
+                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+                row["fwd_bwd_ms"] = timer(functools.partial(_forward_backward, fn, leaves, (g, beta, h0)),
+                                          grad_to_none=leaves)
+            except Exception as error:  # an fla version with another API: report, keep going
+                row["error"] = f"{type(error).__name__}: {error}"
+            print("delta rule " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in row.items()))
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -561,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     add_fla_ratios(rows)
     print_table(rows)
+    print("\n== gated delta rule (method=gdn) ==")
+    delta_rows = delta_rule_block(device, timer, [(1, 64, 2, 16)] if args.dry_run else
+                                  [(2, 1000, 4, 128)] + [(1, t, 16, 128) for t in (2048, 4096, 8192)])
 
     nominal = next((bw for key, bw in NOMINAL_HBM.items() if key in device_name), None)
     measured = measure_bandwidth(device, timer, (1 << 30) if cuda else (1 << 22))
@@ -580,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**provenance(), "device": device_name, "fla": fla is not None, "chunk_size": chunk,
               "dry_run": args.dry_run,
               "measured_copy_bandwidth_bytes_per_s": measured, "nominal_hbm_bytes_per_s": nominal,
-              "correctness": correctness, "rows": rows}
+              "correctness": correctness, "rows": rows, "delta_rule": delta_rows}
     name = f"bench_kernels_{stamp:%Y%m%dT%H%M%SZ}"
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
     plot(rows, out_dir / f"{name}.png", f"linear attention, bf16, {device_name}")

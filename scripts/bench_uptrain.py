@@ -28,8 +28,8 @@ import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
-from supra.commands.convert import convert_model
 from supra.config import load_config
+from supra.convert import convert_model
 from supra.train.parallel import World
 from supra.train.plan import plan_stages
 from supra.train.stages import set_trainable

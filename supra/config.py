@@ -20,6 +20,7 @@ from .data import DataConfig, DataError, as_data_config
 from .data.config import DATA_RANGES
 from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ranges, count
 from .layers.linearize import LinearizeSpec
+from .softmax_select import parse_auto
 
 
 class ConfigError(UserError):
@@ -104,10 +105,11 @@ class RecipeConfig:
     # conversion (see supra.layers.linearize.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
+    gate: str = "key"  # gla/gdn: key | learned
     feature_map_init: str = "default"
     feature_dim: int | None = None
     window: int = 64
-    softmax_layers: list[int] = field(default_factory=list)
+    softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
     backend: str = "auto"
     # evaluation
@@ -124,10 +126,12 @@ class RecipeConfig:
 
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
-    """The conversion settings of a config (its flat method/decay/... keys)."""
-    return LinearizeSpec(method=cfg.method, decay=cfg.decay, feature_map_init=cfg.feature_map_init,
+    """The conversion settings of a config (its flat method/decay/... keys); softmax_layers=auto:K
+    gives no softmax layers here: `convert.convert_model` measures which K to keep."""
+    return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
                          feature_dim=cfg.feature_dim, window=cfg.window,
-                         softmax_layers=list(cfg.softmax_layers), skip_layers=list(cfg.skip_layers),
+                         softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),
+                         skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)
 
 

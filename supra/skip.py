@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import ConfigError
 from .data import iter_documents
 from .evaluate.perplexity import heldout_stream
-from .layers.linearize import LinearizeSpec, SkippedAttention, decoder_layers, linearize
+from .layers.linearize import LinearizeSpec, decoder_layers, linearize, swap_attention
 
 SELECTIONS = ("similarity", "last")
 
@@ -123,8 +123,7 @@ def apply_skip(model: nn.Module, layers: list[int]) -> nn.Module:
         raise ConfigError(str(err)) from None
     if spec.method == "softmax":
         return linearize(model, spec)
-    for idx in layers:
-        blocks[idx].self_attn = SkippedAttention(idx)
+    swap_attention(model, spec, layers)
     model.config.supra = asdict(spec)
     return model
 

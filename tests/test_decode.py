@@ -11,10 +11,11 @@ from supra.kernels import (
     window_hybrid_attention,
     window_hybrid_step,
 )
-from test_layers import METHODS, TOLERANCE, relative_error, tiny_model
+from test_layers import METHODS, SPECS, TOLERANCE, relative_error, tiny_model
 from transformers import DynamicCache
 
 from supra.layers import attention as attention_module
+from supra.layers import gated as gated_module
 from supra.layers.cache import cache_kwargs
 
 WINDOW = 8  # tiny_model's window: 21 decoded tokens wrap the ring more than twice
@@ -24,26 +25,35 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the kernel entry points the layers call: one-token steps and whole-sequence forms."""
     calls = {"step": 0, "sequence": 0}
 
-    def counted(name: str, kind: str):
-        original = getattr(attention_module, name)
+    def counted(module, name: str, kind: str):
+        original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
             calls[kind] += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(attention_module, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
 
-    for name in ("linear_attention_step", "window_hybrid_step"):
-        counted(name, "step")
-    for name in ("linear_attention", "window_hybrid_attention"):
-        counted(name, "sequence")
+    for module in (attention_module, gated_module):
+        for name in ("linear_attention_step", "window_hybrid_step", "delta_rule_step"):
+            if hasattr(module, name):
+                counted(module, name, "step")
+        for name in ("linear_attention", "window_hybrid_attention", "delta_rule"):
+            if hasattr(module, name):
+                counted(module, name, "sequence")
     return calls
+
+
+def kernels_per_layer(method: str) -> int:
+    """Kernel calls per layer and forward: the gated students add a sliding-window softmax to theirs."""
+    spec = SPECS[method]
+    return 2 if spec["method"] in ("gla", "gdn") and spec.get("window", WINDOW) > 0 else 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("method", METHODS)
 def test_steps_match_the_chunked_forward_with_left_padding(method, dtype, monkeypatch):
-    model = tiny_model(2, dtype, method=method)
+    model = tiny_model(2, dtype, **SPECS[method])
     B, pad, prompt, new = 3, (0, 4, 9), 13, 21
     ids = torch.randint(1, 101, (B, prompt + new))
     mask = torch.ones(B, prompt + new, dtype=torch.long)
@@ -61,7 +71,7 @@ def test_steps_match_the_chunked_forward_with_left_padding(method, dtype, monkey
         for t in range(prompt, prompt + new):
             logits.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kwargs(cache),
                                 use_cache=True).logits)
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers * kernels_per_layer(method)
     assert calls["step"] - before["step"] == new * layers and calls["sequence"] == before["sequence"]
     real = mask.bool()
     assert relative_error(torch.cat(logits, 1)[real], whole[real]) < TOLERANCE[dtype]
@@ -69,12 +79,12 @@ def test_steps_match_the_chunked_forward_with_left_padding(method, dtype, monkey
 
 @pytest.mark.parametrize("method", METHODS)
 def test_generate_takes_the_one_token_step(method, monkeypatch):
-    model = tiny_model(2, torch.float32, method=method)
+    model = tiny_model(2, torch.float32, **SPECS[method])
     calls = count_calls(monkeypatch)
     new_tokens = 5
     model.generate(torch.randint(1, 101, (2, 7)), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, pad_token_id=0)
-    layers = model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers * kernels_per_layer(method)
     assert calls == {"step": (new_tokens - 1) * layers, "sequence": layers}
 
 
@@ -125,7 +135,7 @@ def test_a_step_allocates_no_state():
 def test_a_row_whose_document_starts_at_a_decode_step_forgets_its_padding(method):
     """A row that is all padding in the prompt starts its document at a decode step (position 0):
     the step empties that row's state, as a whole-sequence call does."""
-    model = tiny_model(2, method=method)
+    model = tiny_model(2, **SPECS[method])
     prompt, new = 6, 12
     ids = torch.randint(1, 101, (2, prompt + new))
     mask = torch.ones(2, prompt + new, dtype=torch.long)

@@ -27,6 +27,8 @@ CASES = {  # name: (base architecture, conversion)
     "supra": ("llama", LinearizeSpec(method="supra")),
     "lolcats": ("llama", LinearizeSpec(method="lolcats", window=8)),
     "t2r": ("llama", LinearizeSpec(method="t2r")),
+    "gla": ("llama", LinearizeSpec(method="gla", window=8)),
+    "qwen2-gdn-learned": ("qwen2", LinearizeSpec(method="gdn", gate="learned")),
     "hybrid-skip": ("llama", LinearizeSpec(method="lolcats", window=8, softmax_layers=[0], skip_layers=[2])),
     "qwen2-supra-skip": ("qwen2", LinearizeSpec(method="supra", skip_layers=[1])),
     "mistral-softmax": ("mistral", LinearizeSpec(method="softmax")),

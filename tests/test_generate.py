@@ -69,7 +69,7 @@ def prompts(smollm2_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["input_ids"], batch["attention_mask"]
 
 
-@pytest.mark.parametrize("method", ["lolcats", "supra"])
+@pytest.mark.parametrize("method", ["lolcats", "supra", "gla", "gdn"])
 def test_generate_on_a_converted_smollm2_feeds_one_token_per_step_and_matches_a_full_forward(
         smollm2, prompts, method):
     model = trained_looking(linearize(copy.deepcopy(smollm2), LinearizeSpec(method=method)))

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from supra.kernels import parallel_linear_attention, parallel_window_hybrid_attention
+from supra.kernels import parallel_linear_attention, parallel_window_hybrid_attention, recurrent_delta_rule
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from supra.layers import attention as attention_module
+from supra.layers import gated as gated_module
 from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import LinearizeSpec, SkippedAttention, linearize, new_parameter_names
 
-METHODS = ["supra", "lolcats", "t2r"]
+SPECS = {  # test name: conversion settings
+    "supra": {"method": "supra"},
+    "lolcats": {"method": "lolcats"},
+    "t2r": {"method": "t2r"},
+    "gla": {"method": "gla"},  # Liger: key gate + sliding window
+    "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
+    "gdn": {"method": "gdn"},
+    "gdn-learned": {"method": "gdn", "gate": "learned", "decay": "retnet", "window": 0},
+}
+METHODS = list(SPECS)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -38,7 +48,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route the layers through the quadratic reference forms instead of the chunked ones."""
+    """Route the layers through the quadratic reference forms instead of the chunked ones (for the
+    delta rule, which has no quadratic form, through its token loop)."""
     def linear(q, k, v, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
@@ -46,8 +57,13 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window), None
 
+    def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
+        return recurrent_delta_rule(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens)
+
     monkeypatch.setattr(attention_module, "linear_attention", linear)
     monkeypatch.setattr(attention_module, "window_hybrid_attention", hybrid)
+    monkeypatch.setattr(gated_module, "window_hybrid_attention", hybrid)
+    monkeypatch.setattr(gated_module, "delta_rule", delta)
 
 
 def decode_token_by_token(model, ids: torch.Tensor, prefill: int = 0) -> torch.Tensor:
@@ -64,7 +80,7 @@ def decode_token_by_token(model, ids: torch.Tensor, prefill: int = 0) -> torch.T
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("method", METHODS)
 def test_three_forms_agree(method, kv_heads, dtype, monkeypatch):
-    model = tiny_model(kv_heads, dtype, method=method)
+    model = tiny_model(kv_heads, dtype, **SPECS[method])
     ids = torch.randint(0, 101, (2, 37))
     with torch.no_grad():
         chunked = model(ids).logits
@@ -79,7 +95,7 @@ def test_three_forms_agree(method, kv_heads, dtype, monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_prompt_chunks_continue_exactly(method):
-    model = tiny_model(2, method=method)
+    model = tiny_model(2, **SPECS[method])
     ids = torch.randint(0, 101, (3, 45))
     with torch.no_grad():
         whole = model(ids).logits
@@ -91,7 +107,7 @@ def test_two_prompt_chunks_continue_exactly(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_new_parameters(method):
-    model = tiny_model(2, torch.float32, method=method).train()
+    model = tiny_model(2, torch.float32, **SPECS[method]).train()
     ids = torch.randint(0, 101, (2, 29))
     model(ids, labels=ids).loss.backward()
     for name in new_parameter_names(model):
@@ -101,7 +117,7 @@ def test_gradients_reach_new_parameters(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_packed_documents_do_not_see_each_other(method):
-    model = tiny_model(2, method=method)
+    model = tiny_model(2, **SPECS[method])
     a, b = torch.randint(0, 101, (1, 13)), torch.randint(0, 101, (1, 20))
     packed = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(13), torch.arange(20)]).unsqueeze(0)
@@ -113,7 +129,7 @@ def test_packed_documents_do_not_see_each_other(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_left_padded_batch_generates_like_single_prompts(method):
-    model = tiny_model(2, method=method)  # float64: greedy ties in float32 would make the test flaky
+    model = tiny_model(2, **SPECS[method])  # float64: greedy ties in float32 would make the test flaky
     short, long = torch.randint(1, 101, (1, 6)), torch.randint(1, 101, (1, 11))
     batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
     mask = (torch.arange(11) >= 5).long().unsqueeze(0).expand(2, -1).clone()

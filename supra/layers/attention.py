@@ -314,10 +314,3 @@ def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     state.fk.mul_(keep.view(-1, 1, 1, 1))
     state.valid.logical_and_(keep[:, None])
     return state
-
-
-METHODS: dict[str, type[RecurrentAttention]] = {
-    "supra": SupraAttention,
-    "lolcats": LolcatsAttention,
-    "t2r": T2RAttention,
-}

@@ -7,38 +7,51 @@ softmax) for a recurrent layer, removes skipped attention sublayers, and records
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attention import METHODS
+from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2RAttention
 from .cache import handed_cache, recurrent_slot
+from .gated import GatedDeltaAttention, GlaAttention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
+METHODS: dict[str, type[RecurrentAttention]] = {
+    "supra": SupraAttention,
+    "lolcats": LolcatsAttention,
+    "t2r": T2RAttention,
+    "gla": GlaAttention,
+    "gdn": GatedDeltaAttention,
+}
+METHOD_NAMES = (*METHODS, "softmax")  # softmax: no conversion (the original model)
 
 
 @dataclass
 class LinearizeSpec:
-    method: str = "lolcats"  # supra | lolcats | t2r | softmax
+    method: str = "lolcats"  # supra | lolcats | t2r | gla | gdn | softmax
     decay: str = "supra"  # supra: Lightning slopes (SUPRA's choice); retnet: 1 - 2^(-5-h); none
+    gate: str = "key"  # gla/gdn decay: key (Liger, from the key projection) | learned (starts at `decay`)
     feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
     feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
-    window: int = 64  # lolcats sliding softmax window
+    window: int = 64  # sliding softmax window of lolcats, and of gla/gdn (0: none)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
 
     def validate(self, num_layers: int | None = None) -> None:
-        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"),
+        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
                    "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.window < (1 if self.method == "lolcats" else 0):
+            raise ValueError(f"window must be >= 1 for lolcats (>= 0 otherwise), got {self.window}")
+        if self.method in ("gla", "gdn") and self.gate == "learned" and self.decay == "none":
+            raise ValueError("gate=learned starts at the fixed rates of `decay`, and decay=none has none; "
+                             "use decay=supra or decay=retnet")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
@@ -87,17 +100,24 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
     check_supported(model.config)
     layers = decoder_layers(model)
     spec.validate(len(layers))
-    for idx, layer in enumerate(layers):
-        if idx in spec.skip_layers:
-            layer.self_attn = SkippedAttention(idx)
-        elif spec.method != "softmax" and idx not in spec.softmax_layers:
-            layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
+    swap_attention(model, spec, range(len(layers)))
     model.config.supra = asdict(spec)
     decoder = model.get_decoder()
     if not getattr(decoder, "_supra_positions_hook", False):
         decoder.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)
         decoder._supra_positions_hook = True
     return model
+
+
+def swap_attention(model: nn.Module, spec: LinearizeSpec, layers: Iterable[int]) -> None:
+    """Give each of `layers` the attention `spec` asks for: removed (in skip_layers), left as it is
+    (method=softmax, or in softmax_layers), or a recurrent layer of spec.method around its q/k/v/o."""
+    blocks = decoder_layers(model)
+    for idx in layers:
+        if idx in spec.skip_layers:
+            blocks[idx].self_attn = SkippedAttention(idx)
+        elif spec.method != "softmax" and idx not in spec.softmax_layers:
+            blocks[idx].self_attn = METHODS[spec.method](blocks[idx].self_attn, model.config, idx, spec)
 
 
 def new_parameter_names(model: nn.Module) -> list[str]:

@@ -1,0 +1,60 @@
+"""Conversion as a library: what `supra convert`, `supra uptrain` and the scripts call.
+
+`convert_model(model, cfg, tokenizer)` applies a config's conversion keys to a loaded model: the
+attention sublayers to skip (`skip_layers`, or `n` chosen by `select`), then `linearize` with the
+config's method, or with `softmax_layers=auto:K` the hybrid whose K softmax layers are measured
+(softmax_select.py). The layer swap itself is `layers/linearize.py`.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .config import ConfigError, linearize_spec
+from .layers.linearize import linearize
+from .models import SourceError
+from .skip import calibration_batches, select_and_skip
+from .softmax_select import choose_softmax_layers, parse_auto
+
+
+def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> nn.Module:
+    """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
+    one already linearized is refused, since converting twice would stack feature maps.
+
+    With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
+    on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
+    the calibration text. So does `softmax_layers=auto:K` (supra/softmax_select.py), measured on the
+    converted model; the choice is recorded in `model.config.supra_softmax_choice`."""
+    previous = getattr(model.config, "supra", None)
+    if cfg.n > 0:
+        if tokenizer is None:
+            raise ConfigError(f"n={cfg.n} (skip by select={cfg.select}) needs calibration text here; "
+                              "run `supra skip` first and convert its output")
+        if previous and previous.get("method") != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+                              "convert the original model instead")
+        select_and_skip(model, tokenizer, cfg)
+        previous = model.config.supra
+    spec = linearize_spec(cfg)
+    if previous:
+        if previous.get("method") != "softmax" and spec.method != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+                              "convert the original model instead")
+        spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
+    try:
+        auto = parse_auto(cfg.softmax_layers)
+        if auto is None:
+            return linearize(model, spec)
+        if tokenizer is None:
+            raise ConfigError(f"softmax_layers={cfg.softmax_layers} measures layers on calibration text here; "
+                              "run `supra convert` with it first and use its output")
+        choice = choose_softmax_layers(model, spec, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+    except ValueError as err:  # e.g. a layer index the model does not have
+        raise ConfigError(str(err)) from None
+    # Recorded with the model (config.json of every saved copy), and in cfg so that a second
+    # conversion in this process (uptrain's final merge) rebuilds the same hybrid without measuring.
+    model.config.supra_softmax_choice = choice
+    cfg.softmax_layers = choice["chosen"]
+    return model

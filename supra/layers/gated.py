@@ -1,0 +1,200 @@
+"""Gated students: a decay that depends on the token (GLA) and the gated delta rule (GDN).
+
+Both reuse the pretrained q/k/v/o. The per-token, per-head log decay comes from one of two gates
+(`spec.gate`, ANCHORS section 8):
+  key:     Liger's parameter-free gate: log a_t = logsigmoid(mean of the key head k_t) / 16, built
+           from the pretrained key projection (Liger pools the key; our kernels take one decay per
+           head, so the pool is over the whole head).
+  learned: log a_t = logsigmoid(x_t W + b), with W = 0 and b = logit of the fixed per-head rates of
+           `spec.decay` at conversion: the layer starts as SUPRA's fixed decay and training makes it
+           depend on the token. x_t is the query projection of the layer input (for the square W_q of
+           Llama-style models, a linear function of the input of the same rank).
+
+GLA (`method=gla`): normalised linear attention over Hedgehog features after RoPE, both numerator and
+denominator decayed by the gate; with `window > 0` (default 64) mixed per head with an exact
+sliding-window softmax (Liger Attention: 0.5 x window softmax + 0.5 x gated linear; our mix is a
+learnable per-head weight starting at 0.5).
+
+GDN (`method=gdn`): the gated delta rule (kernels/delta_rule.py) on L2-normalised q and k (after RoPE
+and an identity-initialised per-head map each), with beta_t = sigmoid(x_t W_beta + b_beta) from a new
+projection (W_beta = 0, so beta starts at 0.5); with `window > 0` mixed with the same sliding-window
+softmax as GLA. Untrained, pure GDN (window=0) has none of the teacher's peaked softmax weights
+(nothing divides by a sum of exponentials), so the window is what keeps a converted model usable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import HybridState, delta_rule, delta_rule_step, window_hybrid_attention, window_hybrid_step
+from .attention import (
+    RecurrentAttention,
+    at_least_float32,
+    merge_hybrid_states,
+    per_document,
+    repeat_heads,
+    restart_hybrid_rows,
+    restarting_rows,
+    rotate,
+    stepping,
+)
+from .feature_maps import HeadwiseLinear, HedgehogFeatureMap, log_decay_rates
+
+KEY_GATE_NORMALIZER = 16.0  # Liger's gate_logit_normalizer: keeps the key gate's decays near 1
+
+
+class GatedState(NamedTuple):
+    window: HybridState | None  # the sliding-window softmax's last tokens (None without a window)
+    recurrent: torch.Tensor  # GLA: (B, H, F, V + 1), the last column is the denominator; GDN: (B, H, K, V)
+
+
+class DecayGate(nn.Module):
+    """Per-token, per-head log decay (B, T, H) from the layer's q and k (see the module docstring)."""
+
+    def __init__(self, kind: str, decay: str, heads: int, head_dim: int, groups: int, **factory):
+        super().__init__()
+        self.groups = groups
+        self.proj = None
+        if kind == "learned":
+            rates = torch.tensor(log_decay_rates(decay, heads), dtype=torch.float64).exp()
+            self.proj = nn.Linear(heads * head_dim, heads, **factory)
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                self.proj.bias.copy_(torch.logit(rates))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if self.proj is None:
+            gate = F.logsigmoid(at_least_float32(k).mean(-1)) / KEY_GATE_NORMALIZER
+            return repeat_heads(gate[..., None], self.groups)[..., 0]
+        return F.logsigmoid(at_least_float32(self.proj(q.flatten(2))))
+
+
+class GatedAttention(RecurrentAttention):
+    """Shared by GLA and GDN: the decay gate, and the optional sliding-window softmax mixed in per head."""
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        self.gate = DecayGate(spec.gate, spec.decay, self.num_heads, self.head_dim, self.groups, **self.factory())
+        self.window_mix = (nn.Parameter(torch.zeros(self.num_heads, **self.factory())) if spec.window > 0
+                           else None)
+
+    def mix_window(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   state: GatedState | None, starts: torch.Tensor | None, want_state: bool,
+                   recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
+        """sigmoid(window_mix) x sliding-window softmax + the rest x `out`; q, k after RoPE."""
+        window_state = None
+        if self.window_mix is not None:
+            # The LoLCATs hybrid with no features is exactly a sliding-window softmax (and keeps its state).
+            none = q.new_zeros(*q.shape[:3], 1)
+            ones = torch.ones(self.num_heads, device=q.device)
+
+            def window(q, k, v, fq, fk, state):
+                return window_hybrid_attention(q, k, v, fq, fk, ones, self.spec.window, state, want_state,
+                                               backend=self.spec.backend)
+
+            carried = None if state is None else state.window
+            if stepping(q, carried):
+                restart = restarting_rows(starts)
+                if restart is not None:
+                    carried = restart_hybrid_rows(carried, restart)
+                local, window_state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], none[:, 0], none[:, 0], ones,
+                                                         carried)
+                local = local.unsqueeze(1)
+            else:
+                local, window_state = per_document(window, (q, k, v, none, none), carried, starts,
+                                                   merge_hybrid_states)
+            weight = torch.sigmoid(self.window_mix.float())[:, None]
+            out = weight * at_least_float32(local) + (1 - weight) * at_least_float32(out)
+        return out, (GatedState(window_state, recurrent_state) if want_state else None)
+
+
+class GlaAttention(GatedAttention):
+    """Gated linear attention (+ an optional sliding-window softmax); see the module docstring."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "window_mix")
+    eps = 1e-6
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        dim = spec.feature_dim or self.head_dim
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        log_decay = self.gate(q, k)
+        cos, sin = position_embeddings
+        q = rotate(q, cos, sin)
+        k = repeat_heads(rotate(k, cos, sin), self.groups)
+        v = repeat_heads(v, self.groups)
+        v_and_one = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the denominator
+        linear, linear_state = self.linear_mix(self.feature_map_q(q), self.feature_map_k(k), v_and_one, log_decay,
+                                               1.0, None if state is None else state.recurrent, starts, want_state)
+        linear = at_least_float32(linear)
+        out = linear[..., :-1] / linear[..., -1:].clamp_min(self.eps)
+        return self.mix_window(out, q, k, v, state, starts, want_state, linear_state)
+
+
+class GatedDeltaAttention(GatedAttention):
+    """Gated DeltaNet student (+ an optional sliding-window softmax); see the module docstring."""
+
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "beta_proj", "window_mix")
+
+    def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
+        super().__init__(attention, config, layer_idx, spec)
+        # Identity-initialised maps before the L2 norm: what attention transfer trains besides the gates.
+        self.feature_map_q = HeadwiseLinear(self.num_heads, self.head_dim, self.head_dim, bias=False,
+                                            identity_init=True, **self.factory())
+        self.feature_map_k = HeadwiseLinear(self.num_heads, self.head_dim, self.head_dim, bias=False,
+                                            identity_init=True, **self.factory())
+        self.beta_proj = nn.Linear(self.num_heads * self.head_dim, self.num_heads, **self.factory())
+        with torch.no_grad():
+            self.beta_proj.weight.zero_()
+            self.beta_proj.bias.zero_()
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        log_decay = self.gate(q, k)
+        beta = torch.sigmoid(at_least_float32(self.beta_proj(q.flatten(2))))
+        cos, sin = position_embeddings
+        q = rotate(q, cos, sin)
+        k = repeat_heads(rotate(k, cos, sin), self.groups)
+        v = repeat_heads(v, self.groups)
+        fq = F.normalize(at_least_float32(self.feature_map_q(q)), dim=-1)
+        fk = F.normalize(at_least_float32(self.feature_map_k(k)), dim=-1)
+        out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
+                                          starts, want_state)
+        return self.mix_window(out, q, k, v, state, starts, want_state, delta_state)
+
+    def delta_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+                  log_decay: torch.Tensor, state: torch.Tensor | None, starts: torch.Tensor | None,
+                  want_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The delta rule over rows that may hold several documents: packed into one varlen row, as
+        `linear_mix` packs linear attention."""
+        backend = self.spec.backend
+        if stepping(q, state):
+            restart = restarting_rows(starts)
+            if restart is not None:
+                state.mul_(~restart.view(-1, 1, 1, 1))
+            out = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_decay[:, 0], 1.0)
+            return out.unsqueeze(1), state
+        fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
+        if fresh:
+            return delta_rule(q, k, v, beta, log_decay, 1.0, state, want_state, backend=backend)
+        B, T, H, K = q.shape
+        flat = starts.clone()
+        flat[:, 0] = True
+        doc_start = flat.flatten().nonzero().squeeze(1)
+        cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
+        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device, dtype=q.dtype)
+        if state is not None:  # a row's first document continues the carried state unless it starts at 0
+            carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
+            initial[carries] = state[(doc_start // T)[carries]].to(q.dtype)
+        packed = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, beta, log_decay))
+        out, final = delta_rule(*packed, 1.0, initial, want_state, cu_seqlens=cu_seqlens, backend=backend)
+        if want_state:
+            final = final[torch.searchsorted(doc_start, torch.arange(1, B + 1, device=q.device) * T) - 1]
+        return out.view(B, T, H, -1), final
+

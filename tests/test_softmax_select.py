@@ -1,0 +1,75 @@
+"""`softmax_layers=auto:K`: the K layers kept as softmax are those whose restoration lowers the loss most."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from supra.cli import main
+from supra.layers.attention import RecurrentAttention
+from supra.layers.linearize import LinearizeSpec, decoder_layers, linearize
+from supra.models import load_model
+from supra.softmax_select import choose_softmax_layers, next_token_loss, parse_auto
+
+TINY4 = ["recipe=tiny", "architecture.num_hidden_layers=4", "calibration_tokens=512"]
+
+
+@pytest.fixture
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_the_chosen_layers_are_those_whose_restoration_lowers_the_loss_most(llama):
+    batches = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    spec = LinearizeSpec(method="gla", window=4, skip_layers=[1])
+    model = copy.deepcopy(llama)
+    choice = choose_softmax_layers(model, spec, 2, batches)
+    restored = {int(i): loss for i, loss in choice["loss_restored"].items()}
+    assert sorted(restored) == [0, 2, 3]  # the skipped layer is no candidate
+    assert choice["chosen"] == sorted(sorted(restored, key=restored.get)[:2])
+    assert model.config.supra["softmax_layers"] == choice["chosen"]
+    # each restored loss is that of the hybrid converted with that one layer kept as softmax
+    for i, loss in restored.items():
+        hybrid = linearize(copy.deepcopy(llama), LinearizeSpec(method="gla", window=4, skip_layers=[1],
+                                                               softmax_layers=[i]))
+        assert next_token_loss(hybrid, batches) == pytest.approx(loss, rel=1e-6)
+    # and the model handed back is the chosen hybrid (gla's new weights start deterministic)
+    expected = linearize(copy.deepcopy(llama), LinearizeSpec(**model.config.supra))
+    assert next_token_loss(model, batches) == pytest.approx(next_token_loss(expected, batches), rel=1e-6)
+    kinds = [isinstance(layer.self_attn, RecurrentAttention) for layer in decoder_layers(model)]
+    assert kinds == [i not in choice["chosen"] + [1] for i in range(4)]
+
+
+def test_parse_auto():
+    assert parse_auto("auto:3") == 3 and parse_auto([1, 2]) is None
+    with pytest.raises(ValueError, match="list of layer indices or auto:K"):
+        parse_auto("best")
+
+
+def test_convert_command_records_the_measured_choice(tmp_path, smollm2_tokenizer):
+    out = tmp_path / "hybrid"
+    assert main(["convert", *TINY4, "method=gdn", "softmax_layers=auto:1", f"out={out}"]) == 0
+    record = json.loads((out / "softmax_layers.json").read_text())
+    reloaded = load_model(str(out))
+    assert len(record["chosen"]) == 1 and reloaded.config.supra["softmax_layers"] == record["chosen"]
+    assert set(record["loss_restored"]) == {"0", "1", "2", "3"}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("softmax_layers=best", "softmax_layers must be a list of layer indices or auto:K"),
+    ("softmax_layers=[a,1]", "softmax_layers must be a list of layer indices or auto:K"),
+    ("softmax_layers=auto:5", "softmax_layers=auto:5 is out of range: 4 layers are converted, so K must be in 0..4"),
+])
+def test_bad_auto_requests_are_one_line_errors(value, message, tmp_path, capsys, smollm2_tokenizer):
+    out = tmp_path / "never"
+    assert main(["convert", *TINY4, "method=gla", value, f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
