@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class StageConfig:
     """One uptraining stage: which parameters train, on which loss, for how many tokens."""
 
-    name: str = "full"  # attention_transfer | lora | full
+    name: str = "full"  # attention_transfer | lora | full | distill
     tokens: int = 1_000_000  # uptraining tokens of this stage
     lr: float = 3e-5
     min_lr: float = 1e-5  # cosine floor
@@ -42,6 +42,13 @@ class StageConfig:
     # attention_transfer only: > 0 trains blocks of this many decoder layers one after another from
     # inputs cached on disk, one block on the accelerator at a time (models that do not fit at once)
     block_layers: int = 0
+    # attention_transfer only: > 0 runs the frozen teacher once per this many tokens, keeps each layer's
+    # q/k/v and softmax output in memory (cache_dtype) and trains `epochs` passes over them
+    cache_tokens: int = 0
+    epochs: int = 1
+    cache_dtype: str = "bfloat16"
+    train: str = "lora"  # distill only: lora | new (feature maps, window factors) | all
+    ce_weight: float = 0.0  # distill only: loss = (1 - ce_weight) KL(teacher || model) + ce_weight CE
 
 
 @dataclass
@@ -129,7 +136,7 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
                          backend=cfg.backend)
 
 
-STAGE_NAMES = ("attention_transfer", "lora", "full")
+STAGE_NAMES = ("attention_transfer", "lora", "full", "distill")
 LOGGERS = ("rich", "wandb", "none")
 
 
@@ -224,12 +231,26 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stage {stage.name}: tokens must be >= 0 and lr > 0")
         if stage.block_layers < 0 or (stage.block_layers and stage.name != "attention_transfer"):
             raise ConfigError(f"stage {stage.name}: block_layers must be >= 0 and is for attention_transfer only")
+        _check_cache_and_distill(stage)
     try:
         as_data_config(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
     if cfg.train.batch_tokens < cfg.seq_len:
         raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
+
+
+def _check_cache_and_distill(stage: DictConfig) -> None:
+    from .models import DTYPES
+
+    transfer = stage.name == "attention_transfer"
+    if stage.cache_tokens < 0 or stage.epochs < 1 or (stage.cache_tokens and (not transfer or stage.block_layers)):
+        raise ConfigError(f"stage {stage.name}: cache_tokens must be >= 0 and epochs >= 1; cache_tokens is for "
+                          "attention_transfer without block_layers")
+    _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
+    _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
+    if not 0 <= stage.ce_weight <= 1:
+        raise ConfigError(f"stage {stage.name}: ce_weight must be in [0, 1], got {stage.ce_weight}")
 
 
 def run_dir(cfg: DictConfig, default: str) -> Path:
