@@ -10,7 +10,7 @@ seq_len (position buckets too) of two corpora:
 - prose: the Debian Reference (package debian-reference-en, English prose about running a Debian
   system; `make bench-quality` installs it), cut into documents at blank lines, never trained on.
 
-CPU-minutes are the uptrain process's user+system time (resource.getrusage of the child): the
+CPU-minutes are the uptrain process's own CPU time (time.process_time, logged in metrics.jsonl): the
 machine is shared, and CPU time is what another user's load disturbs least. A quiet 2-core run
 takes about CPU time / 2 of wall time when both threads stay busy (torch uses 2 threads here).
 
@@ -28,7 +28,7 @@ import gzip
 import json
 import math
 import os
-import resource
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +72,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu")
     parser.add_argument("--keep-runs", action="store_true", help="keep each variant's run directory")
+    parser.add_argument("--max-cpu-min", type=float, default=None,
+                        help="stop a variant (SIGTERM: it checkpoints) past this much CPU time; its curve is kept")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="report the variants' run directories already under --work instead of running them")
     return parser.parse_args()
 
 
@@ -101,6 +105,15 @@ def corpora(work: Path) -> dict[str, list[str]]:
             "prose": [f"data.source={prose_corpus(work)}", "data.heldout_fraction=0.9"]}
 
 
+def original_scores(args: argparse.Namespace, texts: dict[str, list[str]]) -> dict[str, dict]:
+    """The original model on both corpora, computed once per recipe and token count (kept in --work)."""
+    path = args.work / f"original-{args.recipe}-{args.heldout_tokens}.json"
+    if not path.exists():
+        scores = {c: score("smollm2-135m", args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
+        path.write_text(json.dumps(scores))
+    return json.loads(path.read_text())
+
+
 def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dict:
     """Held-out perplexity of a model source on one corpus, as `supra eval tasks=[ppl]` computes it."""
     import torch
@@ -115,24 +128,40 @@ def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dic
         return HeldoutPerplexity(cfg, tokenizer)(model.eval())
 
 
-def child_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """One `supra uptrain` of the variant; its curve from metrics.jsonl and its CPU and wall time."""
     run = args.work / name
-    if run.exists():
+    if run.exists() and not args.reuse_runs:
         subprocess.run(["rm", "-rf", str(run)], check=True)
     command = [sys.executable, "-m", "supra.cli", "uptrain", f"recipe={args.recipe}", f"out={run}",
                f"train.stages={VARIANTS[name][1]}", "train.eval_baselines=false", "train.sample_tokens=0",
                "train.logger=none", f"train.eval_every={args.eval_every}", f"eval.max_tokens={args.heldout_tokens}",
                "train.checkpoint_every=1000"]
-    cpu, wall = child_cpu_s(), time.perf_counter()
+    if not args.reuse_runs:
+        launch(command, run, args.max_cpu_min)
+    return read_run(run)
+
+
+def launch(command: list[str], run: Path, max_cpu_min: float | None) -> None:
+    """Run one uptrain; past max_cpu_min of its CPU time, SIGTERM it (it checkpoints and exits 75)."""
     print("$ supra uptrain " + " ".join(command[4:]), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    cpu, wall = child_cpu_s() - cpu, time.perf_counter() - wall
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while process.poll() is None:
+        time.sleep(5)
+        if max_cpu_min is not None and process_cpu_s(process.pid) > 60 * max_cpu_min:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+    if process.returncode not in (0, 75):
+        raise SystemExit(f"supra uptrain failed with exit code {process.returncode}: {run}")
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def read_run(run: Path) -> dict:
+    """A run's curve and costs from its metrics.jsonl; CPU times are the uptrain process's own."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve, stages, eval_cpu = [], [], 0.0
     for r in records:  # in the order they happened
@@ -149,8 +178,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     for stage in stages:  # teacher caches included: they are built between steps
         stage["steps_per_cpu_min"] = stage["steps"] / stage["cpu_min"]
         del stage["start_cpu_s"], stage["eval_cpu_s"]
-    return {"run": run, "cpu_min": cpu / 60, "train_cpu_min": (cpu - eval_cpu) / 60, "wall_min": wall / 60,
-            "steps": max(r["step"] for r in records if "loss" in r), "curve": curve, "stages": stages}
+    last = records[-1]
+    return {"run": run, "finished": (run / "model" / "config.json").exists(), "cpu_min": last["cpu_s"] / 60,
+            "train_cpu_min": (last["cpu_s"] - eval_cpu) / 60, "wall_min": (last["time"] - records[0]["time"]) / 60,
+            "steps": max((r["step"] for r in records if "loss" in r), default=0), "curve": curve, "stages": stages}
 
 
 def main() -> None:
@@ -159,36 +190,45 @@ def main() -> None:
     previous = json.loads(out_json.read_text()) if out_json.exists() else {}
     texts = corpora(args.work)
     load = os.getloadavg()
-    original = {c: score("smollm2-135m", args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
+    original = original_scores(args, texts)
     results = {v["name"]: v for v in previous.get("variants", [])
                if v["name"] not in args.variants and v.get("heldout_tokens") == args.heldout_tokens
                and v.get("recipe") == args.recipe}
     for name in args.variants:
         done = run_variant(name, args)
-        final = {c: score(str(done["run"] / "model"), args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
         for point in done["curve"]:
             point["ratio"] = point["ppl"] / original["stdlib"]["ppl"]
         results[name] = {
             "name": name, "description": VARIANTS[name][0], "stages": VARIANTS[name][1], "recipe": args.recipe,
-            "heldout_tokens": args.heldout_tokens, "steps": done["steps"],
+            "heldout_tokens": args.heldout_tokens, "finished": done["finished"], "steps": done["steps"],
             "cpu_min": round(done["cpu_min"], 2), "train_cpu_min": round(done["train_cpu_min"], 2),
-            "wall_min": round(done["wall_min"], 2), "stage_costs": done["stages"], "curve": done["curve"],
-            **{f"ppl_{c}": final[c]["ppl"] for c in texts},
-            **{f"ratio_{c}": final[c]["ppl"] / original[c]["ppl"] for c in texts},
-            **{f"by_position_{c}": final[c]["by_position"] for c in texts},
-        }
+            "wall_min": round(done["wall_min"], 2), "stage_costs": done["stages"], "curve": done["curve"]}
+        if done["finished"]:  # a variant stopped at --max-cpu-min has its curve only
+            # stdlib: uptrain's own final score (the same held-out tokens); prose: scored here
+            final = {"stdlib": json.loads((done["run"] / "eval.json").read_text())["ppl_uptrained"],
+                     "prose": score(str(done["run"] / "model"), args.recipe, texts["prose"], args.heldout_tokens)}
+            results[name].update({**{f"ppl_{c}": final[c]["ppl"] for c in texts},
+                                  **{f"ratio_{c}": final[c]["ppl"] / original[c]["ppl"] for c in texts},
+                                  **{f"by_position_{c}": final[c]["by_position"] for c in texts}})
         if not args.keep_runs:
             subprocess.run(["rm", "-rf", str(done["run"])], check=True)
-        print(f"{name}: stdlib ratio {results[name]['ratio_stdlib']:.3f}, prose {results[name]['ratio_prose']:.3f}, "
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k.startswith('ratio')})}, "
               f"{done['cpu_min']:.1f} CPU-min", flush=True)
     variants = [results[n] for n in VARIANTS if n in results]
     table = ["| variant | CPU-min (train) | wall min | stdlib ppl | stdlib ratio | prose ppl | prose ratio |",
              "|---|---|---|---|---|---|---|"]
     table.append(f"| original | | | {original['stdlib']['ppl']:.3f} | 1 | {original['prose']['ppl']:.3f} | 1 |")
     for v in variants:
+        if v["finished"]:
+            scores = (f"{v['ppl_stdlib']:.3f} | {v['ratio_stdlib']:.3f} | {v['ppl_prose']:.3f} | "
+                      f"{v['ratio_prose']:.3f}")
+        elif v["curve"]:  # stopped at the CPU budget: the last point of its curve
+            last = v["curve"][-1]
+            scores = f"{last['ppl']:.3f} (step {last['step']}, stopped) | {last['ratio']:.3f} | - | -"
+        else:
+            scores = "- | - | - | -"
         table.append(f"| {v['name']} | {v['cpu_min']:.1f} ({v['train_cpu_min']:.1f}) | {v['wall_min']:.1f} | "
-                     f"{v['ppl_stdlib']:.3f} | {v['ratio_stdlib']:.3f} | {v['ppl_prose']:.3f} | "
-                     f"{v['ratio_prose']:.3f} |")
+                     f"{scores} |")
     print("\n".join(table))
     payload = {"machine": f"shared: {os.cpu_count()} cores, load average {load[0]:.1f} at the start; "
                           "CPU times are process times", "recipe": args.recipe,
@@ -203,7 +243,8 @@ def main() -> None:
             for v in variants:
                 points = [(0.0, math.nan)] + [(p["train_cpu_min"], p["ratio"]) for p in v["curve"]]
                 line, = ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=v["name"])
-                ax.scatter([v["train_cpu_min"]], [v["ratio_prose"]], marker="x", color=line.get_color())
+                if v["finished"]:
+                    ax.scatter([v["train_cpu_min"]], [v["ratio_prose"]], marker="x", color=line.get_color())
             ax.axhline(1.3, color="grey", linestyle=":", linewidth=1)
             ax.set_yscale("log")
             ax.set_xlabel("training CPU-minutes (process time, evaluations excluded)")

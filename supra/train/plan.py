@@ -12,8 +12,9 @@ from ..layers.linearize import new_parameter_names
 from .stages import trained_set
 
 # Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
-# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward.
-FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0}
+# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward;
+# distillation adds the teacher's forward to a LoRA-like step (an upper bound for train=new).
+FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0, "distill": 6.0}
 
 
 @dataclass
