@@ -88,15 +88,16 @@ def test_distill_lowers_the_kl_and_trains_only_its_set(trains):
     model = convert_model(load_model("smollm2-135m"), cfg)
     stage = OmegaConf.create({"name": "distill", "train": trains, "lora_r": 4, "lora_alpha": 8,
                               "lora_dropout": 0.0, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    torch.manual_seed(0)  # LoRA's A matrices
     model = add_lora(model, [stage]).train()
     set_trainable(model, stage)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (1, 48), generator=generator)
     batch = {"input_ids": ids, "position_ids": torch.arange(48)[None], "labels": ids}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     kls = []
-    for _ in range(6):
+    for _ in range(8):
         loss = distill_loss(model, batch, ce_weight=0.0)
         loss.backward()
         optimizer.step()
