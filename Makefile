@@ -9,7 +9,7 @@ LOCK := requirements/lock.txt
 EXTRAS := triton,eval,wandb,dev,slurm
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test demo lint clean test-latest lock
+.PHONY: install test demo lint clean test-latest lock bench-quality
 
 install: $(STAMP)
 
@@ -30,6 +30,13 @@ test: install
 
 demo: install
 	$(BIN)/supra uptrain recipe=demo
+
+# Quality per CPU-minute of the uptraining variants (scripts/bench_quality.py); its second corpus,
+# English prose never trained on, is the Debian Reference from Debian's debian-reference-en.
+PROSE := /usr/share/debian-reference/debian-reference.en.txt.gz
+bench-quality: install
+	test -f $(PROSE) || (apt-get update && apt-get install -y debian-reference-en)
+	$(BIN)/python scripts/bench_quality.py $(ARGS)
 
 # Drift check (not CI): a throwaway venv with the newest versions pyproject.toml allows, then the
 # suite. Its resolved versions are left in $(LATEST_VENV)/lock.txt.

@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,10 +31,11 @@ from provenance import figure, write_results
 from supra.commands.common import load_model_and_tokenizer
 from supra.config import load_config
 from supra.convert import convert_model
+from supra.models import torch_dtype
 from supra.train.parallel import World
 from supra.train.plan import plan_stages
 from supra.train.stages import set_trainable
-from supra.train.trainer import make_optimizer, train_step
+from supra.train.trainer import compute_precision, make_optimizer, train_step
 
 MODELS = {
     "smollm2-135m": ["recipe=smollm2-135m"],
@@ -101,11 +103,13 @@ def measure(name: str, method: str, seq_len: int, args: argparse.Namespace, devi
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    precision = partial(compute_precision, cfg.train, torch_dtype(cfg.dtype), world)
     for _ in range(args.warmup):
-        train_step(model, batches, optimizer, stage, plan, cfg, world)
+        train_step(model, batches, optimizer, stage, plan, cfg.train.grad_clip, world, precision)
     sync()
     started = time.perf_counter()
-    losses = [train_step(model, batches, optimizer, stage, plan, cfg, world)[0] for _ in range(args.steps)]
+    losses = [train_step(model, batches, optimizer, stage, plan, cfg.train.grad_clip, world, precision)[0]
+              for _ in range(args.steps)]
     sync()
     seconds = (time.perf_counter() - started) / args.steps
     tokens_per_s = plan.tokens_per_step / seconds

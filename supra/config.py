@@ -31,7 +31,7 @@ class ConfigError(UserError):
 class StageConfig:
     """One uptraining stage: which parameters train, on which loss, for how many tokens."""
 
-    name: str = "full"  # attention_transfer | lora | full
+    name: str = "full"  # attention_transfer | lora | full | distill
     tokens: int = 1_000_000  # uptraining tokens of this stage
     lr: float = 3e-5
     min_lr: float = 1e-5  # cosine floor
@@ -45,6 +45,13 @@ class StageConfig:
     # attention_transfer only: > 0 trains blocks of this many decoder layers one after another from
     # inputs cached on disk, one block on the accelerator at a time (models that do not fit at once)
     block_layers: int = 0
+    # attention_transfer only: > 0 runs the frozen teacher once per this many tokens, keeps each layer's
+    # q/k/v and softmax output in memory (cache_dtype) and trains `epochs` passes over them
+    cache_tokens: int = 0
+    epochs: int = 1
+    cache_dtype: str = "bfloat16"
+    train: str = "lora"  # distill only: lora | new (feature maps, window factors) | all
+    ce_weight: float = 0.0  # distill only: loss = (1 - ce_weight) KL(teacher || model) + ce_weight CE
 
 
 @dataclass
@@ -144,6 +151,7 @@ RANGES: dict[str, Range] = {
     "train.stages.*.warmup_steps": count(0), "train.stages.*.weight_decay": NON_NEGATIVE,
     "train.stages.*.betas.*": FRACTION, "train.stages.*.lora_r": count(1), "train.stages.*.lora_alpha": POSITIVE,
     "train.stages.*.lora_dropout": FRACTION, "train.stages.*.block_layers": count(0),
+    "train.stages.*.cache_tokens": count(0), "train.stages.*.epochs": count(1), "train.stages.*.ce_weight": Range(0, 1),
     "train.batch_tokens": count(1), "train.micro_batch_size": count(1), "train.grad_clip": POSITIVE,
     "train.checkpoint_every": count(1), "train.keep_checkpoints": count(1), "train.max_bad_steps": count(0),
     "train.eval_every": count(0), "train.sample_tokens": count(0), "train.world_size": count(1, optional=True),
@@ -154,7 +162,7 @@ RANGES: dict[str, Range] = {
     "eval.lm_eval_fewshot": count(0, optional=True),
 }
 
-STAGE_NAMES = ("attention_transfer", "lora", "full")
+STAGE_NAMES = ("attention_transfer", "lora", "full", "distill")
 LOGGERS = ("rich", "wandb", "none")
 
 
@@ -268,12 +276,22 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stage {stage.name}: min_lr ({stage.min_lr}) must be at most lr ({stage.lr})")
         if stage.block_layers and stage.name != "attention_transfer":
             raise ConfigError(f"stage {stage.name}: block_layers is for attention_transfer only")
+        _check_cache_and_distill(stage)
     try:
         as_data_config(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
     if cfg.train.batch_tokens < cfg.seq_len:
         raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
+
+
+def _check_cache_and_distill(stage: DictConfig) -> None:
+    from .models import DTYPES
+
+    if stage.cache_tokens and (stage.name != "attention_transfer" or stage.block_layers):
+        raise ConfigError(f"stage {stage.name}: cache_tokens is for attention_transfer without block_layers")
+    _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
+    _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
 
 
 def run_dir(cfg: DictConfig, default: str) -> Path:

@@ -13,8 +13,6 @@ from ..errors import check_output_dir
 from ..models import count_parameters, save_model
 from .common import console, load_model_and_tokenizer
 
-__all__ = ["convert_model", "run"]  # convert_model lives in supra/convert.py; uptrain imports it from here
-
 
 def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, f"runs/{cfg.recipe or 'model'}-{cfg.method}")

@@ -16,6 +16,7 @@ from rich.table import Table
 from torch import nn
 
 from ..config import ConfigError, run_dir
+from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
@@ -24,7 +25,6 @@ from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, traina
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
 from .common import console, load_model_and_tokenizer, update_json
-from .convert import convert_model
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
 RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",

@@ -9,22 +9,27 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..layers.linearize import new_parameter_names
+from .stages import trained_set
 
 # Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
-# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward.
-FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0}
+# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward;
+# distillation adds the teacher's forward to a LoRA-like step (an upper bound for train=new).
+FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0, "distill": 6.0}
 
 
 @dataclass
 class StagePlan:
     name: str
-    steps: int
+    steps: int  # optimizer steps, epochs included
     accumulation: int
     tokens_per_step: int
+    epochs: int = 1
+    chunk_steps: int = 0  # cached transfer: steps per pass over one cached chunk
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
+        """Tokens drawn from the data (each used `epochs` times)."""
+        return self.steps * self.tokens_per_step // self.epochs
 
 
 def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
@@ -33,15 +38,25 @@ def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
     tokens_per_micro = cfg.train.micro_batch_size * cfg.seq_len * world_size
     accumulation = max(1, round(cfg.train.batch_tokens / tokens_per_micro))
     tokens_per_step = accumulation * tokens_per_micro
-    return [StagePlan(stage.name, math.ceil(stage.tokens / tokens_per_step), accumulation, tokens_per_step)
-            for stage in cfg.train.stages]
+    plans = []
+    for stage in cfg.train.stages:
+        steps = math.ceil(stage.tokens / tokens_per_step)
+        if stage.cache_tokens:  # whole chunks of cached steps, each trained `epochs` times
+            chunk_steps = max(1, round(stage.cache_tokens / tokens_per_step))
+            chunks = math.ceil(steps / chunk_steps)
+            plans.append(StagePlan(stage.name, chunks * chunk_steps * stage.epochs, accumulation, tokens_per_step,
+                                   stage.epochs, chunk_steps))
+        else:
+            plans.append(StagePlan(stage.name, steps, accumulation, tokens_per_step))
+    return plans
 
 
 def trainable_parameters(model: nn.Module, stage: DictConfig) -> int:
     """Counted on the converted model without building LoRA modules (works on the meta device)."""
-    if stage.name == "full":
+    which = trained_set(stage)
+    if which == "all":
         return sum(p.numel() for p in model.parameters())
-    if stage.name == "attention_transfer":
+    if which == "new":
         new = set(new_parameter_names(model))
         return sum(p.numel() for n, p in model.named_parameters() if n in new)
     total = 0

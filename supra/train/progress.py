@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ class ProgressLog:
             self._write(record)
             self.message(f"step {record['step']}: held-out perplexity {record['heldout_ppl']:.3f} "
                          f"after {record['tokens']:,} tokens")
+
+    def log_stage_start(self, step: int, stage: str) -> None:
+        """A stage begins (or resumes) after `step`: its CPU time is counted from here."""
+        if self.enabled:
+            self._write({"step": step, "stage_start": stage, "time": time.time(), "cpu_s": time.process_time()})
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

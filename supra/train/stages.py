@@ -5,18 +5,23 @@
 - lora (LoLCATs stage 2): peft LoRA adapters on the attention projections; next-token loss;
   merged into the weights when the run's model is saved.
 - full (SUPRA): every parameter; next-token loss.
+- distill (RADLADS, hybrid-distillation): `train: lora | new | all`; KL divergence from the
+  teacher's next-token distribution, optionally mixed with next-token loss (`ce_weight`). The teacher
+  is the same model with softmax attention and no adapters (`teacher_mode`): no second copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from ..layers.attention import RecurrentAttention
+from ..data.packing import IGNORE_INDEX
+from ..layers.attention import RecurrentAttention, teacher_only
 from ..layers.linearize import new_parameter_names
 
 TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
@@ -26,7 +31,7 @@ def add_lora(model: nn.Module, stages: list[DictConfig]) -> nn.Module:
     """Wrap the model with LoRA adapters up front when a stage trains them. B starts at zero, so
     the adapters change nothing until their stage, and the module tree (which FSDP shards once)
     stays the same for the whole run."""
-    lora = next((s for s in stages if s.name == "lora"), None)
+    lora = next((s for s in stages if trains_lora(s)), None)
     if lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -36,13 +41,23 @@ def add_lora(model: nn.Module, stages: list[DictConfig]) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def trains_lora(stage: DictConfig) -> bool:
+    return stage.name == "lora" or (stage.name == "distill" and stage.train == "lora")
+
+
+def trained_set(stage: DictConfig) -> str:
+    """new (feature maps, window factors), lora (adapters) or all, for every stage."""
+    return {"attention_transfer": "new", "lora": "lora", "full": "all"}.get(stage.name) or stage.train
+
+
 def set_trainable(model: nn.Module, stage: DictConfig) -> None:
-    if stage.name == "attention_transfer":
+    which = trained_set(stage)
+    if which == "new":
         new = set(new_parameter_names(model))
         if not new:
-            raise ValueError("attention_transfer has nothing to train: the model has no converted layers")
+            raise ValueError(f"{stage.name} has nothing to train: the model has no converted layers")
         trainable = lambda name: name in new
-    elif stage.name == "lora":
+    elif which == "lora":
         trainable = lambda name: "lora_" in name
     else:
         trainable = lambda name: True
@@ -67,6 +82,10 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: Di
     layer's backward runs as soon as its loss exists, so one layer's graph is alive at a time;
     under FSDP, whose gradient-reduction hooks expect one backward per forward, the layer losses
     are summed and backpropagated together."""
+    if stage.name == "distill":
+        loss = distill_loss(model, batch, stage.ce_weight)
+        (loss * loss_scale).backward()
+        return loss.detach()
     if stage.name != "attention_transfer":
         loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      labels=batch["labels"], use_cache=False).loss
@@ -81,6 +100,44 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: Di
     if not layerwise:
         (logits.float().sum() * 0).backward()  # reaches every AttachLoss through the residual stream
     return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
+
+
+@contextmanager
+def teacher_mode(model: nn.Module) -> Iterator[None]:
+    """The original model, without a second copy of its weights: every converted layer computes the
+    softmax attention it replaced, and LoRA adapters (if any) are off."""
+    with teacher_layers(recurrent_layers(model)):
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            yield
+
+
+@contextmanager
+def teacher_layers(layers: list[RecurrentAttention]) -> Iterator[None]:
+    """The converted `layers` compute the softmax attention they replaced, and nothing else."""
+    for layer in layers:
+        layer.transfer = teacher_only
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.transfer = None
+
+
+def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_weight: float) -> torch.Tensor:
+    """Mean over scored positions of KL(teacher || student) on the next-token distribution, mixed
+    with the next-token cross-entropy as (1 - ce_weight) KL + ce_weight CE. Positions whose next
+    token starts a document (labels -100 after the shift) are not scored, as in the next-token loss."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    with torch.no_grad(), teacher_mode(model):
+        teacher = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    student = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    kl = (teacher.exp() * (teacher - student)).sum(-1)[scored].mean()
+    if not ce_weight:
+        return kl
+    ce = F.nll_loss(student[scored], targets[scored])
+    return (1 - ce_weight) * kl + ce_weight * ce
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..evaluate.perplexity import HeldoutPerplexity
 from ..layers.linearize import decoder_layers
 from ..models import torch_dtype
 from .blockwise import block_ranges, check_blockwise, finished_blocks, remove_stage_cache, transfer_blockwise
+from .cached import build_cache, cache_bytes, cached_micro_loss, chunk_position, epoch_order
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -83,10 +85,10 @@ def make_optimizer(model: nn.Module, stage: DictConfig, steps: int) -> tuple[tor
 
 class Counters:
     """The run's step and token counts, and the bookkeeping after every optimizer step (non-finite
-    guard, metrics, stop signal) that the plain and block-wise stage loops share."""
+    guard, metrics, stop signal) that every stage strategy shares."""
 
-    def __init__(self, cfg: DictConfig, world: World, flops_params: int) -> None:
-        self.cfg, self.world, self.flops_params = cfg, world, flops_params
+    def __init__(self, train_cfg: DictConfig, world: World, flops_params: int) -> None:
+        self.train_cfg, self.world, self.flops_params = train_cfg, world, flops_params
         self.step = self.tokens = self.bad_in_a_row = 0
         self.log: ProgressLog | None = None
         self.stop = StopSignal()
@@ -99,49 +101,102 @@ class Counters:
         if self.bad_in_a_row:
             self.log.message(f"step {self.step + 1}: non-finite loss/gradient, step skipped "
                              f"({self.bad_in_a_row} in a row)")
-            if self.bad_in_a_row > self.cfg.train.max_bad_steps:
+            if self.bad_in_a_row > self.train_cfg.max_bad_steps:
                 raise TrainingStopped(
                     f"{self.bad_in_a_row} non-finite steps in a row in stage {stage.name}; stopped. The last "
                     "good checkpoint is intact: lower the learning rate or check the data, then rerun")
         self.step, self.tokens = self.step + 1, self.tokens + plan.tokens_per_step
         self.log.log(_record(self.step, stage.name, loss, grad_norm, optimizer, plan, self.tokens, elapsed,
-                             self.flops_params, self.cfg, self.world))
+                             self.flops_params, self.train_cfg, self.world))
         return all_reduce_max(float(self.stop.received is not None), self.world) > 0
+
+
+@dataclass
+class StageRun:
+    """What a stage strategy works with: the stage, its plan and optimizer, the data, and the
+    run's bookkeeping (counting, held-out evaluation, checkpoints)."""
+
+    run: Path
+    index: int
+    stage: DictConfig
+    plan: StagePlan
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    train_cfg: DictConfig
+    world: World
+    counters: Counters
+    heldout: HeldoutPerplexity
+    precision: Any  # a context manager factory: the compute precision of a forward
+
+    def checkpoint(self, stage_step: int, data_state: dict | None = None) -> None:
+        """data_state: the loader's position to resume from (default: where it is now)."""
+        meta = {"stage": self.index, "stage_name": self.stage.name, "stage_step": stage_step,
+                "tokens": self.counters.tokens}
+        rank_state = {"data": data_state or self.loader.state_dict(), "rng": rng_state()}
+        save_checkpoint(self.run, self.counters.step, self.model, self.optimizer, self.scheduler, rank_state, meta,
+                        self.train_cfg.keep_checkpoints)
+
+    def after_step(self, stage_step: int, loss: float, grad_norm: float, elapsed: float,
+                   data_state: dict | None = None) -> bool:
+        """Schedule, count, evaluate and checkpoint after the stage's step `stage_step` (1-based);
+        True when a stop signal arrived (the checkpoint is written)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.scheduler.step()
+        stopping = self.counters.step_done(self.stage, self.plan, loss, grad_norm, self.optimizer, elapsed)
+        last = stage_step == self.plan.steps
+        every = self.train_cfg.eval_every
+        if every and (stage_step % every == 0 or last):
+            # Every rank scores the same text: FSDP's forward needs all of them.
+            cpu = time.process_time()
+            result = self.heldout(self.model)
+            self.counters.log.log_eval({"step": self.counters.step, "stage": self.stage.name,
+                                        "tokens": self.counters.tokens, "heldout_ppl": result["ppl"],
+                                        "heldout_loss": result["loss"], "heldout_tokens": result["tokens"],
+                                        "by_position": result["by_position"],
+                                        "eval_cpu_s": time.process_time() - cpu, "cpu_s": time.process_time()})
+        if stopping or stage_step % self.train_cfg.checkpoint_every == 0 or last:
+            self.checkpoint(stage_step, data_state)
+        if stopping:
+            self.counters.log.message(f"signal received: checkpoint written at step {self.counters.step}; exiting "
+                                      f"with {REQUEUE_EXIT_CODE} so the scheduler requeues the job")
+        return stopping
 
 
 def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: World, flops_params: int) -> int:
     """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal."""
-    check_blockwise(list(cfg.train.stages), world.distributed)
+    stages = list(cfg.train.stages)
+    check_blockwise(stages, world.distributed)
     plans = plan_stages(cfg, world.world_size)
     loader = build_train_loader(cfg.data, tokenizer, cfg.seq_len, cfg.train.micro_batch_size, world.rank,
                                 world.world_size)
-    counters = Counters(cfg, world, flops_params)
+    counters = Counters(cfg.train, world, flops_params)
     if world.is_main:
         remove_partial_checkpoints(run)
-    stage_index, stage_step = 0, 0
-    latest = latest_checkpoint(run)
-    if latest is not None:
-        stage_index = _read_meta(latest)["stage"]
+    latest = latest_checkpoint(run)  # the resume point: its stage, step, weights, optimizer, data, RNG
+    first = _read_meta(latest)["stage"] if latest is not None else 0
     layers = len(decoder_layers(model))
     total_steps = sum(p.steps * (len(block_ranges(layers, s.block_layers)) if s.block_layers else 1)
-                      for p, s in zip(plans, cfg.train.stages))
+                      for p, s in zip(plans, stages))
     heldout = HeldoutPerplexity(cfg, tokenizer)
+    precision = partial(compute_precision, cfg.train, torch_dtype(cfg.dtype), world)
     try:
-        while stage_index < len(plans):
-            stage, plan = cfg.train.stages[stage_index], plans[stage_index]
-            blockwise = stage.block_layers > 0
-            if not world.distributed and not blockwise:
+        for index in range(first, len(plans)):
+            stage, plan = stages[index], plans[index]
+            if not world.distributed and not stage.block_layers:
                 model.to(world.device)  # a block-wise stage before may have left the model offloaded
             set_trainable(model, stage)
             optimizer, scheduler = make_optimizer(model, stage, plan.steps)
+            stage_step = 0
             if latest is not None:
                 meta, rank_state = load_checkpoint(latest, model, optimizer, scheduler)
                 loader.load_state_dict(rank_state["data"])
                 set_rng_state(rank_state["rng"])
                 stage_step, counters.tokens, counters.step = meta["stage_step"], meta["tokens"], meta["step"]
                 latest = None
-            if blockwise and stage_step < plan.steps:  # blocks finished before a stop count as done
-                done = finished_blocks(run, stage_index) * plan.steps
+            if stage.block_layers and stage_step < plan.steps:  # blocks finished before a stop count as done
+                done = finished_blocks(run, index) * plan.steps
                 counters.step, counters.tokens = counters.step + done, counters.tokens + done * plan.tokens_per_step
             if counters.log is None:
                 counters.log = ProgressLog(run, total_steps, counters.step, cfg.train.logger,
@@ -149,64 +204,97 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
                 if counters.step:
                     counters.log.message(f"resumed from step {counters.step} (stage {stage.name}, "
                                          f"step {stage_step})")
-            log = counters.log
-            if stage_step < plan.steps:
-                blocks = f", in blocks of {stage.block_layers} layers" if blockwise else ""
-                log.message(f"stage {stage_index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
-                            f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank){blocks}")
             counters.bad_in_a_row = 0
-            checkpoint = partial(_checkpoint, run, counters, stage_index, stage, model, optimizer, scheduler, loader)
-            if blockwise and stage_step < plan.steps:
-                block_optimizer = partial(make_optimizer, stage=stage, steps=plan.steps)
-                if transfer_blockwise(model, loader, stage, plan, block_optimizer, world.device, cfg.train.grad_clip,
-                                      run, stage_index, partial(counters.step_done, stage, plan)):
-                    log.message(f"signal received at step {counters.step}: finished blocks are saved, the current "
-                                f"one restarts on the rerun; exiting with {REQUEUE_EXIT_CODE} so the scheduler "
-                                "requeues the job")
-                    return REQUEUE_EXIT_CODE
-                stage_step = plan.steps
-                checkpoint(stage_step)
-                remove_stage_cache(run, stage_index)
-            batches = iter(loader)
-            while stage_step < plan.steps:
-                started = time.perf_counter()
-                loss, grad_norm = train_step(model, batches, optimizer, stage, plan, cfg, world)
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    scheduler.step()
-                stage_step += 1
-                stopping = counters.step_done(stage, plan, loss, grad_norm, optimizer, time.perf_counter() - started)
-                every = cfg.train.eval_every
-                if every and (stage_step % every == 0 or stage_step == plan.steps):
-                    # Every rank scores the same text: FSDP's forward needs all of them.
-                    result = heldout(model)
-                    log.log_eval({"step": counters.step, "stage": stage.name, "tokens": counters.tokens,
-                                  "heldout_ppl": result["ppl"], "heldout_loss": result["loss"],
-                                  "heldout_tokens": result["tokens"]})
-                if stopping or stage_step % cfg.train.checkpoint_every == 0 or stage_step == plan.steps:
-                    checkpoint(stage_step)
-                if stopping:
-                    log.message(f"signal received: checkpoint written at step {counters.step}; exiting with "
-                                f"{REQUEUE_EXIT_CODE} so the scheduler requeues the job")
+            if stage_step < plan.steps:
+                stage_run = StageRun(run, index, stage, plan, model, optimizer, scheduler, loader, cfg.train, world,
+                                     counters, heldout, precision)
+                strategy = (_blockwise_stage if stage.block_layers else
+                            _cached_transfer_stage if stage.cache_tokens else _plain_stage)
+                counters.log.message(f"stage {index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
+                                     f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank)"
+                                     f"{_strategy_note(stage)}")
+                counters.log.log_stage_start(counters.step, stage.name)
+                if strategy(stage_run, stage_step, cfg.seed):
                     return REQUEUE_EXIT_CODE
             if world.is_main:
                 loader.log_stats()
-            stage_index, stage_step = stage_index + 1, 0
     finally:
         if counters.log is not None:
             counters.log.close()
     return 0
 
 
-def _checkpoint(run: Path, counters: Counters, stage_index: int, stage: DictConfig, model: nn.Module,
-                optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any, stage_step: int) -> None:
-    meta = {"stage": stage_index, "stage_name": stage.name, "stage_step": stage_step, "tokens": counters.tokens}
-    rank_state = {"data": loader.state_dict(), "rng": rng_state()}
-    save_checkpoint(run, counters.step, model, optimizer, scheduler, rank_state, meta,
-                    counters.cfg.train.keep_checkpoints)
+def _strategy_note(stage: DictConfig) -> str:
+    if stage.block_layers:
+        return f", in blocks of {stage.block_layers} layers"
+    if stage.cache_tokens:
+        return f", from a teacher cache of {stage.cache_tokens:,} tokens at a time, {stage.epochs} epochs each"
+    return ""
+
+
+def _plain_stage(s: StageRun, stage_step: int, seed: int) -> bool:
+    """Every step draws new micro-batches and runs the whole model. True: stopped by a signal."""
+    batches = iter(s.loader)
+    while stage_step < s.plan.steps:
+        started = time.perf_counter()
+        loss, grad_norm = train_step(s.model, batches, s.optimizer, s.stage, s.plan, s.train_cfg.grad_clip, s.world,
+                                     s.precision)
+        stage_step += 1
+        if s.after_step(stage_step, loss, grad_norm, time.perf_counter() - started):
+            return True
+    return False
+
+
+def _cached_transfer_stage(s: StageRun, stage_step: int, seed: int) -> bool:
+    """Attention transfer from a cache of the teacher's per-layer q/k/v and softmax outputs, rebuilt
+    for each chunk of the data (supra.train.cached). True: stopped by a signal."""
+    micro_per_chunk = s.plan.chunk_steps * s.plan.accumulation
+    dtype = torch_dtype(s.stage.cache_dtype)
+    cache, chunk_state, cached_chunk = None, None, -1
+    while stage_step < s.plan.steps:
+        chunk, epoch, step = chunk_position(stage_step, s.plan.chunk_steps, s.plan.epochs)
+        if chunk != cached_chunk:  # the loader stands at the chunk's start (a checkpoint put it there)
+            chunk_state = s.loader.state_dict()
+            batches = iter(s.loader)
+            drawn = [{k: v for k, v in next(batches).items() if k != "labels"} for _ in range(micro_per_chunk)]
+            started = time.perf_counter()
+            with s.precision():
+                cache = build_cache(s.model, drawn, dtype, s.world.device)
+            cached_chunk = chunk
+            s.counters.log.message(f"chunk {chunk + 1}: teacher cache of {micro_per_chunk} micro-batches "
+                                   f"({cache_bytes(cache) / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+        order = epoch_order(micro_per_chunk, seed, chunk, epoch)
+        micro = order[step * s.plan.accumulation:(step + 1) * s.plan.accumulation]
+        started = time.perf_counter()
+        s.optimizer.zero_grad(set_to_none=True)
+        with s.precision():
+            loss = sum(cached_micro_loss(s.model, cache[i], 1.0 / len(micro), s.world.device) for i in micro)
+        loss /= len(micro)
+        grad_norm = _clip_and_step(s.model, s.optimizer, loss, s.train_cfg.grad_clip)
+        stage_step += 1
+        # Inside a chunk, a rerun must rebuild its cache: resume from the chunk's first batch.
+        inside = stage_step % (s.plan.chunk_steps * s.plan.epochs) != 0
+        if s.after_step(stage_step, loss, grad_norm, time.perf_counter() - started, chunk_state if inside else None):
+            return True
+    return False
+
+
+def _blockwise_stage(s: StageRun, stage_step: int, seed: int) -> bool:
+    """LoLCATs' block-wise transfer (supra.train.blockwise). True: stopped by a signal."""
+    block_optimizer = partial(make_optimizer, stage=s.stage, steps=s.plan.steps)
+    if transfer_blockwise(s.model, s.loader, s.stage, s.plan, block_optimizer, s.world.device, s.train_cfg.grad_clip,
+                          s.run, s.index, partial(s.counters.step_done, s.stage, s.plan)):
+        s.counters.log.message(f"signal received at step {s.counters.step}: finished blocks are saved, the current "
+                               f"one restarts on the rerun; exiting with {REQUEUE_EXIT_CODE} so the scheduler "
+                               "requeues the job")
+        return True
+    s.checkpoint(s.plan.steps)
+    remove_stage_cache(s.run, s.index)
+    return False
 
 
 def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: DictConfig, plan: StagePlan,
-               cfg: DictConfig, world: World) -> tuple[float, float]:
+               grad_clip: float, world: World, precision: Any) -> tuple[float, float]:
     """One optimizer step over `plan.accumulation` micro-batches; a non-finite step is not applied."""
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64)
@@ -217,36 +305,42 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stag
         if world.distributed and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(micro == plan.accumulation - 1)
         batch = {k: v.to(world.device, non_blocking=True) for k, v in next(batches).items()}
-        with compute_precision(cfg, world):
+        with precision():
             total += micro_batch_loss(model, batch, stage, 1.0 / plan.accumulation, layerwise).double().cpu()
     loss = all_reduce_mean(total / plan.accumulation, world)
+    return loss, _clip_and_step(model, optimizer, loss, grad_clip)
+
+
+def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: float, grad_clip: float) -> float:
+    """Clip the accumulated gradients, step when loss and gradient are finite; returns the gradient norm."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     if math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    return grad_norm
 
 
-def compute_precision(cfg: DictConfig, world: World) -> Any:
+def compute_precision(train_cfg: DictConfig, weights_dtype: torch.dtype, world: World) -> Any:
     """bf16 (train.param_dtype) matmuls over float32 weights on one GPU; FSDP2 casts by itself, and
     CPU runs stay in the weights' dtype so they are exact and reproducible."""
-    dtype = torch_dtype(cfg.train.param_dtype)
-    enabled = world.device.type == "cuda" and not world.distributed and dtype != torch_dtype(cfg.dtype)
+    dtype = torch_dtype(train_cfg.param_dtype)
+    enabled = world.device.type == "cuda" and not world.distributed and dtype != weights_dtype
     return torch.autocast("cuda", dtype=dtype, enabled=enabled)
 
 
 def _record(step: int, stage: str, loss: float, grad_norm: float, optimizer: torch.optim.Optimizer,
-            plan: StagePlan, tokens: int, elapsed: float, flops_params: int, cfg: DictConfig,
+            plan: StagePlan, tokens: int, elapsed: float, flops_params: int, train_cfg: DictConfig,
             world: World) -> dict[str, Any]:
     tokens_per_s = plan.tokens_per_step / elapsed
     mfu = None
     if world.device.type == "cuda":
         achieved = tokens_per_s * FLOPS_PER_PARAM[stage] * flops_params
-        mfu = achieved / (cfg.train.gpu_tflops * 1e12 * world.world_size)
+        mfu = achieved / (train_cfg.gpu_tflops * 1e12 * world.world_size)
     return {"step": step, "stage": stage, "loss": loss, "grad_norm": grad_norm,
             "lr": optimizer.param_groups[0]["lr"], "tokens": tokens, "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / world.world_size, "mfu": mfu, "time": time.time()}
+            "tokens_per_s_per_device": tokens_per_s / world.world_size, "mfu": mfu, "time": time.time(),
+            "cpu_s": time.process_time()}  # this process's CPU time: what a shared machine cannot disturb
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

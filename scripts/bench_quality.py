@@ -1,0 +1,259 @@
+"""How close uptraining gets to the original model, per CPU-minute: held-out perplexity ratio of
+SmolLM2-135M converted to an all-linear LoLCATs model and uptrained by named variants of the stages.
+
+Each variant is one `supra uptrain` run of --recipe (the user's command, in a subprocess) with its
+stages overridden, `train.eval_every` set so the held-out stdlib perplexity is logged along the way
+(the curve; its x is the run's process CPU time less the CPU its evaluations took). The finished
+model is then scored here, beside the original model, on the same held-out tokens at the same
+seq_len (position buckets too) of two corpora:
+- stdlib: the embedded corpus's held-out split (the recipe trains on the rest of it);
+- prose: the Debian Reference (package debian-reference-en, English prose about running a Debian
+  system; `make bench-quality` installs it), cut into documents at blank lines, never trained on.
+
+CPU-minutes are the uptrain process's own CPU time (time.process_time, logged in metrics.jsonl): the
+machine is shared, and CPU time is what another user's load disturbs least. A quiet 2-core run
+takes about CPU time / 2 of wall time when both threads stay busy (torch uses 2 threads here).
+
+    .venv/bin/python scripts/bench_quality.py                          # every variant
+    .venv/bin/python scripts/bench_quality.py --variants cached cached+distill-lora
+
+Results of variants not rerun are kept from the previous JSON, so variants can be run one at a time.
+Prints a markdown table; writes benchmarks/results/cpu/quality_smollm2.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from provenance import REPO, figure, write_results
+
+PROSE_SOURCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
+NAME = "quality_smollm2"
+
+# name -> (what it is, train.stages). Token budgets are in the stages; the demo's batch is 2,048 tokens.
+TRANSFER = "name: attention_transfer, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 4"
+VARIANTS: dict[str, tuple[str, str]] = {
+    "demo-before": ("the shipped demo: on-the-fly transfer 81,920 tokens, LoRA 12,288 (next-token loss)",
+                    f"[{{{TRANSFER}, tokens: 81920}}, {{name: lora, tokens: 12288, lr: 1.0e-4, min_lr: 1.0e-5, "
+                    "warmup_steps: 1}]"),
+    "cached": ("cached transfer: 32,768 tokens, 4 epochs",
+               f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}]"),
+    "cached-64k": ("cached transfer: 65,536 tokens in 2 chunks, 4 epochs each",
+                   f"[{{{TRANSFER}, tokens: 65536, cache_tokens: 32768, epochs: 4}}]"),
+    "cached+distill-lora": ("cached transfer as `cached`, then distill LoRA r=8 (KL) 16,384 tokens",
+                            f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
+                            "{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, "
+                            "warmup_steps: 1}]"),
+    "cached+distill-new": ("cached transfer as `cached`, then distill the feature maps (KL) 16,384 tokens",
+                           f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
+                           "{name: distill, train: new, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}]"),
+    "cached+lora": ("cached transfer as `cached`, then LoRA (next-token loss) 16,384 tokens",
+                    f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
+                    "{name: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}]"),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="demo")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--heldout-tokens", type=int, default=8192, help="per corpus, at the recipe's seq_len")
+    parser.add_argument("--eval-every", type=int, default=8, help="steps between held-out points of the curve")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-quality")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each variant's run directory")
+    parser.add_argument("--max-cpu-min", type=float, default=None,
+                        help="stop a variant (SIGTERM: it checkpoints) past this much CPU time; its curve is kept")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="report the variants' run directories already under --work instead of running them")
+    return parser.parse_args()
+
+
+def prose_corpus(work: Path) -> Path:
+    """The Debian Reference as a jsonl of documents (blank-line paragraphs joined to ~4,000 chars)."""
+    if not PROSE_SOURCE.exists():
+        raise SystemExit(f"{PROSE_SOURCE} is missing: apt-get install debian-reference-en (make bench-quality does)")
+    path = work / "prose.jsonl"
+    if path.exists():
+        return path
+    work.mkdir(parents=True, exist_ok=True)
+    text = gzip.decompress(PROSE_SOURCE.read_bytes()).decode("utf-8")
+    documents, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current += paragraph + "\n\n"
+        if len(current) > 4000:
+            documents.append(current.strip())
+            current = ""
+    documents.append(current.strip())
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents if d))
+    return path
+
+
+def corpora(work: Path) -> dict[str, list[str]]:
+    # prose: every document is new to the model; heldout_fraction only picks enough of them to score
+    return {"stdlib": ["data.source=stdlib"],
+            "prose": [f"data.source={prose_corpus(work)}", "data.heldout_fraction=0.9"]}
+
+
+def original_scores(args: argparse.Namespace, texts: dict[str, list[str]]) -> dict[str, dict]:
+    """The original model on both corpora, computed once per recipe and token count (kept in --work)."""
+    path = args.work / f"original-{args.recipe}-{args.heldout_tokens}.json"
+    if not path.exists():
+        scores = {c: score("smollm2-135m", args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
+        path.write_text(json.dumps(scores))
+    return json.loads(path.read_text())
+
+
+def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dict:
+    """Held-out perplexity of a model source on one corpus, as `supra eval tasks=[ppl]` computes it."""
+    import torch
+
+    from supra.commands.common import load_model_and_tokenizer
+    from supra.config import load_config
+    from supra.evaluate.perplexity import HeldoutPerplexity
+
+    cfg = load_config([f"recipe={recipe}", f"model={model_source}", f"eval.max_tokens={tokens}", *corpus])
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    with torch.no_grad():
+        return HeldoutPerplexity(cfg, tokenizer)(model.eval())
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    """One `supra uptrain` of the variant; its curve from metrics.jsonl and its CPU and wall time."""
+    run = args.work / name
+    if run.exists() and not args.reuse_runs:
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+    command = [sys.executable, "-m", "supra.cli", "uptrain", f"recipe={args.recipe}", f"out={run}",
+               f"train.stages={VARIANTS[name][1]}", "train.eval_baselines=false", "train.sample_tokens=0",
+               "train.logger=none", f"train.eval_every={args.eval_every}", f"eval.max_tokens={args.heldout_tokens}",
+               "train.checkpoint_every=1000"]
+    if not args.reuse_runs:
+        launch(command, run, args.max_cpu_min)
+    return read_run(run)
+
+
+def launch(command: list[str], run: Path, max_cpu_min: float | None) -> None:
+    """Run one uptrain; past max_cpu_min of its CPU time, SIGTERM it (it checkpoints and exits 75)."""
+    print("$ supra uptrain " + " ".join(command[4:]), flush=True)
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while process.poll() is None:
+        time.sleep(5)
+        if max_cpu_min is not None and process_cpu_s(process.pid) > 60 * max_cpu_min:
+            process.send_signal(signal.SIGTERM)
+            process.wait()
+    if process.returncode not in (0, 75):
+        raise SystemExit(f"supra uptrain failed with exit code {process.returncode}: {run}")
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def read_run(run: Path) -> dict:
+    """A run's curve and costs from its metrics.jsonl; CPU times are the uptrain process's own."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve, stages, eval_cpu = [], [], 0.0
+    for r in records:  # in the order they happened
+        if "stage_start" in r:
+            stages.append({"stage": r["stage_start"], "steps": 0, "start_cpu_s": r["cpu_s"], "eval_cpu_s": 0.0})
+        elif "heldout_ppl" in r:
+            eval_cpu += r["eval_cpu_s"]
+            stages[-1]["eval_cpu_s"] += r["eval_cpu_s"]
+            curve.append({"step": r["step"], "stage": r["stage"], "tokens": r["tokens"], "ppl": r["heldout_ppl"],
+                          "train_cpu_min": (r["cpu_s"] - eval_cpu) / 60})
+        elif "loss" in r:
+            stages[-1]["steps"] += 1
+            stages[-1]["cpu_min"] = (r["cpu_s"] - stages[-1]["start_cpu_s"] - stages[-1]["eval_cpu_s"]) / 60
+    for stage in stages:  # teacher caches included: they are built between steps
+        stage["steps_per_cpu_min"] = stage["steps"] / stage["cpu_min"]
+        del stage["start_cpu_s"], stage["eval_cpu_s"]
+    last = records[-1]
+    return {"run": run, "finished": (run / "model" / "config.json").exists(), "cpu_min": last["cpu_s"] / 60,
+            "train_cpu_min": (last["cpu_s"] - eval_cpu) / 60, "wall_min": (last["time"] - records[0]["time"]) / 60,
+            "steps": max((r["step"] for r in records if "loss" in r), default=0), "curve": curve, "stages": stages}
+
+
+def main() -> None:
+    args = parse_args()
+    out_json = args.out / f"{NAME}.json"
+    previous = json.loads(out_json.read_text()) if out_json.exists() else {}
+    texts = corpora(args.work)
+    load = os.getloadavg()
+    original = original_scores(args, texts)
+    results = {v["name"]: v for v in previous.get("variants", [])
+               if v["name"] not in args.variants and v.get("heldout_tokens") == args.heldout_tokens
+               and v.get("recipe") == args.recipe}
+    for name in args.variants:
+        done = run_variant(name, args)
+        for point in done["curve"]:
+            point["ratio"] = point["ppl"] / original["stdlib"]["ppl"]
+        results[name] = {
+            "name": name, "description": VARIANTS[name][0], "stages": VARIANTS[name][1], "recipe": args.recipe,
+            "heldout_tokens": args.heldout_tokens, "finished": done["finished"], "steps": done["steps"],
+            "cpu_min": round(done["cpu_min"], 2), "train_cpu_min": round(done["train_cpu_min"], 2),
+            "wall_min": round(done["wall_min"], 2), "stage_costs": done["stages"], "curve": done["curve"]}
+        if done["finished"]:  # a variant stopped at --max-cpu-min has its curve only
+            # stdlib: uptrain's own final score (the same held-out tokens); prose: scored here
+            final = {"stdlib": json.loads((done["run"] / "eval.json").read_text())["ppl_uptrained"],
+                     "prose": score(str(done["run"] / "model"), args.recipe, texts["prose"], args.heldout_tokens)}
+            results[name].update({**{f"ppl_{c}": final[c]["ppl"] for c in texts},
+                                  **{f"ratio_{c}": final[c]["ppl"] / original[c]["ppl"] for c in texts},
+                                  **{f"by_position_{c}": final[c]["by_position"] for c in texts}})
+        if not args.keep_runs:
+            subprocess.run(["rm", "-rf", str(done["run"])], check=True)
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k.startswith('ratio')})}, "
+              f"{done['cpu_min']:.1f} CPU-min", flush=True)
+    variants = [results[n] for n in VARIANTS if n in results]
+    table = ["| variant | CPU-min (train) | wall min | stdlib ppl | stdlib ratio | prose ppl | prose ratio |",
+             "|---|---|---|---|---|---|---|"]
+    table.append(f"| original | | | {original['stdlib']['ppl']:.3f} | 1 | {original['prose']['ppl']:.3f} | 1 |")
+    for v in variants:
+        if v["finished"]:
+            scores = (f"{v['ppl_stdlib']:.3f} | {v['ratio_stdlib']:.3f} | {v['ppl_prose']:.3f} | "
+                      f"{v['ratio_prose']:.3f}")
+        elif v["curve"]:  # stopped at the CPU budget: the last point of its curve
+            last = v["curve"][-1]
+            scores = f"{last['ppl']:.3f} (step {last['step']}, stopped) | {last['ratio']:.3f} | - | -"
+        else:
+            scores = "- | - | - | -"
+        table.append(f"| {v['name']} | {v['cpu_min']:.1f} ({v['train_cpu_min']:.1f}) | {v['wall_min']:.1f} | "
+                     f"{scores} |")
+    print("\n".join(table))
+    payload = {"machine": f"shared: {os.cpu_count()} cores, load average {load[0]:.1f} at the start; "
+                          "CPU times are process times", "recipe": args.recipe,
+               "seq_len": original["stdlib"]["seq_len"],
+               "heldout_tokens": args.heldout_tokens, "prose_source": str(PROSE_SOURCE),
+               "original": {c: {"ppl": r["ppl"], "by_position": r["by_position"]} for c, r in original.items()},
+               "variants": variants, "table": table}
+
+    def draw(path: Path, device: str) -> None:
+        with figure(path) as (fig, axes):
+            ax = axes[0][0]
+            for v in variants:
+                points = [(0.0, math.nan)] + [(p["train_cpu_min"], p["ratio"]) for p in v["curve"]]
+                line, = ax.plot([x for x, _ in points], [y for _, y in points], marker=".", label=v["name"])
+                if v["finished"]:
+                    ax.scatter([v["train_cpu_min"]], [v["ratio_prose"]], marker="x", color=line.get_color())
+            ax.axhline(1.3, color="grey", linestyle=":", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("training CPU-minutes (process time, evaluations excluded)")
+            ax.set_ylabel("held-out perplexity / original's")
+            ax.set_title(f"SmolLM2-135M -> LoLCATs, {args.recipe} recipe ({device}; x: prose corpus)", fontsize=9)
+            ax.legend(fontsize=7)
+
+    write_results(NAME, args, payload, draw)
+
+
+if __name__ == "__main__":
+    main()
