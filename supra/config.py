@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .data import DataConfig, DataError, as_data_config
+from .layers.factorized import FactorizeSpec
 from .layers.linearize import LinearizeSpec
 
 
@@ -116,6 +117,8 @@ class RecipeConfig:
     calibration_tokens: int = 8192
     # export
     merge_lora: bool = True
+    # weight factorisation (supra factorize; in uptrain, after conversion and before the stages)
+    factorize: FactorizeSpec = field(default_factory=FactorizeSpec)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -127,6 +130,10 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
                          feature_dim=cfg.feature_dim, window=cfg.window,
                          softmax_layers=list(cfg.softmax_layers), skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)
+
+
+def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
+    return FactorizeSpec(**OmegaConf.to_container(cfg.factorize))
 
 
 STAGE_NAMES = ("attention_transfer", "lora", "full")
@@ -209,6 +216,7 @@ def validate(cfg: DictConfig) -> None:
 
     try:
         linearize_spec(cfg).validate()
+        factorize_spec(cfg).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _one_of("dtype", cfg.dtype, tuple(DTYPES))

@@ -37,6 +37,7 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
             raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
                               "convert the original model instead")
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
+        spec.factorized = dict(previous.get("factorized", {}))
     try:
         return linearize(model, spec)
     except ValueError as err:  # e.g. a layer index the model does not have

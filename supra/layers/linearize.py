@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import METHODS
 from .cache import handed_cache, recurrent_slot
+from .factorized import rebuild_factorized
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 METHOD_NAMES = ("supra", "lolcats", "t2r", "softmax")  # softmax: no conversion (the original model)
@@ -30,6 +31,8 @@ class LinearizeSpec:
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
+    # Linear layers replaced by factors (supra factorize): module name -> layout, see factorized.py
+    factorized: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"),
@@ -83,7 +86,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
-    """Replace attention in place; idempotent on the recorded spec (a reloaded export is re-linearized)."""
+    """Replace attention in place; idempotent on the recorded spec (a reloaded export is re-linearized).
+    Factorized layers the spec records are rebuilt empty, for their saved factors to load into."""
     check_supported(model.config)
     layers = decoder_layers(model)
     spec.validate(len(layers))
@@ -92,6 +96,7 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
             layer.self_attn = SkippedAttention(idx)
         elif spec.method != "softmax" and idx not in spec.softmax_layers:
             layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
+    rebuild_factorized(model, spec.factorized)
     model.config.supra = asdict(spec)
     decoder = model.get_decoder()
     if not getattr(decoder, "_supra_positions_hook", False):
