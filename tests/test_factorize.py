@@ -27,6 +27,7 @@ from supra.layers.factorized import (
 )
 from supra.layers.linearize import LinearizeSpec, linearize
 from supra.models import load_model
+from supra.skip import apply_skip
 
 ARCH = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -144,13 +145,15 @@ def test_factorize_records_and_reloads(tmp_path, smollm2_tokenizer):
                                     + [f"model.layers.{i}.self_attn.{p}_proj" for i in range(3) for p in "qk"])
     assert isinstance(model.model.layers[1].self_attn.q_proj, TensorTrainLinear)
     assert model.model.layers[1].self_attn.q_proj.bias is not None
+    apply_skip(model, [1])  # its factorized q/k projections go with it
     model.save_pretrained(tmp_path / "m")
     reloaded = load_model(str(tmp_path / "m")).eval()
     ids = smollm2_tokenizer("def f(x): return x", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
     names = factor_parameter_names(reloaded)
-    assert len(names) == 2 * 6 + 2 * 6 and "model.layers.0.mlp.up_proj.u" in names
+    assert len(names) == 2 * 6 + 2 * 4 and "model.layers.0.mlp.up_proj.u" in names
+    assert "model.layers.1.self_attn.q_proj" not in reloaded.config.supra["factorized"]
 
 
 def test_factorized_converted_export_loads_without_supra_and_generates_exactly(tmp_path, smollm2_tokenizer):

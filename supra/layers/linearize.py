@@ -96,6 +96,8 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
             layer.self_attn = SkippedAttention(idx)
         elif spec.method != "softmax" and idx not in spec.softmax_layers:
             layer.self_attn = METHODS[spec.method](layer.self_attn, model.config, idx, spec)
+    present = dict(model.named_modules())  # a skipped attention sublayer took its factorized projections
+    spec.factorized = {name: layout for name, layout in spec.factorized.items() if name in present}
     rebuild_factorized(model, spec.factorized)
     model.config.supra = asdict(spec)
     decoder = model.get_decoder()
