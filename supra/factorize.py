@@ -128,11 +128,14 @@ def choose_tt_ranks(spec: FactorizeSpec, out_modes: list[int], in_modes: list[in
 def input_grams(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per named Linear, sum of x x^T over every input token of `batches` (float64)."""
     grams: dict[str, torch.Tensor] = {}
+    last: list = [None, None]  # (input, its gram): gate/up and q/k/v read the same tensor
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
+            if args[0] is not last[0]:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                last[:] = [args[0], (x.T @ x).double()]  # one batch in float32, the sum in float64
+            grams[name] = grams.get(name, 0) + last[1]
         return accumulate
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
@@ -143,6 +146,7 @@ def input_grams(model: nn.Module, names: list[str], batches: list[torch.Tensor])
         for batch in batches:
             model(input_ids=batch.to(device), use_cache=False)
     finally:
+        last.clear()
         model.train(was_training)
         for handle in handles:
             handle.remove()
