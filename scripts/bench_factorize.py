@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -75,22 +76,33 @@ def disk_bytes(directory: Path) -> int:
 
 
 def variants(args: argparse.Namespace) -> list[dict]:
-    """name, base (original or lolcats), factorize overrides (None: the base itself)."""
+    """name, base (original or lolcats), factorize overrides (None: the base itself), heal or not."""
     rows = [{"name": "original", "base": "original", "method": "-", "ratio": 1.0, "factorize": None}]
-    for method in ("low_rank", "tensor_train"):
-        for ratio in args.ratios:
-            extra = ["factorize.activation_aware=true"] if method == "low_rank" else []
-            rows.append({"name": f"{method} {ratio:.0%}", "base": "original", "method": method, "ratio": ratio,
-                         "factorize": [f"factorize.method={method}", f"factorize.ratio={ratio}", *extra]})
+    for ratio in args.ratios:
+        rows.append({"name": f"low_rank {ratio:.0%}", "base": "original", "method": "low_rank", "ratio": ratio,
+                     "factorize": ["factorize.method=low_rank", f"factorize.ratio={ratio}",
+                                   "factorize.activation_aware=true"]})
     low = min(args.ratios)  # what the activation statistics buy, at the strongest compression
     rows.append({"name": f"low_rank {low:.0%} (plain SVD)", "base": "original", "method": "low_rank (plain)",
-                 "ratio": low, "factorize": ["factorize.method=low_rank", f"factorize.ratio={low}"]})
+                 "ratio": low, "factorize": ["factorize.method=low_rank", f"factorize.ratio={low}"], "heal": False})
+    for ratio in args.tt_ratios:
+        rows.append({"name": f"tensor_train {ratio:.0%}", "base": "original", "method": "tensor_train",
+                     "ratio": ratio, "factorize": ["factorize.method=tensor_train", f"factorize.ratio={ratio}"],
+                     "heal": ratio <= args.tt_heal_max_ratio})
     rows.append({"name": "lolcats", "base": "lolcats", "method": "-", "ratio": 1.0, "factorize": None})
     mid = sorted(args.ratios)[len(args.ratios) // 2]
     rows.append({"name": f"lolcats + low_rank {mid:.0%}", "base": "lolcats", "method": "low_rank", "ratio": mid,
                  "factorize": ["factorize.method=low_rank", f"factorize.ratio={mid}",
                                "factorize.activation_aware=true"]})
-    return [r for r in rows if not args.only or r["name"] in args.only]
+    return [{"heal": True, **r} for r in rows if not args.only or r["name"] in args.only]
+
+
+def tt_macs_ratio(layout: dict) -> float:
+    """Multiply-adds per token of the core-by-core contraction over the dense layer's (exact count)."""
+    out_modes, in_modes, bonds = layout["out_modes"], layout["in_modes"], [1, *layout["ranks"], 1]
+    macs = sum(math.prod(out_modes[:k]) * bonds[k] * n * m * bonds[k + 1] * math.prod(in_modes[k + 1:])
+               for k, (m, n) in enumerate(zip(out_modes, in_modes)))
+    return macs / (math.prod(out_modes) * math.prod(in_modes))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -137,9 +149,13 @@ def draw(rows: list[dict], path: Path, device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.75, 0.5])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.75, 0.5], help="low-rank")
+    parser.add_argument("--tt-ratios", type=float, nargs="+", default=[0.5, 0.1])
+    parser.add_argument("--tt-heal-max-ratio", type=float, default=0.1,
+                        help="heal tensor-train models up to this ratio only: above it the cores cost many times "
+                             "the dense layer's CPU time (see tt_macs_over_dense)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens scored")
+    parser.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens scored")
     parser.add_argument("--calibration-tokens", type=int, default=1024, help="for activation-aware low rank")
     parser.add_argument("--heal-tokens", type=int, default=2048, help="tokens of the healing lora stage (0: none)")
     parser.add_argument("--heal-lr", type=float, default=5e-4)
@@ -191,6 +207,8 @@ def main() -> None:
                                          *common, f"out={source}")
             report = json.loads((Path(source) / "factorize.json").read_text())
             row["mean_relative_error"] = statistics.mean(x["relative_error"] for x in report["layers"])
+            if variant["method"] == "tensor_train":
+                row["tt_macs_over_dense"] = statistics.mean(tt_macs_ratio(x["layout"]) for x in report["layers"])
         model = load_model(source).eval()
         counts, fraction = count_parameters(model), factorized_fraction(model)
         row["params"] = counts["total"]
@@ -203,7 +221,7 @@ def main() -> None:
         row.update(ppl=ppl["ppl"], ppl_tokens=ppl["tokens"], ppl_cpu_s=time.process_time() - start)
         row.update(cpu_speed(model, prompt, args.new_tokens))
         del model
-        if args.heal_tokens > 0:
+        if args.heal_tokens > 0 and variant["heal"]:
             healed = work / "healed" / Path(source).name
             row["heal_cpu_s"] = cli("uptrain", f"model={source}", *common, *heal, f"out={healed}")
             row["ppl_healed"] = json.loads((healed / "eval.json").read_text())["ppl_uptrained"]["ppl"]
