@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -238,3 +239,12 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, overrides, message):
     err = capsys.readouterr().err
     assert err.startswith("supra: error: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_dry_run_counts_the_factorized_parameters(capsys):
+    def total(*extra: str) -> float:
+        assert main(["uptrain", "recipe=llama7b", "train.dry_run=true", "train.world_size=8", *extra]) == 0
+        return float(re.search(r"parameters: total ([\d.]+)B", capsys.readouterr().out).group(1))
+
+    mlp = 32 * 3 * 4096 * 11008 / 1e9
+    assert total("factorize.method=low_rank", "factorize.ratio=0.5") == pytest.approx(total() - mlp / 2, abs=0.01)

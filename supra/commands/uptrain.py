@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..config import ConfigError, run_dir
+from ..config import ConfigError, factorize_spec, run_dir
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
-from ..factorize import apply_record, factorize_from_config
+from ..factorize import apply_record, factorize_from_config, plan_layouts
 from ..models import SourceError, count_parameters, load_model, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
@@ -183,6 +183,8 @@ def dry_run(cfg: DictConfig) -> int:
         layers = model.config.num_hidden_layers
         cfg.skip_layers, cfg.n = list(range(layers - cfg.n, layers)), 0
     convert_model(model, cfg)
+    if cfg.factorize.method != "none":  # the layouts need only shapes: empty factorized layers on meta
+        apply_record(model, plan_layouts(model, factorize_spec(cfg)))
     counts = count_parameters(model)
     plans = plan_stages(cfg, world_size)
     table = Table(title=f"dry run: {cfg.recipe or cfg.model} on {world_size} GPUs")
