@@ -16,7 +16,8 @@ Timing runs on one thread and counts process CPU time (time.process_time), not w
 machine is shared, and CPU time is what another process cannot inflate. Prefill is one forward of
 a `--prompt-tokens` prompt into a cache (best of 2), decode the median step of `--new-tokens`.
 
-    .venv/bin/python scripts/bench_factorize.py [--ratios 0.9 0.75 0.5] [--heal-tokens 2048]
+    .venv/bin/python scripts/bench_factorize.py [--ratios 0.9 0.75 0.5] [--heal-tokens 2048] [--only NAME ...]
+    .venv/bin/python scripts/bench_factorize.py --replot --out JSON   # PNG and table of a (partial) run
 
 Prints a markdown table; writes benchmarks/results/cpu/factorize_smollm2.json (after every model,
 so an interrupted run keeps what it measured) and .png.
@@ -165,7 +166,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only these variant names")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-factorize"))
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG and table of an existing --out JSON")
     args = parser.parse_args()
+    if args.replot:
+        record = json.loads(Path(args.out).read_text())
+        draw(record["rows"], Path(args.out).with_suffix(".png"), record["device"])
+        print(markdown(record["rows"]))
+        return
     torch.set_num_threads(1)
 
     from supra.config import load_config
