@@ -187,8 +187,8 @@ def factorize_model(model: nn.Module, spec: FactorizeSpec,
         w = linear.weight.detach()
         if layout["kind"] == "low_rank":
             u, v, dropped = low_rank_factors(w, layout["rank"], grams.get(name))
-            scale = (w.to(u.dtype) @ torch.linalg.cholesky(grams[name].to(u.dtype))).norm() if name in grams \
-                else w.to(u.dtype).norm()
+            # relative to ||W L|| (the outputs' norm on the calibration text) when whitened
+            scale = torch.trace(w.double() @ grams[name] @ w.double().T).sqrt() if name in grams else w.norm()
             factors = {"u": u, "v": v}
         else:
             cores, dropped = tt_svd(w, layout["out_modes"], layout["in_modes"], layout["ranks"])

@@ -85,6 +85,16 @@ def test_whitened_svd_error_is_the_output_error_on_the_calibration_inputs():
     assert output_error < ((w - u0 @ v0) @ x.T).norm()
 
 
+def test_whitening_survives_fewer_calibration_tokens_than_input_channels():
+    """Gram of rank 10 < 24 channels: singular, so the eps shift must keep Cholesky going (in float32
+    weights, as a model has them), and the result still fits the seen inputs better than plain SVD."""
+    w, x = weight(16, 24).float(), torch.randn(10, 24)
+    u, v, _ = low_rank_factors(w, 5, gram=(x.T @ x).double())
+    u0, v0, _ = low_rank_factors(w, 5)
+    assert torch.isfinite(u @ v).all()
+    assert ((w - (u @ v).float()) @ x.T).norm() < ((w - u0 @ v0) @ x.T).norm()
+
+
 @pytest.mark.parametrize("ranks", [[1, 1], [3, 5], [6, 2]])
 def test_tt_svd_error_is_the_discarded_singular_values(ranks):
     w = weight(30, 24, seed=sum(ranks))

@@ -80,17 +80,17 @@ def low_rank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None 
     """(U, V, discarded singular values) with U V the best rank-`rank` approximation of `weight`.
 
     With `gram` (sum of x x^T over calibration inputs), W L is decomposed, L the Cholesky factor of
-    gram (+ eps * mean diagonal, so a never-active input channel does not make it singular), and
-    V = V' L^{-1}: the best rank-r approximation in the output error ||(W - U V) X^T||_F."""
-    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    gram (+ eps * mean diagonal: fewer calibration tokens than input channels, or a channel never
+    active, leave gram singular), and V = V' L^{-1}: the best rank-r approximation in the output
+    error ||(W - U V) X^T||_F. That path runs in float64, where the eps shift keeps gram definite."""
     if gram is None:
+        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
         return left, right, s[rank:]
-    g = gram.to(w.dtype)
-    g = g + eps * g.diagonal().mean().clamp_min(torch.finfo(w.dtype).tiny) * torch.eye(len(g), dtype=w.dtype,
-                                                                                         device=w.device)
-    chol = torch.linalg.cholesky(g)
+    w, g = weight.double(), gram.to(weight.device, torch.float64)
+    shift = eps * g.diagonal().mean() if eps > 0 else 0.0
+    chol = torch.linalg.cholesky(g + shift * torch.eye(len(g), dtype=g.dtype, device=g.device))
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
     right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)  # right @ L^{-1}
