@@ -82,19 +82,20 @@ def low_rank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None 
     With `gram` (sum of x x^T over calibration inputs), W L is decomposed, L the Cholesky factor of
     gram (+ eps * mean diagonal: fewer calibration tokens than input channels, or a channel never
     active, leave gram singular), and V = V' L^{-1}: the best rank-r approximation in the output
-    error ||(W - U V) X^T||_F. That path runs in float64, where the eps shift keeps gram definite."""
+    error ||(W - U V) X^T||_F. Cholesky and L^{-1} run in float64, where the eps shift keeps gram
+    definite; the SVD in the weight's precision (at least float32)."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
     if gram is None:
-        w = weight.to(torch.promote_types(weight.dtype, torch.float32))
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(weight.to(compute), full_matrices=False)
         left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
         return left, right, s[rank:]
-    w, g = weight.double(), gram.to(weight.device, torch.float64)
+    g = gram.to(weight.device, torch.float64)
     shift = eps * g.diagonal().mean() if eps > 0 else 0.0
     chol = torch.linalg.cholesky(g + shift * torch.eye(len(g), dtype=g.dtype, device=g.device))
-    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    u, s, vh = torch.linalg.svd((weight.double() @ chol).to(compute), full_matrices=False)
     left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
-    right = torch.linalg.solve_triangular(chol, right, upper=False, left=False)  # right @ L^{-1}
-    return left, right, s[rank:]
+    right = torch.linalg.solve_triangular(chol, right.double(), upper=False, left=False)  # right @ L^{-1}
+    return left, right.to(compute), s[rank:]
 
 
 def full_tt_ranks(out_modes: list[int], in_modes: list[int]) -> list[int]:
