@@ -93,6 +93,8 @@ def test_whitening_survives_fewer_calibration_tokens_than_input_channels():
     u0, v0, _ = low_rank_factors(w, 5)
     assert torch.isfinite(u @ v).all()
     assert ((w - (u @ v).float()) @ x.T).norm() < ((w - u0 @ v0) @ x.T).norm()
+    indefinite = (x.T @ x).double() - 1e-3 * torch.eye(24, dtype=torch.float64)  # float32 sums can be
+    assert torch.isfinite(low_rank_factors(w, 5, gram=indefinite)[0]).all()
 
 
 @pytest.mark.parametrize("ranks", [[1, 1], [3, 5], [6, 2]])

@@ -82,16 +82,21 @@ def low_rank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None 
     With `gram` (sum of x x^T over calibration inputs), W L is decomposed, L the Cholesky factor of
     gram (+ eps * mean diagonal: fewer calibration tokens than input channels, or a channel never
     active, leave gram singular), and V = V' L^{-1}: the best rank-r approximation in the output
-    error ||(W - U V) X^T||_F. Cholesky and L^{-1} run in float64, where the eps shift keeps gram
-    definite; the SVD in the weight's precision (at least float32)."""
+    error ||(W - U V) X^T||_F. Cholesky and L^{-1} run in float64; the SVD in the weight's
+    precision (at least float32)."""
     compute = torch.promote_types(weight.dtype, torch.float32)
     if gram is None:
         u, s, vh = torch.linalg.svd(weight.to(compute), full_matrices=False)
         left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
         return left, right, s[rank:]
     g = gram.to(weight.device, torch.float64)
-    shift = eps * g.diagonal().mean() if eps > 0 else 0.0
-    chol = torch.linalg.cholesky(g + shift * torch.eye(len(g), dtype=g.dtype, device=g.device))
+    eye, scale = torch.eye(len(g), dtype=g.dtype, device=g.device), g.diagonal().mean().clamp_min(1e-30)
+    shift = eps * scale
+    while True:  # a Gram summed from float32 batches can be slightly indefinite: grow the shift until definite
+        chol, info = torch.linalg.cholesky_ex(g + shift * eye)
+        if info == 0:
+            break
+        shift = max(10 * shift, 1e-12 * scale)
     u, s, vh = torch.linalg.svd((weight.double() @ chol).to(compute), full_matrices=False)
     left, right = split_factors(u[:, :rank], s[:rank], vh[:rank])
     right = torch.linalg.solve_triangular(chol, right.double(), upper=False, left=False)  # right @ L^{-1}
