@@ -112,11 +112,11 @@ def markdown(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     original = next(r for r in rows if r["name"] == "original")
     for r in rows:
-        healed = (f"{r['ppl_healed']:.2f} | {r['ppl_healed'] / original['ppl_healed']:.3f}"
+        healed = (f"{r['ppl_healed']:.4g} | {r['ppl_healed'] / original['ppl_healed']:.3g}"
                   if "ppl_healed" in r and "ppl_healed" in original else "- | -")
         lines.append(f"| {r['name']} | {r['mlp_kept']:.0%} | {r['params'] / 1e6:.1f}M | {r['disk_bytes'] / 1e6:.0f} | "
-                     f"{r['prefill_cpu_s']:.2f} | {r['decode_cpu_ms_per_token']:.1f} | {r['ppl']:.2f} | "
-                     f"{r['ppl'] / original['ppl']:.3f} | {healed} |")
+                     f"{r['prefill_cpu_s']:.2f} | {r['decode_cpu_ms_per_token']:.1f} | {r['ppl']:.4g} | "
+                     f"{r['ppl'] / original['ppl']:.3g} | {healed} |")
     return "\n".join(lines)
 
 
