@@ -22,6 +22,7 @@ COMMANDS = {
     "export": "write a Hugging Face directory loadable without supra (model=RUN out=DIR)",
     "convert": "swap softmax attention for recurrent attention, untrained (method=supra|lolcats|t2r)",
     "skip": "remove attention sublayers chosen by similarity or position (select=... n=K)",
+    "factorize": "replace Linear weights by low-rank or tensor-train factors (factorize.method=... ratio=F)",
     "recipes": "list the shipped recipes, or print one (recipe=NAME)",
 }
 

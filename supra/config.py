@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .data import DataConfig, DataError, as_data_config
 from .data.config import DATA_RANGES
 from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ranges, count
+from .layers.factorized import FactorizeSpec
 from .layers.linearize import LinearizeSpec
 from .softmax_select import parse_auto
 
@@ -127,6 +128,8 @@ class RecipeConfig:
     calibration_tokens: int = 8192
     # export
     merge_lora: bool = True
+    # weight factorisation (supra factorize; in uptrain, after conversion and before the stages)
+    factorize: FactorizeSpec = field(default_factory=FactorizeSpec)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,6 +143,10 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
                          softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),
                          skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)
+
+
+def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
+    return FactorizeSpec(**OmegaConf.to_container(cfg.factorize))
 
 
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
@@ -160,6 +167,8 @@ RANGES: dict[str, Range] = {
     "eval.passkey_depths.*": Range(0, 1), "eval.passkey_trials": count(1), "eval.speed_lengths.*": count(1),
     "eval.speed_decode_tokens": count(1), "eval.lm_eval_limit": count(1, optional=True),
     "eval.lm_eval_fewshot": count(0, optional=True),
+    "factorize.rank": count(1, optional=True), "factorize.ratio": Range(0, 1, lo_open=True, optional=True),
+    "factorize.layers.*": count(0), "factorize.tt_cores": count(2), "factorize.tt_shapes.*.*": count(1),
 }
 
 STAGE_NAMES = ("attention_transfer", "lora", "full", "distill")
@@ -258,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
     check_ranges(OmegaConf.to_container(cfg, resolve=True), RANGES, ConfigError)
     try:
         linearize_spec(cfg).validate()
+        factorize_spec(cfg).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _one_of("dtype", cfg.dtype, tuple(DTYPES))

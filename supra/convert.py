@@ -15,13 +15,14 @@ from transformers import PreTrainedTokenizerBase
 from .config import ConfigError, linearize_spec
 from .layers.linearize import linearize
 from .models import SourceError
-from .skip import calibration_batches, select_and_skip
+from .skip import apply_skip, calibration_batches, select_and_skip
 from .softmax_select import choose_softmax_layers, parse_auto
 
 
 def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> nn.Module:
     """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
-    one already linearized is refused, since converting twice would stack feature maps.
+    one already linearized is refused, since converting twice would stack feature maps, unless
+    method=softmax asks for no conversion: then it stays as it is (its record too).
 
     With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
     on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
@@ -42,7 +43,10 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
         if previous.get("method") != "softmax" and spec.method != "softmax":
             raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
                               "convert the original model instead")
+        if previous.get("method") != "softmax":  # method=softmax: it stays converted (e.g. to be healed)
+            return apply_skip(model, list(spec.skip_layers))
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
+        spec.factorized = dict(previous.get("factorized", {}))
     try:
         auto = parse_auto(cfg.softmax_layers)
         if auto is None:

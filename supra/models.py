@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import UserError, check_output_dir
+from .layers.factorized import factor_parameter_names
 from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names
 
 SMOLLM2 = "smollm2-135m"
@@ -167,10 +168,10 @@ def _check_supported(config: Any) -> None:
 
 
 def _load_new_parameters(model: nn.Module, directory: Path) -> None:
-    """from_pretrained knows only the base architecture; the feature maps are loaded here."""
+    """from_pretrained knows only the base architecture; the feature maps and factors are loaded here."""
     from safetensors.torch import load_file
 
-    wanted = set(new_parameter_names(model))
+    wanted = set(new_parameter_names(model)) | set(factor_parameter_names(model))
     found: dict[str, torch.Tensor] = {}
     index = directory / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()

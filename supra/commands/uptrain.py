@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..config import ConfigError, run_dir
+from ..config import ConfigError, factorize_spec, run_dir
 from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
+from ..factorize import apply_record, factorize_from_config, plan_layouts
 from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
@@ -62,6 +63,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer)
     convert_model(model, cfg, tokenizer)
+    factorize_from_config(model, cfg, tokenizer)
     if evaluate:
         _heldout_ppl(cfg, run, "converted", model, tokenizer)
     counts = count_parameters(model)
@@ -131,7 +133,9 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local = cfg.copy()
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
-        plain = add_lora(convert_model(plain, local, tokenizer), list(cfg.train.stages))
+        convert_model(plain, local, tokenizer)
+        apply_record(plain, (getattr(model.config, "supra", None) or {}).get("factorized", {}))
+        plain = add_lora(plain, list(cfg.train.stages))
         plain.load_state_dict(state)
         save_model(merge_lora(plain), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
@@ -182,6 +186,8 @@ def dry_run(cfg: DictConfig) -> int:
         layers = model.config.num_hidden_layers
         cfg.skip_layers, cfg.n = list(range(layers - cfg.n, layers)), 0
     convert_model(model, cfg)
+    if cfg.factorize.method != "none":  # the layouts need only shapes: empty factorized layers on meta
+        apply_record(model, plan_layouts(model, factorize_spec(cfg)))
     counts = count_parameters(model)
     plans = plan_stages(cfg, world_size)
     table = Table(title=f"dry run: {cfg.recipe or cfg.model} on {world_size} GPUs")

@@ -105,7 +105,8 @@ class RecurrentAttention(nn.Module):
         self.transfer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def factory(self) -> dict:
-        return {"device": self.q_proj.weight.device, "dtype": self.q_proj.weight.dtype}
+        weight = next(self.q_proj.parameters())  # q_proj may be factorized (no .weight)
+        return {"device": weight.device, "dtype": weight.dtype}
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache: Any = None, past_key_values: Any = None,

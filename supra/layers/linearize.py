@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2RAttention
 from .cache import handed_cache, recurrent_slot
+from .factorized import rebuild_factorized
 from .gated import GatedDeltaAttention, GlaAttention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -40,6 +41,8 @@ class LinearizeSpec:
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
+    # Linear layers replaced by factors (supra factorize): module name -> layout, see factorized.py
+    factorized: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
@@ -96,11 +99,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
-    """Replace attention in place; idempotent on the recorded spec (a reloaded export is re-linearized)."""
+    """Replace attention in place; idempotent on the recorded spec (a reloaded export is re-linearized).
+    Factorized layers the spec records are rebuilt empty, for their saved factors to load into."""
     check_supported(model.config)
     layers = decoder_layers(model)
     spec.validate(len(layers))
     swap_attention(model, spec, range(len(layers)))
+    present = dict(model.named_modules())  # a skipped attention sublayer took its factorized projections
+    spec.factorized = {name: layout for name, layout in spec.factorized.items() if name in present}
+    rebuild_factorized(model, spec.factorized)
     model.config.supra = asdict(spec)
     decoder = model.get_decoder()
     if not getattr(decoder, "_supra_positions_hook", False):

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data.packing import IGNORE_INDEX
 from ..layers.attention import RecurrentAttention, teacher_only
+from ..layers.factorized import FACTORIZED, factor_parameter_names
 from ..layers.linearize import new_parameter_names
 
 TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
@@ -36,8 +37,14 @@ def add_lora(model: nn.Module, stages: list[DictConfig]) -> nn.Module:
         return model
     from peft import LoraConfig, get_peft_model
 
+    targets = list(lora.lora_targets)
+    if any(isinstance(m, FACTORIZED) for m in model.modules()):  # peft cannot wrap those; their factors
+        targets = [name for name, m in model.named_modules()  # train in the lora stage instead
+                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+        if not targets:
+            return model
     config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                        target_modules=list(lora.lora_targets), bias="none")
+                        target_modules=targets, bias="none")
     return get_peft_model(model, config)
 
 
@@ -57,8 +64,9 @@ def set_trainable(model: nn.Module, stage: DictConfig) -> None:
         if not new:
             raise ValueError(f"{stage.name} has nothing to train: the model has no converted layers")
         trainable = lambda name: name in new
-    elif which == "lora":
-        trainable = lambda name: "lora_" in name
+    elif which == "lora":  # LoRA adapters, and the factors of factorized layers (low-rank already)
+        factors = set(factor_parameter_names(model))
+        trainable = lambda name: "lora_" in name or name in factors
     else:
         trainable = lambda name: True
     for name, param in model.named_parameters():
