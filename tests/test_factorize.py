@@ -234,7 +234,7 @@ def test_uptrain_factorizes_converted_layers_before_the_stages(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["factorize.rank=0"], "factorize.rank must be >= 1"),
+    (["factorize.rank=0"], "factorize.rank must be an integer >= 1"),
     (["factorize.rank=65"], "above full rank 64"),
     (["factorize.rank=4", "factorize.targets=[mlp.nothing*]"], "match no Linear layer"),
     (["factorize.rank=4", "factorize.layers=[7]"], "valid layers are 0..1"),
