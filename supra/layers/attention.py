@@ -84,6 +84,34 @@ def restarting_rows(starts: torch.Tensor | None) -> torch.Tensor | None:
     return starts[:, 0]
 
 
+def documents_restart(starts: torch.Tensor | None, state: Any) -> bool:
+    """Whether a document starts inside a row, or at its first token while a state is carried in:
+    then the rows cannot run as one batched call."""
+    return starts is not None and bool(starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
+
+
+def pack_documents(op: Callable, tensors: tuple[torch.Tensor, ...], state: torch.Tensor | None,
+                   starts: torch.Tensor, state_shape: tuple[int, ...], state_dtype: torch.dtype,
+                   want_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows whose documents restart inside them (packed training, left padding) run as one varlen
+    row (B=1, cu_seqlens): `op(packed tensors, initial states, cu_seqlens) -> (out, final states)`.
+    A row's first document continues the carried state unless it starts at position 0; the state
+    returned per row is that of its last document."""
+    B, T = starts.shape
+    flat = starts.clone()
+    flat[:, 0] = True
+    doc_start = flat.flatten().nonzero().squeeze(1)
+    cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
+    initial = torch.zeros(len(doc_start), *state_shape, device=starts.device, dtype=state_dtype)
+    if state is not None:
+        carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
+        initial[carries] = state[(doc_start // T)[carries]].to(state_dtype)
+    out, final = op(tuple(x.reshape(1, B * T, *x.shape[2:]) for x in tensors), initial, cu_seqlens)
+    if want_state:
+        final = final[torch.searchsorted(doc_start, torch.arange(1, B + 1, device=starts.device) * T) - 1]
+    return out.view(B, T, *out.shape[2:]), final
+
+
 class RecurrentAttention(nn.Module):
     """Shared plumbing: projections, cache slot, output projection. Subclasses implement
     `mix(q, k, v, position_embeddings, state, starts, want_state) -> (out, state)`; when
@@ -156,30 +184,18 @@ class RecurrentAttention(nn.Module):
                 log_decay = log_decay[:, 0]
             out = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, log_decay, scale, backend=backend)
             return out.unsqueeze(1), state
-        fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
-        if fresh:
+        if not documents_restart(starts, state):
             return linear_attention(q, k, v, log_decay, scale, state, want_state, backend=backend)
-        # Documents restart inside rows: pack all rows into one varlen row (B=1, cu_seqlens).
-        B, T, H, K = q.shape
-        flat = starts.clone()
-        flat[:, 0] = True
-        doc_start = flat.flatten().nonzero().squeeze(1)
-        cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
-        doc_row = doc_start // T
-        if log_decay is not None and log_decay.dim() == 3:  # per token (B, T, H): packed like the tokens
-            log_decay = log_decay.reshape(1, B * T, H)
-        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device,
-                              dtype=torch.float32 if state is None else state.dtype)  # float64 stays float64
-        if state is not None:  # a row's first document continues the carried state unless it starts at 0
-            carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
-            initial[carries] = state[doc_row[carries]]
-        out, final = linear_attention(q.reshape(1, B * T, H, K), k.reshape(1, B * T, H, K),
-                                      v.reshape(1, B * T, H, -1), log_decay, scale, initial, want_state,
-                                      cu_seqlens=cu_seqlens, backend=backend)
-        if want_state:
-            last_doc = torch.searchsorted(doc_start, torch.arange(1, B + 1, device=q.device) * T) - 1
-            final = final[last_doc]
-        return out.view(B, T, H, -1), final
+        per_token = log_decay is not None and log_decay.dim() == 3  # (B, T, H): packed like the tokens
+
+        def packed(tensors, initial, cu_seqlens):
+            return linear_attention(*tensors[:3], tensors[3] if per_token else log_decay, scale, initial, want_state,
+                                    cu_seqlens=cu_seqlens, backend=backend)
+
+        state_shape = (q.shape[2], q.shape[3], v.shape[-1])
+        state_dtype = torch.float32 if state is None else state.dtype  # float64 stays float64
+        return pack_documents(packed, (q, k, v, log_decay) if per_token else (q, k, v), state, starts,
+                              state_shape, state_dtype, want_state)
 
 
 class SupraAttention(RecurrentAttention):
@@ -281,8 +297,7 @@ def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, st
                  merge: Callable) -> tuple[torch.Tensor, Any]:
     """Run `op(*tensors, state)` separately on each document of each row when documents restart
     inside rows (packed training, left padding); one batched call otherwise."""
-    fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
-    if fresh:
+    if not documents_restart(starts, state):
         return op(*tensors, state)
     B, T = starts.shape
     outs, finals = [], []

@@ -34,7 +34,9 @@ from ..kernels import HybridState, delta_rule, delta_rule_step, window_hybrid_at
 from .attention import (
     RecurrentAttention,
     at_least_float32,
+    documents_restart,
     merge_hybrid_states,
+    pack_documents,
     per_document,
     repeat_heads,
     restart_hybrid_rows,
@@ -180,21 +182,12 @@ class GatedDeltaAttention(GatedAttention):
                 state.mul_(~restart.view(-1, 1, 1, 1))
             out = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, log_decay[:, 0], 1.0)
             return out.unsqueeze(1), state
-        fresh = starts is None or not (starts[:, 1:].any() or (state is not None and starts[:, 0].any()))
-        if fresh:
+        if not documents_restart(starts, state):
             return delta_rule(q, k, v, beta, log_decay, 1.0, state, want_state, backend=backend)
-        B, T, H, K = q.shape
-        flat = starts.clone()
-        flat[:, 0] = True
-        doc_start = flat.flatten().nonzero().squeeze(1)
-        cu_seqlens = torch.cat([doc_start, doc_start.new_tensor([B * T])])
-        initial = torch.zeros(len(doc_start), H, K, v.shape[-1], device=q.device, dtype=q.dtype)
-        if state is not None:  # a row's first document continues the carried state unless it starts at 0
-            carries = (doc_start % T == 0) & ~starts.flatten()[doc_start]
-            initial[carries] = state[(doc_start // T)[carries]].to(q.dtype)
-        packed = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, beta, log_decay))
-        out, final = delta_rule(*packed, 1.0, initial, want_state, cu_seqlens=cu_seqlens, backend=backend)
-        if want_state:
-            final = final[torch.searchsorted(doc_start, torch.arange(1, B + 1, device=q.device) * T) - 1]
-        return out.view(B, T, H, -1), final
+
+        def packed(tensors, initial, cu_seqlens):
+            return delta_rule(*tensors, 1.0, initial, want_state, cu_seqlens=cu_seqlens, backend=backend)
+
+        return pack_documents(packed, (q, k, v, beta, log_decay), state, starts, (q.shape[2], q.shape[3], v.shape[-1]),
+                              q.dtype, want_state)
 
