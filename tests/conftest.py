@@ -29,3 +29,12 @@ def smollm2_tokenizer(smollm2_dir):
     from supra.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Random inputs differ from test to test but not from run to run, so a tolerance failure on an
+    unlucky draw reproduces instead of flaking CI; `SUPRA_TEST_SEED=N` draws another set."""
+    import zlib
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("SUPRA_TEST_SEED", "0")))
