@@ -64,7 +64,7 @@ def test_convert_command_records_the_measured_choice(tmp_path, smollm2_tokenizer
 
 @pytest.mark.parametrize("value, message", [
     ("softmax_layers=best", "softmax_layers must be a list of layer indices or auto:K"),
-    ("softmax_layers=[a,1]", "softmax_layers must be a list of layer indices or auto:K"),
+    ("softmax_layers=[a,1]", "softmax_layers[0] must be an integer >= 0"),
     ("softmax_layers=auto:5", "softmax_layers=auto:5 is out of range: 4 layers are converted, so K must be in 0..4"),
 ])
 def test_bad_auto_requests_are_one_line_errors(value, message, tmp_path, capsys, smollm2_tokenizer):
