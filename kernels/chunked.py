@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import _per_document, expand_log_decay, state_dtype
+from .reference import expand_log_decay, per_document, state_dtype
 
 
 def chunk_linear_attention(
@@ -27,7 +27,7 @@ def chunk_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if cu_seqlens is not None:
         op = lambda *a: chunk_linear_attention(*a, chunk_size=chunk_size)  # noqa: E731
-        return _per_document(op, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return per_document(op, (q, k, v), log_decay, scale, initial_state, output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

@@ -27,21 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import expand_log_decay, split_documents, state_dtype
-
-
-def _per_document(op, q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens):
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {q.shape[0]}")
-    outs, finals = [], []
-    for n, (start, end) in enumerate(split_documents(cu_seqlens)):
-        g = log_decay[:, start:end] if log_decay is not None and log_decay.dim() == 3 else log_decay
-        h0 = initial_state[n:n + 1] if initial_state is not None else None
-        o, h = op(q[:, start:end], k[:, start:end], v[:, start:end], beta[:, start:end], g, scale, h0,
-                  output_final_state)
-        outs.append(o)
-        finals.append(h)
-    return torch.cat(outs, dim=1), (torch.cat(finals) if output_final_state else None)
+from .reference import expand_log_decay, per_document, state_dtype
 
 
 def recurrent_delta_rule(
@@ -57,7 +43,7 @@ def recurrent_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token recurrence: the definition every other form is tested against."""
     if cu_seqlens is not None:
-        return _per_document(recurrent_delta_rule, q, k, v, beta, log_decay, scale, initial_state,
+        return per_document(recurrent_delta_rule, (q, k, v, beta), log_decay, scale, initial_state,
                              output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -115,7 +101,7 @@ def chunk_delta_rule(
     """The chunked WY form in torch (the CPU path); autograd gives the backward."""
     if cu_seqlens is not None:
         op = lambda *a: chunk_delta_rule(*a, chunk_size=chunk_size)  # noqa: E731
-        return _per_document(op, q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return per_document(op, (q, k, v, beta), log_decay, scale, initial_state, output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

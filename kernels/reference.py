@@ -48,7 +48,7 @@ def recurrent_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token recurrence: the definition, and the decode path's twin."""
     if cu_seqlens is not None:
-        return _per_document(recurrent_linear_attention, q, k, v, log_decay, scale, initial_state,
+        return per_document(recurrent_linear_attention, (q, k, v), log_decay, scale, initial_state,
                              output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -80,7 +80,7 @@ def parallel_linear_attention(
     D[i, j] = exp(G_i - G_j) for j <= i, with G the running sum of the log decay.
     """
     if cu_seqlens is not None:
-        return _per_document(parallel_linear_attention, q, k, v, log_decay, scale, initial_state,
+        return per_document(parallel_linear_attention, (q, k, v), log_decay, scale, initial_state,
                              output_final_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
@@ -101,18 +101,20 @@ def parallel_linear_attention(
     return out.transpose(1, 2).to(q.dtype), final
 
 
-def _per_document(op, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {q.shape[0]}")
+def per_document(op, tokens: tuple[torch.Tensor, ...], log_decay, scale, initial_state, output_final_state,
+                 cu_seqlens):
+    """Run `op(*tokens, log_decay, scale, h0, output_final_state)` on each document of one packed row;
+    `tokens` are the per-token inputs (q, k, v, and the delta rule's beta), sliced like the row."""
+    if tokens[0].shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {tokens[0].shape[0]}")
     outs, finals = [], []
     for n, (start, end) in enumerate(split_documents(cu_seqlens)):
         g = log_decay[:, start:end] if log_decay is not None and log_decay.dim() == 3 else log_decay
         h0 = initial_state[n:n + 1] if initial_state is not None else None
-        o, h = op(q[:, start:end], k[:, start:end], v[:, start:end], g, scale, h0, output_final_state)
+        o, h = op(*(x[:, start:end] for x in tokens), g, scale, h0, output_final_state)
         outs.append(o)
         finals.append(h)
-    final = torch.cat(finals) if output_final_state else None
-    return torch.cat(outs, dim=1), final
+    return torch.cat(outs, dim=1), (torch.cat(finals) if output_final_state else None)
 
 
 def recurrent_step(
