@@ -19,12 +19,18 @@ import torch
 from .backend import BACKENDS, use_triton
 from .chunked import chunk_linear_attention
 from .delta_rule import chunk_delta_rule, delta_rule_step, recurrent_delta_rule
-from .hybrid import HybridState, parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
+from .hybrid import (
+    ROW_FIELDS,
+    HybridState,
+    parallel_window_hybrid_attention,
+    window_hybrid_attention,
+    window_hybrid_step,
+)
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
 __all__ = [
-    "BACKENDS", "HybridState", "chunk_delta_rule", "chunk_linear_attention", "delta_rule", "delta_rule_step",
-    "linear_attention", "linear_attention_step", "recurrent_delta_rule",
+    "BACKENDS", "HybridState", "ROW_FIELDS", "chunk_delta_rule", "chunk_linear_attention", "delta_rule",
+    "delta_rule_step", "linear_attention", "linear_attention_step", "recurrent_delta_rule",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
     "recurrent_step", "use_triton", "window_hybrid_attention", "window_hybrid_step",
 ]

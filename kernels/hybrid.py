@@ -2,20 +2,28 @@
 
 For query n, with window W, gate g_h = sigmoid(factor_h), and feature maps fq, fk:
 
-    y_n = [ g * sum_{n-W < j <= n} e_nj v_j  +  fq_n^T sum_{j <= n-W} fk_j v_j^T ]
-          / [ g * sum_{n-W < j <= n} e_nj     +  fq_n^T sum_{j <= n-W} fk_j ]
-    e_nj = exp(q_n.k_j / sqrt(d) - c_n),  c_n = max of those window scores
+    y_n = [ g * sum_{j in soft(n)} e_nj v_j  +  fq_n^T sum_{j in old(n)} fk_j v_j^T ]
+          / [ g * sum_{j in soft(n)} e_nj     +  fq_n^T sum_{j in old(n)} fk_j ]
+    e_nj = exp(q_n.k_j / sqrt(d) - c_n),  c_n = max of the scores over soft(n)
+    soft(n) = {n-W < j <= n} + sinks,  old(n) = {j <= n-W} - sinks
+
+`sinks` (S, default 0: LoLCATs) keeps the first S tokens of the document in the exact softmax part
+for good: pretrained models park most of a head's attention on the first token (an "attention
+sink", StreamingLLM), a spike that a positive feature map reproduces badly once that token has left
+the window. A sink that is also inside the window counts once.
 
 `window_hybrid_attention` works in blocks of W queries: each block sees its own and the previous
 block of keys exactly and everything older through a running linear state, so no T x T matrix is
 ever formed. `window_hybrid_step` is the decoder's one-token form of the same sum.
 
 Their state is what a decoder keeps: the linear state over tokens that left the window (F x (V+1),
-the last column is the denominator) plus a ring buffer of the last W tokens' k, v and fk. Slot
-`next_slot` holds the oldest of them, which the next token pushes out of the window: the step moves
-it into the linear state and writes the new token into its slot, so a step touches W keys and one
-F x (V+1) state, allocates no buffer and concatenates nothing. `valid` marks slots that hold no
-token of the row's current document (left padding, packed documents, prompts shorter than W).
+the last column is the denominator), a ring buffer of the last W tokens' k, v and fk, and the S sink
+tokens' k, v. Slot `next_slot` holds the oldest of the ring, which the next token pushes out of the
+window: the step moves it into the linear state and writes the new token into its slot, so a step
+touches W + S keys and one F x (V+1) state, allocates no buffer and concatenates nothing. `valid`
+marks ring slots that hold no token of the row's current document (left padding, packed documents,
+prompts shorter than W) or hold a sink, which lives in its own slots; `sink_valid` marks the sink
+slots filled so far (a document shorter than S fills the rest while it decodes).
 """
 
 from __future__ import annotations
@@ -38,8 +46,51 @@ class HybridState(NamedTuple):
     k: torch.Tensor  # (B, H, W, D) ring buffer of the last W tokens
     v: torch.Tensor  # (B, H, W, V + 1), last column 1: the window's denominator comes out of one product
     fk: torch.Tensor  # (B, H, W, F), zero in invalid slots: they add nothing when they leave the window
-    valid: torch.Tensor  # (B, W) bool: False for slots that hold no token of this row's document
+    valid: torch.Tensor  # (B, W) bool: False for slots that hold no token of this row's document, or a sink
+    sink_k: torch.Tensor  # (B, H, S, D): the document's first S tokens
+    sink_v: torch.Tensor  # (B, H, S, V + 1), last column 1
+    sink_valid: torch.Tensor  # (B, S) bool: sink slots filled so far
     next_slot: int  # the slot of the oldest token, which the next token replaces
+
+
+# The fields that hold one entry per row (all but next_slot): what selecting or stacking rows touches.
+ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid")
+
+
+def no_sinks(B: int, H: int, D: int, E: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty sink fields (S = 0) for a state that keeps none."""
+    return (like.new_zeros(B, H, 0, D), like.new_zeros(B, H, 0, E + 1),
+            torch.zeros(B, 0, dtype=torch.bool, device=like.device))
+
+
+def take_sinks(k: torch.Tensor, v: torch.Tensor, state: HybridState | None, sinks: int,
+               acc: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The sink slots after this call's tokens (B, T, H, .) join them: sink_k (B, H, S, D), sink_v
+    (B, H, S, E + 1), filled (B, S); and for the attention, arrival (B, S), the index in this call of
+    each slot's token (-1 for a token of an earlier call), and is_sink (B, T)."""
+    B, T, H, D = k.shape
+    E = v.shape[-1]
+    if state is None:
+        held = torch.zeros(B, dtype=torch.long, device=k.device)
+        sink_k, sink_v = k.new_zeros(B, H, sinks, D, dtype=acc), k.new_zeros(B, H, sinks, E + 1, dtype=acc)
+        filled = torch.zeros(B, sinks, dtype=torch.bool, device=k.device)
+    else:
+        held = state.sink_valid.sum(-1)
+        sink_k, sink_v, filled = state.sink_k.to(acc), state.sink_v.to(acc), state.sink_valid
+    arrival = torch.arange(sinks, device=k.device)[None] - held[:, None]
+    new = (arrival >= 0) & (arrival < T)
+    if bool(new.any()):
+        source = arrival.clamp(0, T - 1)[:, None, :, None]  # (B, 1, S, 1): gather along T
+
+        def gathered(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(acc).transpose(1, 2)
+            return x.gather(2, source.expand(-1, x.shape[1], -1, x.shape[-1]))
+
+        sink_k = torch.where(new[:, None, :, None], gathered(k), sink_k)
+        sink_v = torch.cat([torch.where(new[:, None, :, None], gathered(v), sink_v[..., :E]),
+                            torch.ones_like(sink_v[..., :1])], dim=-1)
+    is_sink = (held[:, None] + torch.arange(T, device=k.device)[None]) < sinks
+    return sink_k, sink_v, filled | new, arrival.masked_fill(~new, -1), is_sink
 
 
 def ring_in_time_order(state: HybridState) -> tuple[torch.Tensor, ...]:
@@ -60,12 +111,17 @@ def window_hybrid_attention(
     state: HybridState | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1).
+    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
+    T >= 1. A state carried in keeps its own number of sink slots (`sinks` then must equal it).
 
-    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
+    A stateless call without sinks on CUDA (backend auto|triton) runs the fused kernels of
+    `triton_hybrid.py`; with sinks, the blocked torch form runs on every device.
     """
-    if state is None and use_triton(backend, q.device):
+    if state is not None and state.sink_k.shape[2] != sinks:
+        raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
+    if state is None and sinks == 0 and use_triton(backend, q.device):
         from .triton_hybrid import triton_window_hybrid_attention
 
         return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state)
@@ -75,7 +131,8 @@ def window_hybrid_attention(
         outs = []
         for start in range(0, T, segment):
             part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
-            y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True)
+            y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True,
+                                               sinks=sinks)
             outs.append(y)
         return torch.cat(outs, dim=1), (state if output_final_state else None)
     E = v.shape[-1]
@@ -101,8 +158,9 @@ def window_hybrid_attention(
     cached = (None, None, None) if state is None else ring_in_time_order(state)
     kb, vb, fkb = (key_blocks(x, c) for x, c in zip((k, v, fk), cached))
     vb = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)  # ones column carries the denominator
+    sink_k, sink_v, sink_valid, arrival, is_sink = take_sinks(k, v, state, sinks, acc)
     valid = torch.zeros(B, (nb + 1) * W, dtype=torch.bool, device=q.device)
-    valid[:, front:front + P + T] = True
+    valid[:, front + P:front + P + T] = ~is_sink  # a sink is attended through its own slot only
     if state is not None:
         valid[:, :P] = cached[3]
     valid = valid.view(B, 1, nb + 1, W)
@@ -119,10 +177,18 @@ def window_hybrid_attention(
     scores = qb @ two_blocks(kb).transpose(-1, -2) * D**-0.5
     scores = scores.masked_fill(~in_window, float("-inf"))
     c = scores.amax(-1, keepdim=True)
+    if sinks:  # each query against the S sink slots that hold a token up to its own place
+        place = torch.arange(nb * W, device=q.device).view(1, 1, nb, W, 1)
+        seen = sink_valid.view(B, 1, 1, 1, sinks) & (arrival.view(B, 1, 1, 1, sinks) <= place)
+        sink_scores = (qb @ sink_k[:, :, None].transpose(-1, -2) * D**-0.5).masked_fill(~seen, float("-inf"))
+        c = torch.maximum(c, sink_scores.amax(-1, keepdim=True))
     c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
-    window_weights = window_gate.to(acc).view(1, H, 1, 1, 1) * (scores - c).exp()
+    gate = window_gate.to(acc).view(1, H, 1, 1, 1)
+    window_weights = gate * (scores - c).exp()
     linear_weights = (fqb @ two_blocks(fkb).transpose(-1, -2)) * older
     out = (window_weights + linear_weights) @ two_blocks(vb)
+    if sinks:
+        out = out + (gate * (sink_scores - c).exp()) @ sink_v[:, :, None]
 
     # Linear state entering query block b: everything in key blocks before b.
     block_state = fkb.transpose(-1, -2) @ vb  # (B, H, nb+1, F, E+1)
@@ -147,7 +213,7 @@ def window_hybrid_attention(
               + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
         final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
                                   for x in (kb, vb, fkb)),
-                            valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), 0)
+                            valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), sink_k, sink_v, sink_valid, 0)
     return y.to(q.dtype), final
 
 
@@ -165,19 +231,34 @@ def window_hybrid_step(
     B, H, D = q.shape
     E = v.shape[-1]
     Fd = fk.shape[-1]
+    S = state.sink_k.shape[2]
     slot = state.next_slot
+    acc = state.kv.dtype
     # The oldest token leaves the window: into the linear state (zero fk if it is no token).
     state.kv.view(B * H, Fd, E + 1).baddbmm_(state.fk[:, :, slot].reshape(B * H, Fd, 1),
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))
     state.k[:, :, slot] = k
     state.v[:, :, slot, :E] = v
-    state.fk[:, :, slot] = fk
-    state.valid[:, slot] = True
-    acc = state.kv.dtype
-    scores = (state.k @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, W)
-    scores = scores.masked_fill_(~state.valid[:, None], float("-inf"))
+    if S:  # one of its document's first S tokens goes to the next free sink slot, not to the ring
+        held = state.sink_valid.sum(-1)
+        joining = torch.nn.functional.one_hot(held.clamp(max=S - 1), S).bool() & (held < S)[:, None]
+        state.sink_k.copy_(torch.where(joining[:, None, :, None], k.to(acc)[:, :, None], state.sink_k))
+        state.sink_v[..., :E] = torch.where(joining[:, None, :, None], v.to(acc)[:, :, None], state.sink_v[..., :E])
+        state.sink_valid.logical_or_(joining)
+        in_ring = held >= S
+        state.fk[:, :, slot] = fk * in_ring.view(B, 1, 1)
+        state.valid[:, slot] = in_ring
+    else:
+        state.fk[:, :, slot] = fk
+        state.valid[:, slot] = True
+    keys, values, present = state.k, state.v, state.valid
+    if S:
+        keys, values = torch.cat([state.sink_k, keys], dim=2), torch.cat([state.sink_v, values], dim=2)
+        present = torch.cat([state.sink_valid, present], dim=1)
+    scores = (keys @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, S + W)
+    scores = scores.masked_fill_(~present[:, None], float("-inf"))
     weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
-    out = (weights.unsqueeze(2) @ state.v).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
+    out = (weights.unsqueeze(2) @ values).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
     y = out[..., :E] / out[..., E:]
     return y.to(q.dtype), state._replace(next_slot=(slot + 1) % state.k.shape[2])
 
@@ -190,6 +271,7 @@ def parallel_window_hybrid_attention(
     fk: torch.Tensor,
     window_gate: torch.Tensor,
     window: int = 64,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """The definition with full T x T masks, for tests and for short sequences."""
     T, D = q.shape[1], q.shape[-1]
@@ -197,9 +279,10 @@ def parallel_window_hybrid_attention(
     qf, kf, vf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, v, fq, fk))
     n = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
-    in_window = (j <= n) & (j > n - window)
-    older = j <= n - window
-    scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~in_window, float("-inf"))
+    sink = j < sinks
+    soft = (j <= n) & ((j > n - window) | sink)
+    older = (j <= n - window) & ~sink
+    scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~soft, float("-inf"))
     gate = window_gate.to(acc).view(1, -1, 1, 1)
     weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * older
     y = (weights @ vf) / weights.sum(-1, keepdim=True)

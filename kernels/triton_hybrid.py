@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hybrid import HybridState, window_hybrid_attention
+from .hybrid import HybridState, no_sinks, window_hybrid_attention
 from .reference import state_dtype
 from .triton_chunk import _dot, alloc
 
@@ -436,7 +436,7 @@ def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, windo
     ring_v[..., -1] = 1  # every slot's ones column: a slot filled later by a decode step keeps it
     valid = torch.zeros(B, window, dtype=torch.bool, device=k.device)
     valid[:, window - keep:] = True
-    return HybridState(kv, ring(k), ring_v, ring(fk), valid, 0)
+    return HybridState(kv, ring(k), ring_v, ring(fk), valid, *no_sinks(B, H, k.shape[-1], v.shape[-1], kv), 0)
 
 
 def triton_window_hybrid_attention(

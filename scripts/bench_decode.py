@@ -10,6 +10,12 @@ process CPU time (the work of this process's threads, not the time other process
 and wall time; the table and the ratios use CPU time. Converted models are untrained: speed does not
 depend on the weights.
 
+The `no-attention` row is the original with every attention sublayer removed (`supra skip` of all
+layers): what a decode step costs with an attention that costs nothing. Its ratio to the original
+bounds what any replacement of attention can reach at that context. After the timed rounds, one more
+pass of --decode-tokens steps per model times the attention sublayers alone (forward hooks, wall
+clock, q/k/v/o projections included): `attention_share` is their part of the step.
+
     python scripts/bench_decode.py                    # GPU: SmolLM2-135M and a Llama-7B-shaped model, bf16, 1k..64k
     python scripts/bench_decode.py                    # CPU: SmolLM2-135M, float32, 256 1k 8k (a few minutes a model)
     python scripts/bench_decode.py --lengths 256 32768 --original-max-length 8192 --name bench_decode_32k
@@ -26,6 +32,9 @@ import copy
 import gc
 import os
 import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,6 +51,7 @@ MODELS = {
     "tiny": ["recipe=tiny"],
 }
 METHODS = ("supra", "t2r", "lolcats")
+FLOOR = "no-attention"
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_LENGTHS = [256, 1024, 8192]
 
@@ -78,7 +88,29 @@ def load_models(name: str, methods: list[str], dtype: str, device: torch.device)
     models = {"original": original.eval()}
     for method in methods:
         models[method] = linearize(copy.deepcopy(original), LinearizeSpec(method=method)).eval()
+    layers = list(range(original.config.num_hidden_layers))
+    models[FLOOR] = linearize(copy.deepcopy(original), LinearizeSpec(method="softmax", skip_layers=layers)).eval()
     return models
+
+
+@contextmanager
+def attention_clock(model: torch.nn.Module) -> Iterator[list[float]]:
+    """Wall seconds spent inside the decoder layers' attention sublayers while the block runs."""
+    spent, started = [0.0], []
+
+    def start(*_):
+        started.append(time.perf_counter())
+
+    def stop(*_):
+        spent[0] += time.perf_counter() - started.pop()
+
+    handles = [h for layer in model.get_decoder().layers
+               for h in (layer.self_attn.register_forward_pre_hook(start), layer.self_attn.register_forward_hook(stop))]
+    try:
+        yield spent
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def median_ratio(steps: dict[str, list[list[float]]], model: str) -> float:
@@ -115,6 +147,11 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
             tokens[name], times = decode(running[name], caches[name], tokens[name], args.decode_tokens)
             for clock in steps:
                 steps[clock][name].append(times[clock])
+    shares = {}
+    for name in order:
+        with attention_clock(running[name]) as spent:
+            tokens[name], times = decode(running[name], caches[name], tokens[name], args.decode_tokens)
+        shares[name] = spent[0] / sum(times["wall_s"])
     points = []
     for name in running:
         every = {clock: [t for one_round in steps[clock][name] for t in one_round] for clock in steps}
@@ -124,6 +161,7 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
             "decode_ms_per_token": 1e3 * statistics.median(every["cpu_s"]),
             "decode_wall_ms_per_token": 1e3 * statistics.median(every["wall_s"]),
             "state_bytes": cache_bytes(caches[name]),
+            "attention_share": shares[name],
         }
         if name in peaks:  # CUDA: the prefill's peak above what was allocated before it
             point["prefill_peak_memory_bytes"] = peaks[name]
@@ -190,14 +228,15 @@ def main() -> None:
         runs.append({"model": name, "points": points, "summary": summarise(points)})
         del models
         gc.collect()
-    print(f"\n{'model':<14} {'method':<9} {'context':>8} {'decode ms':>10} {'x orig':>7} {'prefill s':>10} "
-          f"{'x orig':>7} {'state MiB':>10}")
+    print(f"\n{'model':<14} {'method':<12} {'context':>8} {'decode ms':>10} {'x orig':>7} {'attn %':>7} "
+          f"{'prefill s':>10} {'x orig':>7} {'state MiB':>10}")
     for run in runs:
         for p in run["points"]:
             ratio = f"{p['decode_vs_original']:.2f}" if "decode_vs_original" in p else ""
             pre = f"{p['prefill_vs_original']:.2f}" if "prefill_vs_original" in p else ""
-            print(f"{run['model']:<14} {p['model']:<9} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
-                  f"{p['prefill_cpu_s']:>10.2f} {pre:>7} {p['state_bytes'] / 2**20:>10.2f}")
+            print(f"{run['model']:<14} {p['model']:<12} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
+                  f"{100 * p['attention_share']:>7.1f} {p['prefill_cpu_s']:>10.2f} {pre:>7} "
+                  f"{p['state_bytes'] / 2**20:>10.2f}")
         for model, row in run["summary"].items():
             print(f"{run['model']} {model}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
     machine = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

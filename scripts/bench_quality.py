@@ -33,32 +33,41 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from provenance import REPO, figure, write_results
 
 PROSE_SOURCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 NAME = "quality_smollm2"
 
-# name -> (what it is, train.stages). Token budgets are in the stages; the demo's batch is 2,048 tokens.
+class Variant(NamedTuple):
+    description: str
+    stages: str  # train.stages; token budgets are in the stages, the demo's batch is 2,048 tokens
+    overrides: tuple[str, ...] = ()  # other settings, e.g. the conversion's
+
+
 TRANSFER = "name: attention_transfer, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 4"
-VARIANTS: dict[str, tuple[str, str]] = {
-    "demo-before": ("the shipped demo: on-the-fly transfer 81,920 tokens, LoRA 12,288 (next-token loss)",
-                    f"[{{{TRANSFER}, tokens: 81920}}, {{name: lora, tokens: 12288, lr: 1.0e-4, min_lr: 1.0e-5, "
-                    "warmup_steps: 1}]"),
-    "cached": ("cached transfer: 32,768 tokens, 4 epochs",
-               f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}]"),
-    "cached-64k": ("cached transfer: 65,536 tokens in 2 chunks, 4 epochs each",
-                   f"[{{{TRANSFER}, tokens: 65536, cache_tokens: 32768, epochs: 4}}]"),
-    "cached+distill-lora": ("cached transfer as `cached`, then distill LoRA r=8 (KL) 16,384 tokens",
-                            f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
-                            "{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, "
-                            "warmup_steps: 1}]"),
-    "cached+distill-new": ("cached transfer as `cached`, then distill the feature maps (KL) 16,384 tokens",
-                           f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
-                           "{name: distill, train: new, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}]"),
-    "cached+lora": ("cached transfer as `cached`, then LoRA (next-token loss) 16,384 tokens",
-                    f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}, "
-                    "{name: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}]"),
+CACHED = f"{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}"
+VARIANTS: dict[str, Variant] = {
+    "demo-before": Variant("the shipped demo: on-the-fly transfer 81,920 tokens, LoRA 12,288 (next-token loss)",
+                           f"[{{{TRANSFER}, tokens: 81920}}, {{name: lora, tokens: 12288, lr: 1.0e-4, "
+                           "min_lr: 1.0e-5, warmup_steps: 1}]"),
+    "cached": Variant("cached transfer: 32,768 tokens, 4 epochs", f"[{CACHED}]"),
+    "cached-64k": Variant("cached transfer: 65,536 tokens in 2 chunks, 4 epochs each",
+                          f"[{{{TRANSFER}, tokens: 65536, cache_tokens: 32768, epochs: 4}}]"),
+    "cached+distill-lora": Variant("cached transfer as `cached`, then distill LoRA r=8 (KL) 16,384 tokens",
+                                   f"[{CACHED}, {{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, "
+                                   "min_lr: 1.0e-4, warmup_steps: 1}]"),
+    "cached+distill-new": Variant("cached transfer as `cached`, then distill the feature maps (KL) 16,384 tokens",
+                                  f"[{CACHED}, {{name: distill, train: new, tokens: 16384, lr: 1.0e-3, "
+                                  "min_lr: 1.0e-4, warmup_steps: 1}]"),
+    "cached+lora": Variant("cached transfer as `cached`, then LoRA (next-token loss) 16,384 tokens",
+                           f"[{CACHED}, {{name: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}}]"),
+    "cached-sinks4": Variant("as `cached`, with the first 4 tokens kept in the softmax window (sinks=4)",
+                             f"[{CACHED}]", ("sinks=4",)),
+    "cached-sinks4+distill-lora": Variant("as `cached+distill-lora`, with sinks=4",
+                                          f"[{CACHED}, {{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, "
+                                          "min_lr: 1.0e-4, warmup_steps: 1}]", ("sinks=4",)),
 }
 
 
@@ -134,7 +143,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     if run.exists() and not args.reuse_runs:
         subprocess.run(["rm", "-rf", str(run)], check=True)
     command = [sys.executable, "-m", "supra.cli", "uptrain", f"recipe={args.recipe}", f"out={run}",
-               f"train.stages={VARIANTS[name][1]}", "train.eval_baselines=false", "train.sample_tokens=0",
+               f"train.stages={VARIANTS[name].stages}", *VARIANTS[name].overrides,
+               "train.eval_baselines=false", "train.sample_tokens=0",
                "train.logger=none", f"train.eval_every={args.eval_every}", f"eval.max_tokens={args.heldout_tokens}",
                "train.checkpoint_every=1000"]
     if not args.reuse_runs:
@@ -199,7 +209,8 @@ def main() -> None:
         for point in done["curve"]:
             point["ratio"] = point["ppl"] / original["stdlib"]["ppl"]
         results[name] = {
-            "name": name, "description": VARIANTS[name][0], "stages": VARIANTS[name][1], "recipe": args.recipe,
+            "name": name, "description": VARIANTS[name].description, "stages": VARIANTS[name].stages,
+            "overrides": list(VARIANTS[name].overrides), "recipe": args.recipe,
             "heldout_tokens": args.heldout_tokens, "finished": done["finished"], "steps": done["steps"],
             "cpu_min": round(done["cpu_min"], 2), "train_cpu_min": round(done["train_cpu_min"], 2),
             "wall_min": round(done["wall_min"], 2), "stage_costs": done["stages"], "curve": done["curve"]}

@@ -117,6 +117,7 @@ class RecipeConfig:
     feature_map_init: str = "default"
     feature_dim: int | None = None
     window: int = 64
+    sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
     backend: str = "auto"
@@ -139,7 +140,7 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
     """The conversion settings of a config (its flat method/decay/... keys); softmax_layers=auto:K
     gives no softmax layers here: `convert.convert_model` measures which K to keep."""
     return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
-                         feature_dim=cfg.feature_dim, window=cfg.window,
+                         feature_dim=cfg.feature_dim, window=cfg.window, sinks=cfg.sinks,
                          softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),
                          skip_layers=list(cfg.skip_layers),
                          backend=cfg.backend)
@@ -152,7 +153,8 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
-    "seed": count(0), "seq_len": count(1), "window": count(1), "feature_dim": count(2, optional=True),
+    "seed": count(0), "seq_len": count(1), "window": count(1), "sinks": count(0),
+    "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,
     "train.stages.*.warmup_steps": count(0), "train.stages.*.weight_decay": NON_NEGATIVE,

@@ -96,26 +96,28 @@ def random_hybrid_inputs(B: int, T: int, H: int = 3, D: int = 8, E: int = 5, Fd:
     return q, k, v, fq, fk, torch.rand(H, dtype=dtype)
 
 
+@pytest.mark.parametrize("sinks", [0, 3])
 @pytest.mark.parametrize("prefill", [0, 3, WINDOW, 19])
-def test_the_ring_buffer_wraps_past_the_window(prefill):
+def test_the_ring_buffer_wraps_past_the_window(prefill, sinks):
     """Prefill (shorter or longer than the window, or a single token), then more than 3W steps: every
-    step's output is the definition's, and the ring ends where a whole-sequence call puts it."""
+    step's output is the definition's, and the ring ends where a whole-sequence call puts it. With
+    sinks, a prompt shorter than them leaves sink slots that the steps fill."""
     T = prefill + 3 * WINDOW + 5
     q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
-    expected = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW)
+    expected = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks)
     first = max(prefill, 1)
     out, state = window_hybrid_attention(*(x[:, :first] for x in (q, k, v, fq, fk)), gate, WINDOW,
-                                         output_final_state=True)
+                                         output_final_state=True, sinks=sinks)
     outs = [out]
     for t in range(first, T):
         y, state = window_hybrid_step(q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], gate, state)
         outs.append(y.unsqueeze(1))
     assert relative_error(torch.cat(outs, 1), expected) < 1e-12
     # The stepped ring, continued by a whole-sequence call, equals one call over everything.
-    _, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    _, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks)
     more = random_hybrid_inputs(2, 11)
-    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state)
-    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole)
+    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks)
+    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks)
     assert relative_error(after_steps, after_whole) < 1e-12
     assert relative_error(state.kv, whole.kv) < 1e-12
 
@@ -149,18 +151,21 @@ def test_a_row_whose_document_starts_at_a_decode_step_forgets_its_padding(method
     assert relative_error(steps[1:], alone) < 1e-10
 
 
-def test_long_prompts_run_in_segments_that_carry_the_state(monkeypatch):
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_long_prompts_run_in_segments_that_carry_the_state(monkeypatch, sinks):
     """Past SEGMENT_TOKENS the blocked form runs segment by segment; outputs and the final state are
     those of one pass (here segments of 4 windows, and a length that ends inside a window)."""
     from supra.kernels import hybrid
 
     T = 4 * 4 * WINDOW + 13
     q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
-    one_pass, one_state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
+    one_pass, one_state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True,
+                                                  sinks=sinks)
     monkeypatch.setattr(hybrid, "SEGMENT_TOKENS", 4 * WINDOW)
-    segmented, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True)
-    assert relative_error(segmented, parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW)) < 1e-12
+    segmented, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks)
+    definition = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks)
+    assert relative_error(segmented, definition) < 1e-12
     assert relative_error(segmented, one_pass) < 1e-12
-    for name in ("kv", "k", "v", "fk"):
+    for name in ("kv", "k", "v", "fk", "sink_k", "sink_v")[:6 if sinks else 4]:
         assert relative_error(getattr(state, name), getattr(one_state, name)) < 1e-12
     assert torch.equal(state.valid, one_state.valid) and state.next_slot == one_state.next_slot

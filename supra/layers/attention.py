@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import HybridState, linear_attention, linear_attention_step, window_hybrid_attention, window_hybrid_step
+from ..kernels import (
+    ROW_FIELDS,
+    HybridState,
+    linear_attention,
+    linear_attention_step,
+    window_hybrid_attention,
+    window_hybrid_step,
+)
 from .cache import handed_cache, recurrent_slot
 from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
 
@@ -288,7 +295,7 @@ class LolcatsAttention(RecurrentAttention):
 
         def hybrid(q, k, v, fq, fk, state):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
-                                           backend=self.spec.backend)
+                                           backend=self.spec.backend, sinks=self.spec.sinks)
 
         return per_document(hybrid, (q, k, v, fq, fk), state, starts, merge_hybrid_states)
 
@@ -314,13 +321,13 @@ def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, st
 
 
 def merge_rows_select(state: HybridState, row: int) -> HybridState:
-    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ("kv", "k", "v", "fk", "valid")})
+    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ROW_FIELDS})
 
 
 def merge_hybrid_states(states: list[HybridState]) -> HybridState:
     """Stack per-row hybrid states; each comes from a whole-sequence call, so their rings all start
     at slot 0."""
-    return HybridState(*(torch.cat([getattr(s, f) for s in states]) for f in ("kv", "k", "v", "fk", "valid")), 0)
+    return HybridState(*(torch.cat([getattr(s, f) for s in states]) for f in ROW_FIELDS), 0)
 
 
 def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
@@ -329,4 +336,5 @@ def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     state.kv.mul_(keep.view(-1, 1, 1, 1))
     state.fk.mul_(keep.view(-1, 1, 1, 1))
     state.valid.logical_and_(keep[:, None])
+    state.sink_valid.logical_and_(keep[:, None])
     return state

@@ -96,7 +96,7 @@ class GatedAttention(RecurrentAttention):
 
             def window(q, k, v, fq, fk, state):
                 return window_hybrid_attention(q, k, v, fq, fk, ones, self.spec.window, state, want_state,
-                                               backend=self.spec.backend)
+                                               backend=self.spec.backend, sinks=self.spec.sinks)
 
             carried = None if state is None else state.window
             if stepping(q, carried):

@@ -38,6 +38,7 @@ class LinearizeSpec:
     feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
     feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
     window: int = 64  # sliding softmax window of lolcats, and of gla/gdn (0: none)
+    sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
@@ -55,6 +56,9 @@ class LinearizeSpec:
         if self.method in ("gla", "gdn") and self.gate == "learned" and self.decay == "none":
             raise ValueError("gate=learned starts at the fixed rates of `decay`, and decay=none has none; "
                              "use decay=supra or decay=retnet")
+        if self.sinks < 0 or (self.sinks and not self.window):
+            raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
+                             f"with window={self.window}")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
