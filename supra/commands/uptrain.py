@@ -20,6 +20,7 @@ from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, factorize_from_config, plan_layouts
+from ..layers.linearize import recorded_spec
 from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
@@ -134,7 +135,8 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
         convert_model(plain, local, tokenizer)
-        apply_record(plain, (getattr(model.config, "supra", None) or {}).get("factorized", {}))
+        spec = recorded_spec(model)
+        apply_record(plain, spec.factorized if spec is not None else {})
         plain = add_lora(plain, list(cfg.train.stages))
         plain.load_state_dict(state)
         save_model(merge_lora(plain), tokenizer, final, overwrite=False)
