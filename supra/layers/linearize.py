@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2RAttention
 from .cache import handed_cache, recurrent_slot
@@ -80,7 +81,7 @@ class LinearizeSpec:
         return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
 
 
-def recorded_spec(model_or_config: Any) -> LinearizeSpec | None:
+def recorded_spec(model_or_config: nn.Module | PretrainedConfig) -> LinearizeSpec | None:
     """The spec recorded in a model's config (or in the config itself), None if supra never touched it."""
     config = getattr(model_or_config, "config", model_or_config)
     values = getattr(config, "supra", None)
