@@ -314,6 +314,17 @@ def test_a_damaged_eval_json_is_one_line(tmp_path, capsys, command, content, pro
     assert tree(run) == files
 
 
+def test_a_metrics_line_cut_short_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
+    from supra.train.progress import ProgressLog
+
+    lines = ['{"step": 1, "loss": 2.0}', '[3]', '{"step": "x"}', '', '{"step": 2, "loss": 1.9}', '{"step": 3, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        ProgressLog(tmp_path, total_steps=9, done_steps=2, logger_kind="none", config={}, enabled=True)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [lines[0], lines[4]]
+    assert any("dropped 3 line(s)" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------------- error type
 
 def test_every_user_error_is_one_type():
