@@ -31,6 +31,7 @@ from provenance import figure, write_results
 from supra.commands.common import load_model_and_tokenizer
 from supra.config import load_config
 from supra.convert import convert_model
+from supra.layers.linearize import recorded_spec
 from supra.models import torch_dtype
 from supra.train.parallel import World
 from supra.train.plan import plan_stages
@@ -72,7 +73,8 @@ def model_flops_per_token(model: torch.nn.Module, method: str, seq_len: int) -> 
     if method == "softmax":
         attention = 6 * seq_len * heads * head_dim * layers
     else:
-        feature_dim = getattr(config, "supra", {}).get("feature_dim") or head_dim
+        spec = recorded_spec(model)
+        feature_dim = (spec.feature_dim if spec is not None else None) or head_dim
         attention = 12 * feature_dim * head_dim * heads * layers
     return 6 * matmul_params + attention
 

@@ -7,7 +7,7 @@ syntax) over the recipe. The merged config is validated here, once, so commands 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -137,13 +137,14 @@ class RecipeConfig:
 
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
-    """The conversion settings of a config (its flat method/decay/... keys); softmax_layers=auto:K
-    gives no softmax layers here: `convert.convert_model` measures which K to keep."""
-    return LinearizeSpec(method=cfg.method, decay=cfg.decay, gate=cfg.gate, feature_map_init=cfg.feature_map_init,
-                         feature_dim=cfg.feature_dim, window=cfg.window, sinks=cfg.sinks,
-                         softmax_layers=[] if parse_auto(cfg.softmax_layers) is not None else list(cfg.softmax_layers),
-                         skip_layers=list(cfg.skip_layers),
-                         backend=cfg.backend)
+    """The conversion settings of a config: its top-level keys named like a LinearizeSpec field
+    (method, decay, window, ...). softmax_layers=auto:K gives no softmax layers here:
+    `convert.convert_model` measures which K to keep."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    values = {f.name: settings[f.name] for f in fields(LinearizeSpec) if f.name in settings}
+    if parse_auto(values.get("softmax_layers", [])) is not None:
+        values["softmax_layers"] = []
+    return LinearizeSpec.from_dict(values)
 
 
 def factorize_spec(cfg: DictConfig) -> FactorizeSpec:

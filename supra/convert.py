@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError, linearize_spec
-from .layers.linearize import linearize
+from .layers.linearize import linearize, recorded_spec
 from .models import SourceError
 from .skip import apply_skip, calibration_batches, select_and_skip
 from .softmax_select import choose_softmax_layers, parse_auto
@@ -27,26 +27,26 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
     on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
     the calibration text. So does `softmax_layers=auto:K` (supra/softmax_select.py), measured on the
-    converted model; the choice is recorded in `model.config.supra_softmax_choice`."""
-    previous = getattr(model.config, "supra", None)
+    converted model; the choice is recorded in the spec (`recorded_spec(model).softmax_choice`)."""
+    previous = recorded_spec(model)
     if cfg.n > 0:
         if tokenizer is None:
             raise ConfigError(f"n={cfg.n} (skip by select={cfg.select}) needs calibration text here; "
                               "run `supra skip` first and convert its output")
-        if previous and previous.get("method") != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+        if previous is not None and previous.method != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
                               "convert the original model instead")
         select_and_skip(model, tokenizer, cfg)
-        previous = model.config.supra
+        previous = recorded_spec(model)
     spec = linearize_spec(cfg)
-    if previous:
-        if previous.get("method") != "softmax" and spec.method != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous['method']}); "
+    if previous is not None:
+        if previous.method != "softmax" and spec.method != "softmax":
+            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
                               "convert the original model instead")
-        if previous.get("method") != "softmax":  # method=softmax: it stays converted (e.g. to be healed)
+        if previous.method != "softmax":  # method=softmax: it stays converted (e.g. to be healed)
             return apply_skip(model, list(spec.skip_layers))
-        spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.get("skip_layers", [])))
-        spec.factorized = dict(previous.get("factorized", {}))
+        spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.skip_layers))
+        spec.factorized = previous.factorized
     try:
         auto = parse_auto(cfg.softmax_layers)
         if auto is None:
@@ -57,8 +57,7 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
         choice = choose_softmax_layers(model, spec, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
     except ValueError as err:  # e.g. a layer index the model does not have
         raise ConfigError(str(err)) from None
-    # Recorded with the model (config.json of every saved copy), and in cfg so that a second
-    # conversion in this process (uptrain's final merge) rebuilds the same hybrid without measuring.
-    model.config.supra_softmax_choice = choice
+    # Recorded in cfg too, so that a second conversion in this process (uptrain's final merge)
+    # rebuilds the same hybrid without measuring.
     cfg.softmax_layers = choice["chosen"]
     return model

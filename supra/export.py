@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .errors import check_output_dir
+from .layers.linearize import LinearizeSpec, record_spec, recorded_spec
 from .models import SourceError, publish_directory, save_model, torch_dtype
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_supra.py"
@@ -115,7 +116,8 @@ def has_lora(model: nn.Module) -> bool:
 def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Path, dtype: str = "bfloat16",
            overwrite: bool = False) -> Path:
     """Write the export directory atomically (complete, or not there at all). The model is cast to
-    `dtype` in place."""
+    `dtype` in place; an unconverted one is recorded as method=softmax, so it exports as itself
+    through the same code."""
     out = Path(out)
     check_output_dir(out, overwrite)
     if has_lora(model):
@@ -128,6 +130,9 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
     if tokenizer is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id  # batched generate() pads with it
 
+    if recorded_spec(model) is None:
+        record_spec(model, LinearizeSpec(method="softmax"))
+
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     save_model(model, tokenizer, staging, overwrite=True)
@@ -136,8 +141,6 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
     config["auto_map"] = AUTO_MAP
     config["architectures"] = ["SupraForCausalLM"]
     config["base_model_type"] = base_model_type
-    if "supra" not in config:  # an unconverted model exports as itself, through the same code
-        config["supra"] = {"method": "softmax"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name, text in files.items():
         (staging / name).write_text(text)

@@ -2,7 +2,7 @@
 
 `factorize_model(model, spec, batches)` replaces each Linear a `FactorizeSpec` selects (module name
 patterns inside the decoder layers, and a layer list) by a `LowRankLinear` or `TensorTrainLinear`
-(supra/layers/factorized.py) and records the layouts in `model.config.supra["factorized"]`, beside
+(supra/layers/factorized.py) and records the layouts in the model's spec (`factorized`, linearize.py), beside
 the conversion and skip records; loading the saved model (supra, or an export without supra)
 rebuilds the same modules from there. It works on an original, a converted or a skipped model.
 """
@@ -10,7 +10,7 @@ rebuilds the same modules from there. It works on an original, a converted or a 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fnmatch import fnmatch
 
 import torch
@@ -31,7 +31,7 @@ from .layers.factorized import (
     tt_parameters,
     tt_svd,
 )
-from .layers.linearize import LinearizeSpec, decoder_layers
+from .layers.linearize import LinearizeSpec, decoder_layers, record_spec, recorded_spec
 
 
 class FactorizeError(ConfigError):
@@ -216,12 +216,11 @@ def factorize_from_config(model: nn.Module, cfg: DictConfig, tokenizer: PreTrain
 
 
 def record(model: nn.Module, layouts: dict[str, dict]) -> None:
-    """Add `layouts` to model.config.supra["factorized"] (an original model gets method=softmax,
+    """Add `layouts` to the spec's `factorized` record (an original model gets method=softmax,
     which changes nothing else, so loading it rebuilds the factorized layers)."""
-    previous = getattr(model.config, "supra", None)
-    spec = LinearizeSpec.from_dict(previous) if previous else LinearizeSpec(method="softmax")
+    spec = recorded_spec(model) or LinearizeSpec(method="softmax")
     spec.factorized = {**spec.factorized, **layouts}
-    model.config.supra = asdict(spec)
+    record_spec(model, spec)
 
 
 def apply_record(model: nn.Module, layouts: dict[str, dict]) -> None:

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .errors import UserError, check_output_dir
 from .layers.factorized import factor_parameter_names
-from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names
+from .layers.linearize import check_supported, linearize, new_parameter_names, recorded_spec
 
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,9 +153,9 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
     except (OSError, ValueError, SafetensorError) as err:  # missing, cut short or foreign weight files
         raise _unloadable("model", source, err) from None
-    spec = getattr(config, "supra", None)
-    if spec:
-        linearize(model, LinearizeSpec.from_dict(spec))
+    spec = recorded_spec(config)
+    if spec is not None:
+        linearize(model, spec)
         _load_new_parameters(model, Path(where))
     return model
 

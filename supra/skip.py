@@ -9,14 +9,14 @@ Two ways to choose (ANCHORS section 3):
 - `last` (Tyukin, arXiv 2404.05741): the last n attention sublayers.
 
 A removed sublayer becomes `SkippedAttention` (adds zero, the residual passes through); the list is
-recorded in `model.config.supra["skip_layers"]`, so a saved model reloads without those sublayers
+recorded in the model's spec (`skip_layers`), so a saved model reloads without those sublayers
 whether it was an original (method=softmax) or a converted one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import ConfigError
 from .data import iter_documents
 from .evaluate.perplexity import heldout_stream
-from .layers.linearize import LinearizeSpec, decoder_layers, linearize, swap_attention
+from .layers.linearize import LinearizeSpec, decoder_layers, linearize, record_spec, recorded_spec, swap_attention
 
 SELECTIONS = ("similarity", "last")
 
@@ -81,8 +81,8 @@ def attention_similarity(model: nn.Module, batches: Iterable[torch.Tensor]) -> l
 def skip_candidates(model: nn.Module) -> list[int]:
     """Layers whose attention may still be removed: not already skipped, and not a softmax layer a
     converted hybrid was told to keep (its spec refuses a layer that is both)."""
-    spec = getattr(model.config, "supra", None) or {}
-    taken = set(spec.get("skip_layers", [])) | set(spec.get("softmax_layers", []))
+    spec = recorded_spec(model) or LinearizeSpec(method="softmax")
+    taken = set(spec.skip_layers) | set(spec.softmax_layers)
     return [idx for idx in range(len(decoder_layers(model))) if idx not in taken]
 
 
@@ -106,15 +106,14 @@ def choose_layers(scores: list[float] | None, num_layers: int, select: str, n: i
 
 
 def apply_skip(model: nn.Module, layers: list[int]) -> nn.Module:
-    """Remove the attention sublayers `layers` in place and record them in `model.config.supra`.
+    """Remove the attention sublayers `layers` in place and record them in the model's spec.
 
     An original model (or one only skipped so far) is re-linearized with method=softmax, which only
     swaps the skipped layers. A converted model is not: linearize would wrap its recurrent layers a
     second time, so only the newly skipped layers are swapped here and the spec is updated to
     match what `load_model` will rebuild from it.
     """
-    previous = getattr(model.config, "supra", None)
-    spec = LinearizeSpec.from_dict(previous) if previous else LinearizeSpec(method="softmax")
+    spec = recorded_spec(model) or LinearizeSpec(method="softmax")
     spec.skip_layers = sorted(set(spec.skip_layers) | set(layers))
     blocks = decoder_layers(model)
     try:
@@ -124,7 +123,7 @@ def apply_skip(model: nn.Module, layers: list[int]) -> nn.Module:
     if spec.method == "softmax":
         return linearize(model, spec)
     swap_attention(model, spec, layers)
-    model.config.supra = asdict(spec)
+    record_spec(model, spec)
     return model
 
 
@@ -176,4 +175,4 @@ def select_and_skip(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: D
         model.train(was_training)
     chosen = choose_layers(scores, num_layers, cfg.select, cfg.n, candidates)
     apply_skip(model, chosen)
-    return SkipResult(scores, candidates, sorted(set(fixed) | set(chosen)), list(model.config.supra["skip_layers"]))
+    return SkipResult(scores, candidates, sorted(set(fixed) | set(chosen)), recorded_spec(model).skip_layers)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from .layers.attention import RecurrentAttention
-from .layers.linearize import LinearizeSpec, decoder_layers, linearize
+from .layers.linearize import LinearizeSpec, decoder_layers, linearize, record_spec
 
 
 def parse_auto(value: Any) -> int | None:
@@ -51,7 +50,8 @@ def choose_softmax_layers(model: nn.Module, spec: LinearizeSpec, k: int,
     restoration to softmax lowers the next-token loss on `batches` most kept as softmax.
 
     Returns the record of the choice: every candidate's loss with it alone restored, the all-converted
-    loss, and the chosen layers (sorted), which also end up in `model.config.supra["softmax_layers"]`."""
+    loss, and the chosen layers (sorted). The model's spec records the chosen layers as softmax_layers
+    and this record as softmax_choice."""
     layers = decoder_layers(model)
     originals = [layer.self_attn for layer in layers]
     spec.softmax_layers = []
@@ -73,8 +73,9 @@ def choose_softmax_layers(model: nn.Module, spec: LinearizeSpec, k: int,
     chosen = sorted(sorted(candidates, key=lambda i: restored[i])[:k])  # stable: ties go to the earlier layer
     for i in chosen:
         layers[i].self_attn = originals[i]
-    spec.softmax_layers = chosen
-    model.config.supra = asdict(spec)
-    return {"k": k, "criterion": "next-token loss on calibration text with the layer alone restored to softmax",
-            "tokens": sum(b.numel() for b in batches), "loss_all_converted": converted,
-            "loss_restored": {str(i): loss for i, loss in restored.items()}, "chosen": chosen}
+    choice = {"k": k, "criterion": "next-token loss on calibration text with the layer alone restored to softmax",
+              "tokens": sum(b.numel() for b in batches), "loss_all_converted": converted,
+              "loss_restored": {str(i): loss for i, loss in restored.items()}, "chosen": chosen}
+    spec.softmax_layers, spec.softmax_choice = chosen, choice
+    record_spec(model, spec)
+    return choice

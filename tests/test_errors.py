@@ -275,6 +275,56 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one_or_says_which(tmp_pa
     assert "remove" in line and tree(run) == files
 
 
+# ------------------------------------------------------------------- damaged records of a run
+
+DAMAGED_YAML = [(b"seed: [1, 2\n", "is not valid YAML (expected ',' or ']', but got '<stream end>' at line 2)"),
+                (b"- seed\n- 0\n", "is not a YAML mapping of settings"), (b"42\n", "is not a YAML mapping"),
+                (b"", "is not a YAML mapping"), (b"seed: \xff\n", "is not UTF-8 text"),
+                (b"data: ${oops\n", "is not valid YAML")]
+DAMAGED_JSON = [(b'{"ppl": {"ppl": 3.1', "is not valid JSON (Expecting ',' delimiter at line 1)"),
+                (b"[1, 2]", "holds a JSON list, not an object of results"), (b"\xff{}", "is not UTF-8 text")]
+
+
+def damaged_run(run: Path, name: str, content: bytes) -> dict[str, str]:
+    run.mkdir()
+    (run / name).write_bytes(content)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return tree(run)
+
+
+@pytest.mark.parametrize("content, problem", DAMAGED_YAML)
+def test_a_damaged_config_snapshot_is_one_line(tmp_path, capsys, content, problem):
+    run = tmp_path / "run"
+    files = damaged_run(run, "uptrain.config.yaml", content)
+    assert uptrain(run, ONE_STEP) == 2
+    line = one_error_line(capsys)
+    assert f"{run / 'uptrain.config.yaml'} {problem}" in line and line.endswith("choose another out="), line
+    assert tree(run) == files
+
+
+@pytest.mark.parametrize("content, problem", DAMAGED_JSON)
+@pytest.mark.parametrize("command", ["uptrain", "eval"])
+def test_a_damaged_eval_json_is_one_line(tmp_path, capsys, command, content, problem):
+    run = tmp_path / "run"
+    files = damaged_run(run, "eval.json", content)
+    args = [ONE_STEP] if command == "uptrain" else []
+    assert main([command, *FAST, f"out={run}", *args]) == 2
+    line = one_error_line(capsys)
+    assert f"{run / 'eval.json'} {problem}" in line and "move the directory away" in line, line
+    assert tree(run) == files
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume_with_a_warning(tmp_path, caplog):
+    from supra.train.progress import ProgressLog
+
+    lines = ['{"step": 1, "loss": 2.0}', '[3]', '{"step": "x"}', '', '{"step": 2, "loss": 1.9}', '{"step": 3, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    with caplog.at_level(logging.WARNING):
+        ProgressLog(tmp_path, total_steps=9, done_steps=2, logger_kind="none", config={}, enabled=True)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [lines[0], lines[4]]
+    assert any("dropped 3 line(s)" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------------- error type
 
 def test_every_user_error_is_one_type():

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from supra.cli import main
 from supra.export import export
@@ -26,7 +27,7 @@ from supra.layers.factorized import (
     low_rank_factors,
     tt_svd,
 )
-from supra.layers.linearize import LinearizeSpec, linearize
+from supra.layers.linearize import LinearizeSpec, linearize, recorded_spec
 from supra.models import load_model
 from supra.skip import apply_skip
 
@@ -152,8 +153,8 @@ def test_factorize_records_and_reloads(tmp_path, smollm2_tokenizer):
     model = tiny_model("qwen2")
     factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[0, 2]))
     factorize_model(model, FactorizeSpec(method="tensor_train", targets=["self_attn.[qk]_proj"], rank=3, tt_cores=2))
-    linearize(model, LinearizeSpec(method="lolcats", window=8, factorized=model.config.supra["factorized"]))
-    record = model.config.supra["factorized"]
+    linearize(model, LinearizeSpec(method="lolcats", window=8, factorized=recorded_spec(model).factorized))
+    record = recorded_spec(model).factorized
     assert sorted(record) == sorted([f"model.layers.{i}.mlp.{p}_proj" for i in (0, 2) for p in ("gate", "up", "down")]
                                     + [f"model.layers.{i}.self_attn.{p}_proj" for i in range(3) for p in "qk"])
     assert isinstance(model.model.layers[1].self_attn.q_proj, TensorTrainLinear)
@@ -166,7 +167,7 @@ def test_factorize_records_and_reloads(tmp_path, smollm2_tokenizer):
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
     names = factor_parameter_names(reloaded)
     assert len(names) == 2 * 6 + 2 * 4 and "model.layers.0.mlp.up_proj.u" in names
-    assert "model.layers.1.self_attn.q_proj" not in reloaded.config.supra["factorized"]
+    assert "model.layers.1.self_attn.q_proj" not in recorded_spec(reloaded).factorized
 
 
 def test_factorized_converted_export_loads_without_supra_and_generates_exactly(tmp_path, smollm2_tokenizer):
@@ -211,13 +212,13 @@ def test_cli_factorize_then_convert_then_uptrain_which_heals_the_factors(tmp_pat
     report = json.loads((factorized / "factorize.json").read_text())
     assert len(report["layers"]) == 6 and report["parameters_after"] < report["parameters_before"]
     assert main(["convert", "recipe=tiny", f"model={factorized}", f"out={converted}"]) == 0
-    spec = json.loads((converted / "config.json").read_text())["supra"]
-    assert spec["method"] == "lolcats" and len(spec["factorized"]) == 6
+    spec = recorded_spec(AutoConfig.from_pretrained(converted))
+    assert spec.method == "lolcats" and len(spec.factorized) == 6
     # healing a converted model: method=softmax converts nothing more
     assert main(["uptrain", *TINY, f"model={converted}", "method=softmax", f"out={run}",
                  "train.stages=[{name: lora, tokens: 1024, lr: 1e-3, warmup_steps: 1}]"]) == 0
     before, after = load_model(str(converted)), load_model(str(run))
-    assert after.config.supra["method"] == "lolcats"
+    assert recorded_spec(after).method == "lolcats"
     old, new = dict(before.named_parameters()), dict(after.named_parameters())
     factors = factor_parameter_names(after)
     assert len(factors) == 12 and all(not torch.equal(old[n], new[n]) for n in factors)
@@ -229,8 +230,8 @@ def test_uptrain_factorizes_converted_layers_before_the_stages(tmp_path):
     assert main(["uptrain", *TINY, f"out={run}", "factorize.method=tensor_train", "factorize.rank=4",
                  "factorize.targets=[mlp.down_proj,self_attn.v_proj]",
                  "train.stages=[{name: full, tokens: 512, lr: 1e-3, warmup_steps: 1}]"]) == 0
-    config = json.loads((run / "model" / "config.json").read_text())["supra"]
-    assert config["method"] == "lolcats" and len(config["factorized"]) == 4
+    spec = recorded_spec(AutoConfig.from_pretrained(run / "model"))
+    assert spec.method == "lolcats" and len(spec.factorized) == 4
 
 
 @pytest.mark.parametrize("overrides, message", [

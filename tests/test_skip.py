@@ -17,7 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from supra.cli import main
 from supra.config import ConfigError, load_config
 from supra.layers.cache import cache_kwargs
-from supra.layers.linearize import LinearizeSpec, SkippedAttention, decoder_layers, linearize, new_parameter_names
+from supra.layers.linearize import (
+    LinearizeSpec,
+    SkippedAttention,
+    decoder_layers,
+    linearize,
+    new_parameter_names,
+    recorded_spec,
+)
 from supra.models import load_model
 from supra.skip import apply_skip, attention_similarity, choose_layers, select_and_skip
 
@@ -50,7 +57,8 @@ def test_skipped_model_equals_model_without_those_sublayers(llama):
     skipped = apply_skip(copy.deepcopy(llama), [1, 2])
     skipped_flags = [isinstance(layer.self_attn, SkippedAttention) for layer in decoder_layers(skipped)]
     assert skipped_flags == [False, True, True, False]
-    assert skipped.config.supra["skip_layers"] == [1, 2] and skipped.config.supra["method"] == "softmax"
+    spec = recorded_spec(skipped)
+    assert spec.skip_layers == [1, 2] and spec.method == "softmax"
     ids = token_batches(1)[0]
     with torch.no_grad():
         expected, got, full = reference(ids).logits, skipped(ids).logits, llama(ids).logits
@@ -128,8 +136,8 @@ def test_skipping_a_converted_model_keeps_its_recurrent_layers(llama):
     assert kinds == ["LlamaAttention", "SupraAttention", "SupraAttention", "SkippedAttention"]
     assert decoder_layers(converted)[1].self_attn is kept  # not wrapped a second time
     assert set(new_parameter_names(converted)) == {n for n in before if ".layers.3." not in n}
-    spec = converted.config.supra
-    assert (spec["method"], spec["softmax_layers"], spec["skip_layers"]) == ("supra", [0], [3])
+    spec = recorded_spec(converted)
+    assert (spec.method, spec.softmax_layers, spec.skip_layers) == ("supra", [0], [3])
 
 
 def test_select_and_skip_never_picks_kept_softmax_or_skipped_layers(llama, smollm2_tokenizer):
@@ -148,7 +156,7 @@ def test_skip_command_saves_a_model_that_reloads_with_its_skip_list(tmp_path, sm
     assert OmegaConf.load(out / "skip.config.yaml").n == 2
 
     reloaded = load_model(str(out)).eval()
-    assert reloaded.config.supra["skip_layers"] == report["chosen"]
+    assert recorded_spec(reloaded).skip_layers == report["chosen"]
     assert [i for i, layer in enumerate(decoder_layers(reloaded))
             if isinstance(layer.self_attn, SkippedAttention)] == report["chosen"]
     # the same random model, rebuilt with the same seed and skipped in memory, gives the same logits
@@ -171,7 +179,8 @@ def test_hybrid_skip_softmax_and_linear_in_one_recipe_then_skip_on_top(tmp_path,
     model = load_model(str(skipped))
     kinds = [type(layer.self_attn).__name__ for layer in decoder_layers(model)]
     assert kinds == ["LlamaAttention", "SkippedAttention", "SupraAttention", "SkippedAttention"]
-    assert model.config.supra["skip_layers"] == [1, 3] and model.config.supra["softmax_layers"] == [0]
+    spec = recorded_spec(model)
+    assert spec.skip_layers == [1, 3] and spec.softmax_layers == [0]
     # the feature maps of the kept linear layer survived the second save
     original = load_model(str(converted))
     torch.testing.assert_close(decoder_layers(model)[2].self_attn.feature_map_q.weight,
@@ -181,8 +190,8 @@ def test_hybrid_skip_softmax_and_linear_in_one_recipe_then_skip_on_top(tmp_path,
 def test_convert_applies_select_and_n_before_linearizing(tmp_path, smollm2_tokenizer):
     out = tmp_path / "converted"
     assert main(["convert", *TINY4, "method=lolcats", "select=last", "n=2", "softmax_layers=[3]", f"out={out}"]) == 0
-    spec = load_model(str(out)).config.supra
-    assert (spec["method"], spec["skip_layers"], spec["softmax_layers"]) == ("lolcats", [1, 2], [3])
+    spec = recorded_spec(load_model(str(out)))
+    assert (spec.method, spec.skip_layers, spec.softmax_layers) == ("lolcats", [1, 2], [3])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -213,7 +222,7 @@ def test_export_of_a_skipped_model_keeps_the_skip_list(tmp_path, monkeypatch, sm
     plain = Auto.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
     via_supra = load_model(str(exported)).eval()
     for model in (plain, via_supra):
-        assert model.config.supra["skip_layers"] == [2, 3]
+        assert recorded_spec(model).skip_layers == [2, 3]
     with torch.no_grad():
         expected = original(ids).logits
         torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=1e-5)

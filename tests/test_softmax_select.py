@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from supra.cli import main
 from supra.layers.attention import RecurrentAttention
-from supra.layers.linearize import LinearizeSpec, decoder_layers, linearize
+from supra.layers.linearize import LinearizeSpec, decoder_layers, linearize, recorded_spec
 from supra.models import load_model
 from supra.softmax_select import choose_softmax_layers, next_token_loss, parse_auto
 
@@ -34,14 +34,14 @@ def test_the_chosen_layers_are_those_whose_restoration_lowers_the_loss_most(llam
     restored = {int(i): loss for i, loss in choice["loss_restored"].items()}
     assert sorted(restored) == [0, 2, 3]  # the skipped layer is no candidate
     assert choice["chosen"] == sorted(sorted(restored, key=restored.get)[:2])
-    assert model.config.supra["softmax_layers"] == choice["chosen"]
+    assert recorded_spec(model).softmax_layers == choice["chosen"] and recorded_spec(model).softmax_choice == choice
     # each restored loss is that of the hybrid converted with that one layer kept as softmax
     for i, loss in restored.items():
         hybrid = linearize(copy.deepcopy(llama), LinearizeSpec(method="gla", window=4, skip_layers=[1],
                                                                softmax_layers=[i]))
         assert next_token_loss(hybrid, batches) == pytest.approx(loss, rel=1e-6)
     # and the model handed back is the chosen hybrid (gla's new weights start deterministic)
-    expected = linearize(copy.deepcopy(llama), LinearizeSpec(**model.config.supra))
+    expected = linearize(copy.deepcopy(llama), recorded_spec(model))
     assert next_token_loss(model, batches) == pytest.approx(next_token_loss(expected, batches), rel=1e-6)
     kinds = [isinstance(layer.self_attn, RecurrentAttention) for layer in decoder_layers(model)]
     assert kinds == [i not in choice["chosen"] + [1] for i in range(4)]
@@ -58,7 +58,7 @@ def test_convert_command_records_the_measured_choice(tmp_path, smollm2_tokenizer
     assert main(["convert", *TINY4, "method=gdn", "softmax_layers=auto:1", f"out={out}"]) == 0
     record = json.loads((out / "softmax_layers.json").read_text())
     reloaded = load_model(str(out))
-    assert len(record["chosen"]) == 1 and reloaded.config.supra["softmax_layers"] == record["chosen"]
+    assert len(record["chosen"]) == 1 and recorded_spec(reloaded).softmax_layers == record["chosen"]
     assert set(record["loss_restored"]) == {"0", "1", "2", "3"}
 
 

@@ -1,4 +1,5 @@
-"""What several commands share: the model and tokenizer a config names, and the console."""
+"""What several commands share: the model and tokenizer a config names, the console, and reading
+back the records a run directory holds (a damaged one stops the command before it writes anything)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import UserError
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
 
 console = Console()
@@ -28,9 +32,46 @@ def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Mo
     return model, tokenizer
 
 
+def damaged_record(path: Path, problem: str) -> UserError:
+    return UserError(f"{path} {problem}; it is a record of the run in {path.parent}, which supra will not "
+                     "overwrite: repair or remove that file, move the directory away, or choose another out=")
+
+
+def read_json_record(path: Path) -> dict[str, Any]:
+    """A JSON object a run wrote earlier ({} when there is none yet)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise damaged_record(path, f"is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise damaged_record(path, "is not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise damaged_record(path, f"holds a JSON {type(data).__name__}, not an object of results")
+    return data
+
+
+def read_yaml_record(path: Path) -> dict[str, Any]:
+    """A YAML mapping a run wrote earlier (a config snapshot), as plain containers, unresolved."""
+    try:
+        # safe_load first, for the structure: OmegaConf.load turns a list into a ListConfig and a
+        # bare number into an OSError. The values come from OmegaConf, which wrote them.
+        if not isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict):
+            raise damaged_record(path, "is not a YAML mapping of settings")
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.MarkedYAMLError as err:
+        where = f" at line {err.problem_mark.line + 1}" if err.problem_mark is not None else ""
+        raise damaged_record(path, f"is not valid YAML ({err.problem or err.context}{where})") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise damaged_record(path, f"is not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise damaged_record(path, "is not UTF-8 text") from None
+
+
 def update_json(path: Path, values: dict[str, Any]) -> dict[str, Any]:
     """Merge `values` into a JSON file (later tasks add to earlier ones), written atomically."""
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json_record(path)
     data.update(values)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -10,6 +10,7 @@ from rich.table import Table
 from ..config import run_dir, save_snapshot
 from ..convert import convert_model
 from ..errors import check_output_dir
+from ..layers.linearize import recorded_spec
 from ..models import count_parameters, save_model
 from .common import console, load_model_and_tokenizer
 
@@ -21,7 +22,8 @@ def run(cfg: DictConfig) -> int:
     convert_model(model, cfg, tokenizer)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
-    choice = getattr(model.config, "supra_softmax_choice", None)
+    spec = recorded_spec(model)
+    choice = spec.softmax_choice
     if choice is not None:  # softmax_layers=auto:K: the measurement, beside the model (as skip.json)
         (out / "softmax_layers.json").write_text(json.dumps({"model": cfg.model, "method": cfg.method, **choice},
                                                             indent=2))
@@ -30,6 +32,6 @@ def run(cfg: DictConfig) -> int:
     for column in ("method", "total params", "new params", "softmax layers", "skipped layers"):
         table.add_column(column)
     table.add_row(cfg.method, f"{counts['total']:,}", f"{counts['new']:,}",
-                  str(list(model.config.supra["softmax_layers"])), str(list(model.config.supra["skip_layers"])))
+                  str(spec.softmax_layers), str(spec.skip_layers))
     console.print(table)
     return 0

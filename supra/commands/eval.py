@@ -25,7 +25,7 @@ from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
 from ..models import load_model, resolve_device
-from .common import console, load_model_and_tokenizer, update_json
+from .common import console, load_model_and_tokenizer, read_json_record, update_json
 
 Rows = list[tuple[str, str]]
 Task = Callable[[nn.Module, PreTrainedTokenizerBase, DictConfig, Path], tuple[dict, Rows]]
@@ -128,6 +128,7 @@ def default_out(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> int:
     functions = [(name, task_function(name)) for name in cfg.tasks]  # refuse bad names before loading
     out = run_dir(cfg, default_out(cfg))
+    read_json_record(out / "eval.json")  # results of earlier tasks are kept: a damaged file stops us first
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
     save_snapshot(cfg, out, "eval")

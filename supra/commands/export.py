@@ -16,6 +16,7 @@ from rich.table import Table
 from ..config import run_dir, save_snapshot
 from ..errors import check_output_dir
 from ..export import export, merge_lora
+from ..layers.linearize import recorded_spec
 from ..models import count_parameters, resolve_source
 from .common import console, load_model_and_tokenizer
 
@@ -34,13 +35,12 @@ def run(cfg: DictConfig) -> int:
         model = merge_lora(model, source_dir if source_dir is not None and source_dir.is_dir() else None)
     export(model.eval(), tokenizer, out, cfg.dtype, cfg.overwrite)
     save_snapshot(cfg, out, "export")
-    spec = getattr(model.config, "supra", None) or {"method": "softmax"}
+    spec = recorded_spec(model)  # export() records one
     counts = count_parameters(model)
     table = Table(title=f"exported {cfg.model} -> {out}")
     for column in ("method", "dtype", "params", "softmax layers", "skipped layers"):
         table.add_column(column)
-    table.add_row(spec.get("method", "softmax"), cfg.dtype, f"{counts['total']:,}",
-                  str(spec.get("softmax_layers", [])), str(spec.get("skip_layers", [])))
+    table.add_row(spec.method, cfg.dtype, f"{counts['total']:,}", str(spec.softmax_layers), str(spec.skip_layers))
     console.print(table)
     console.print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ..config import ConfigError, run_dir, save_snapshot
 from ..errors import check_output_dir
-from ..layers.linearize import decoder_layers
+from ..layers.linearize import decoder_layers, recorded_spec
 from ..models import save_model
 from ..skip import select_and_skip, skip_candidates
 from .common import console, load_model_and_tokenizer
@@ -36,7 +36,8 @@ def run(cfg: DictConfig) -> int:
     if cfg.n == 0 and not cfg.skip_layers:
         available = len(skip_candidates(model))
         raise ConfigError(f"nothing to skip: set n=K with K in 1..{available}, or skip_layers=[...]")
-    before = set((getattr(model.config, "supra", None) or {}).get("skip_layers", []))
+    recorded = recorded_spec(model)
+    before = set(recorded.skip_layers) if recorded is not None else set()
     result = select_and_skip(model, tokenizer, cfg)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "skip")
@@ -45,7 +46,7 @@ def run(cfg: DictConfig) -> int:
               "chosen": result.chosen, "skip_layers": result.skip_layers}
     (out / "skip.json").write_text(json.dumps(report, indent=2))
 
-    spec = model.config.supra
+    spec = recorded_spec(model)
     table = Table(title=f"supra skip {cfg.model}: select={cfg.select} n={cfg.n} -> {out}")
     table.add_column("layer", justify="right")
     table.add_column("similarity", justify="right")
@@ -56,10 +57,10 @@ def run(cfg: DictConfig) -> int:
             status = "[bold red]skipped now[/]"
         elif idx in before:
             status = "skipped before"
-        elif spec["method"] == "softmax" or idx in spec["softmax_layers"]:
+        elif spec.method == "softmax" or idx in spec.softmax_layers:
             status = "softmax"
         else:
-            status = spec["method"]
+            status = spec.method
         table.add_row(str(idx), score, status)
     console.print(table)
     console.print(f"skipped layers: {result.skip_layers}; scores: {out / 'skip.json'}")

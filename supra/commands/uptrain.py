@@ -20,12 +20,13 @@ from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, factorize_from_config, plan_layouts
+from ..layers.linearize import recorded_spec
 from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
-from .common import console, load_model_and_tokenizer, update_json
+from .common import console, load_model_and_tokenizer, read_json_record, read_yaml_record, update_json
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
 RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",
@@ -37,6 +38,7 @@ def run(cfg: DictConfig) -> int:
         return dry_run(cfg)
     run = run_dir(cfg, f"runs/{cfg.recipe or 'uptrain'}")
     _check_same_run(cfg, run)
+    read_json_record(run / "eval.json")  # damaged: stop now, not after training
     # Mistakes in device=, model=, tokenizer= and data= are reported before anything is written.
     resolve_device(cfg.device)
     for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
@@ -95,7 +97,7 @@ def _check_same_run(cfg: DictConfig, run: Path) -> None:
     snapshot = run / "uptrain.config.yaml"
     if not snapshot.exists():
         return
-    before, now = OmegaConf.to_container(OmegaConf.load(snapshot)), OmegaConf.to_container(cfg)
+    before, now = read_yaml_record(snapshot), OmegaConf.to_container(cfg)
     changed = [k for k in _diff(before, now) if not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
@@ -111,9 +113,7 @@ def _diff(a: object, b: object, prefix: str = "") -> list[str]:
 def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, tokenizer) -> None:
     """Held-out perplexity once per run and model (a resumed run does not redo the baselines)."""
     path = run / "eval.json"
-    import json
-
-    if path.exists() and f"ppl_{which}" in json.loads(path.read_text()):
+    if f"ppl_{which}" in read_json_record(path):
         return
     result = HeldoutPerplexity(cfg, tokenizer)(model)
     update_json(path, {f"ppl_{which}": result})
@@ -134,7 +134,8 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
         convert_model(plain, local, tokenizer)
-        apply_record(plain, (getattr(model.config, "supra", None) or {}).get("factorized", {}))
+        spec = recorded_spec(model)
+        apply_record(plain, spec.factorized if spec is not None else {})
         plain = add_lora(plain, list(cfg.train.stages))
         plain.load_state_dict(state)
         save_model(merge_lora(plain), tokenizer, final, overwrite=False)
@@ -142,9 +143,7 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
 
 
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
-    import json
-
-    results = json.loads((run / "eval.json").read_text())
+    results = read_json_record(run / "eval.json")
     table = Table(title=f"held-out perplexity ({cfg.data.source}, seq_len {cfg.seq_len})")
     for column in ("model", "perplexity", "tokens scored"):
         table.add_column(column)

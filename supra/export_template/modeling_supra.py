@@ -5,7 +5,8 @@
 The model is the base architecture recorded in config.json (llama, mistral or qwen2) with its
 attention swapped by `linearize`, from the very layer files supra itself uses, copied beside this
 file (linearize.py, attention.py, feature_maps.py, cache.py and the kernels). `config.supra`
-records how: method, feature maps, softmax (hybrid) layers, skipped attention sublayers.
+records how (a `LinearizeSpec`): method, feature maps, softmax (hybrid) layers, skipped attention
+sublayers, factorized weights.
 
 generate() prefills the prompt in one chunked pass and then decodes from the recurrent state, so
 memory per sequence stays constant; greedy and sampling work, with left padding for batches. Beam
@@ -25,7 +26,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from .linearize import LinearizeSpec, linearize
+from .linearize import LinearizeSpec, linearize, recorded_spec
 
 # Written by `supra export`: the architecture this checkpoint was converted from.
 BASE_MODEL_TYPE = "llama"
@@ -55,7 +56,7 @@ class SupraForCausalLM(BaseForCausalLM):
 
     def __init__(self, config: SupraConfig) -> None:
         super().__init__(config)
-        linearize(self, LinearizeSpec.from_dict(config.supra))
+        linearize(self, recorded_spec(config) or LinearizeSpec(method="softmax"))  # no record: the base model
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         config = kwargs.get("generation_config") or self.generation_config

@@ -9,9 +9,9 @@
   (r_{k-1}, m_k, n_k, r_k) with r_0 = r_d = 1 (TT-matrix, Novikov et al. 2015), from TT-SVD
   (Oseledets 2011). The forward contracts the input with one core at a time; W is never formed.
 
-Each module keeps the Linear's bias, describes itself by `layout()` (recorded in
-`model.config.supra["factorized"]`, from which `rebuild_factorized` makes the same empty modules
-when a saved or exported model loads) and gives W back with `to_dense()` for checks. The factors
+Each module keeps the Linear's bias, describes itself by `layout()` (recorded in the model's spec,
+`LinearizeSpec.factorized`, from which `rebuild_factorized` makes the same empty modules when a
+saved or exported model loads) and gives W back with `to_dense()` for checks. The factors
 are named by `factor_parameter_prefixes`, so training stages can find them.
 """
 

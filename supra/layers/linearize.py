@@ -2,17 +2,21 @@
 
 `linearize(model, spec)` swaps the self-attention of every decoder layer (except those kept as
 softmax) for a recurrent layer, removes skipped attention sublayers, and records the spec in
-`model.config.supra`, from which an exported checkpoint rebuilds the same model.
+`model.config.supra`, from which an exported checkpoint rebuilds the same model. That record is
+read and written only through `recorded_spec` and `record_spec`: it is a plain dict in the config
+(so that config.json holds it), and a `LinearizeSpec` everywhere else.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2RAttention
 from .cache import handed_cache, recurrent_slot
@@ -44,6 +48,8 @@ class LinearizeSpec:
     backend: str = "auto"  # auto | torch | triton
     # Linear layers replaced by factors (supra factorize): module name -> layout, see factorized.py
     factorized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How softmax_layers=auto:K chose softmax_layers (softmax_select.py): the losses measured, the choice
+    softmax_choice: dict[str, Any] | None = None
 
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
@@ -71,8 +77,24 @@ class LinearizeSpec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LinearizeSpec:
+        """The spec a record describes. Keys this version does not know (a newer checkpoint's) are
+        ignored, and fields the record lacks (an older one's) take their defaults. A copy: changing
+        the spec does not change the record."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items() if k in known})
+        values = copy.deepcopy({k: v for k, v in values.items() if k in known})
+        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
+
+
+def recorded_spec(model_or_config: nn.Module | PretrainedConfig) -> LinearizeSpec | None:
+    """The spec recorded in a model's config (or in the config itself), None if supra never touched it."""
+    config = getattr(model_or_config, "config", model_or_config)
+    values = getattr(config, "supra", None)
+    return LinearizeSpec.from_dict(values) if values else None
+
+
+def record_spec(model: nn.Module, spec: LinearizeSpec) -> None:
+    """Record `spec` in model.config.supra, as the plain dict that config.json saves."""
+    model.config.supra = asdict(spec)
 
 
 class SkippedAttention(nn.Module):
@@ -112,7 +134,7 @@ def linearize(model: nn.Module, spec: LinearizeSpec) -> nn.Module:
     present = dict(model.named_modules())  # a skipped attention sublayer took its factorized projections
     spec.factorized = {name: layout for name, layout in spec.factorized.items() if name in present}
     rebuild_factorized(model, spec.factorized)
-    model.config.supra = asdict(spec)
+    record_spec(model, spec)
     decoder = model.get_decoder()
     if not getattr(decoder, "_supra_positions_hook", False):
         decoder.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)

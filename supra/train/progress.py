@@ -39,11 +39,20 @@ class ProgressLog:
             self.task = self.bar.add_task("train", total=total_steps, completed=done_steps, stage="", stats="")
 
     def _truncate_after(self, step: int) -> None:
-        """Steps logged after the checkpoint we resume from are rerun; drop their old records."""
+        """Steps logged after the checkpoint we resume from are rerun; drop their old records, and
+        lines that do not read back as records (a write cut short by a crash), with a warning."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, damaged = [], 0
+        for line in filter(str.strip, self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()):
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (ValueError, AttributeError, TypeError):  # not JSON, not an object, a step that is no number
+                damaged += 1
+        if damaged:
+            logger.warning("%s: dropped %d line(s) that are not metric records (a write cut short?)",
+                           self.metrics_path, damaged)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _write(self, record: dict[str, Any]) -> None:
