@@ -45,7 +45,7 @@ import triton.language as tl
 
 from . import triton_chunk
 from .delta_rule import chunk_delta_rule
-from .triton_chunk import _chunk_log_decay, _dot, _Layout, _last, alloc
+from .triton_chunk import _chunk_log_decay, _dot, _last, _Layout, alloc
 
 MAX_K = 256  # one block of K per program: W S and K^T Vn contract over all of K at once
 
