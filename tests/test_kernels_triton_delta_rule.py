@@ -151,3 +151,29 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="K <= 256"):
         big = torch.randn(1, 2, 1, 300)
         triton_op(big, big, torch.randn(1, 2, 1, 4), torch.rand(1, 2, 1))
+
+
+def test_custom_ops_opcheck():
+    x = inputs(1, 16, 1, 8, 8, "token", 1)
+    args = [x[n].requires_grad_() for n in ("q", "k", "v", "beta", "g", "h0")]
+    torch.library.opcheck(torch.ops.supra.chunk_delta_rule_fwd.default, (*args, None, 0.5, 16))
+    detached = [t.detach() for t in args]
+    torch.library.opcheck(torch.ops.supra.chunk_delta_rule_bwd.default,
+                          (*detached, None, torch.randn_like(x["v"]), torch.randn_like(x["h0"]), 0.5, 16, True))
+
+
+def test_torch_compile_fullgraph():
+    """The op stays in one graph under torch.compile and trains through it (forward and backward)."""
+    torch._dynamo.reset()
+
+    def loss_fn(q, k, v, beta, g, h0):
+        o, final = delta_rule(q, k, v, beta, g, None, h0, True, backend="triton")
+        return (o * o).sum() + final.sum()
+
+    x = inputs(1, 18, 1, 8, 8, "token", 1)
+    eager = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta", "g", "h0")]
+    compiled = [t.detach().clone().requires_grad_() for t in eager]
+    loss_fn(*eager).backward()
+    torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*compiled).backward()
+    for a, b in zip(compiled, eager):
+        assert rel(a.grad, b.grad) < FP32_TOL
