@@ -255,9 +255,13 @@ def _wy_backward_kernel(k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, vn_ptr, dvn_ptr, dk_p
 # ----------------------------------------------------------------------------------------------
 
 
-def _meta(lay: _Layout) -> dict:
-    """Launch constants of this module's kernels: BK spans the whole head dimension."""
-    return {**lay.meta(), "BK": max(16, triton.next_power_of_2(lay.K))}
+def _meta(lay: _Layout, **launch) -> dict:
+    """Launch constants of this module's kernels: BK spans the whole head dimension. The walks and the
+    WY backward hold several C x K tiles per step (float32 ones too, as the gdn layer passes float32
+    q, k), so they run one pipeline stage: buffering those tiles three times over would need more
+    than a Hopper SM's 227 KB of shared memory at C = 64, K = 128 (chosen from the tile sizes, not
+    yet measured on a GPU)."""
+    return {**lay.meta(), "BK": max(16, triton.next_power_of_2(lay.K)), **launch}
 
 
 def _chunk_states(kf, vf, b, g, h0, lay: _Layout):
@@ -273,7 +277,7 @@ def _chunk_states(kf, vf, b, g, h0, lay: _Layout):
     if lay.docs * lay.H > 0:
         _delta_states_kernel[(lay.NV, lay.docs * lay.H)](
             kf, w, u, g, h0 if h0 is not None else ht, h, vn, ht, tables["cu"], tables["chunk_off"],
-            HAS_H0=h0 is not None, **_meta(lay))
+            HAS_H0=h0 is not None, **_meta(lay, num_stages=1))
     return w, h, vn, ht
 
 
@@ -311,14 +315,14 @@ def _backward(q, k, v, beta, log_decay, initial_state, cu_seqlens, do, dht, scal
     if lay.docs * lay.H > 0:
         _delta_dstates_kernel[(lay.NV, lay.docs * lay.H)](
             qf, kf, w, dof, g, dht.float().contiguous(), dh, dvn, dh0, tables["cu"], tables["chunk_off"], scale,
-            **_meta(lay))
+            **_meta(lay, num_stages=1))
     if lay.chunks > 0:
         _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vn, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale, TT,
             NEED_DG=need_dg, num_stages=2, **lay.meta())
         _wy_backward_kernel[(lay.chunks, lay.H)](
             kf, vf, b, g, h, vn, dvn, dk_wy, dv, dbeta, dg_wy, tables["chunk_start"], tables["chunk_len"],
-            NEED_DG=need_dg, **_meta(lay))
+            NEED_DG=need_dg, **_meta(lay, num_stages=1, num_warps=8))
     dk = (dk.float() + dk_wy).to(k.dtype)
     dg = (dg.sum(0) + dg_wy).view(lay.B, lay.T, lay.H) if need_dg else None
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
