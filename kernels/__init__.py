@@ -84,7 +84,7 @@ def delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule (training, prefill); see `delta_rule.py` for the contract."""
+    """The gated delta rule (training, prefill, decode); see `delta_rule.py` for the contract."""
     if use_triton(backend, q.device):
         from .triton_delta_rule import triton_delta_rule
 
