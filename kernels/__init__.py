@@ -9,7 +9,8 @@ without triton still imports this package. The LoLCATs hybrid (`window_hybrid_at
 same rule for a stateless call (training, prefill: the fused kernels of `triton_hybrid.py`); a call
 with a decoder state runs its blocked torch form on every device, and its decode step
 (`window_hybrid_step`) is a few small torch products over a ring buffer of W tokens. The gated delta
-rule (`delta_rule.py`, `delta_rule` here) runs its chunked WY form in torch on every device.
+rule (`delta_rule.py`, `delta_rule` here) follows the rule too: `triton_delta_rule.py` where Triton
+runs, its chunked WY form in torch elsewhere; its decode step is torch on every device.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule (training, prefill, decode); see `delta_rule.py` for the contract.
-    Every backend runs the chunked torch form: there is no Triton kernel for it yet."""
-    use_triton(backend, q.device)  # validates the backend name
+    """The gated delta rule (training, prefill, decode); see `delta_rule.py` for the contract."""
+    if use_triton(backend, q.device):
+        from .triton_delta_rule import triton_delta_rule
+
+        return triton_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     return chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)

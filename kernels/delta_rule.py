@@ -20,6 +20,7 @@ of its chunk only through one unit lower-triangular system,
 
 so U = W_v - W_k S0 with W_v, W_k solved once per chunk in parallel. Only the S0 -> S_C walk is
 sequential; outputs and states are then small matrix products, O(T C) work as for linear attention.
+`triton_delta_rule.py` is the same form as Triton kernels (what `delta_rule` runs on CUDA).
 """
 
 from __future__ import annotations

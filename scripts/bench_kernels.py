@@ -10,8 +10,9 @@
 4. The LoLCATs hybrid (window 64, H=32, D=F=128): the fused Triton kernels (triton_hybrid.py, "supra")
    against its blocked torch form ("torch-form"), fla's chunk_simple_gla on the same features (plain linear attention,
    what the hybrid adds the window to) and SDPA; its bf16 forward and gradients against float32 torch.
-5. The gated delta rule: our chunked torch form (float32; no Triton kernel yet) and fla's
-   chunk_gated_delta_rule (bf16) against the float64 recurrence, and their forward / forward+backward ms.
+5. The gated delta rule: our Triton kernel (triton_delta_rule.py, bf16), its chunked torch form (float32)
+   and fla's chunk_gated_delta_rule (bf16): output, final state and every gradient against the float64
+   recurrence, forward and forward+backward ms, and fla's time over ours.
 
     python scripts/bench_kernels.py                 # on a GPU machine, about 5 minutes on an H100
     python scripts/bench_kernels.py --dry-run --out /tmp/bench   # tiny shapes, CPU, Triton interpreter
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import math
 import os
@@ -509,56 +509,110 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
 # ----------------------------------------------------------------------------------------------
-# 4. The gated delta rule (method=gdn): our chunked torch form against fla's chunk_gated_delta_rule
+# 4. The gated delta rule (method=gdn): our Triton kernel and torch form against fla's chunk_gated_delta_rule
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_backward(fn: Callable, leaves: list, rest: tuple) -> None:
-    out, _ = fn(*leaves, *rest)
-    out.float().sum().backward()
+def delta_rule_methods(chunk_size: int, device) -> dict[str, tuple[Callable, object]]:
+    """name -> (fn(q, k, v, g, beta, h0) -> (o, final state), dtype of q, k, v)."""
+    import torch
+
+    triton_delta_rule = kernels_module("triton_delta_rule").triton_delta_rule
+    chunk_delta_rule = kernels_module().chunk_delta_rule
+    methods = {
+        "supra": (lambda q, k, v, g, b, h0: triton_delta_rule(q, k, v, b, g, None, h0, True, chunk_size=chunk_size),
+                  torch.bfloat16),
+        "torch-form": (lambda q, k, v, g, b, h0: chunk_delta_rule(q, k, v, b, g, None, h0, True,
+                                                                  chunk_size=chunk_size), torch.float32)}
+    if device.type == "cuda":
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        except ImportError as error:
+            print(f"fla's chunk_gated_delta_rule not importable ({error}); its rows are left out")
+        else:
+            methods["fla"] = (lambda q, k, v, g, b, h0: chunk_gated_delta_rule(
+                q, k, v, g, b.to(q.dtype), initial_state=h0, output_final_state=True), torch.bfloat16)
+    return methods
 
 
-def delta_rule_block(device, timer: Timer, shapes: list[tuple[int, int, int, int]]) -> list[dict]:
-    """Relative RMS error against the float64 recurrence (output and final state), and ms for forward
-    and forward+backward, of supra's chunked WY form (float32) and, when installed, fla's (bf16)."""
+def delta_rule_inputs(B: int, T: int, H: int, D: int, device) -> dict:
+    """q, k (L2-normalised, as the gdn layer feeds them) and v rounded to bf16 so that every method and
+    the reference see the same values; log decay, beta and initial state in float32; do, dht for the
+    backward."""
     import torch
     import torch.nn.functional as F
 
-    kernels = kernels_module()
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except ImportError:
-        chunk_gated_delta_rule = None
-    ours = {"supra-torch": lambda q, k, v, g, b, h0: kernels.chunk_delta_rule(q, k, v, b, g, None, h0, True)}
-    if chunk_gated_delta_rule is not None and device.type == "cuda":
-        ours["fla"] = lambda q, k, v, g, b, h0: chunk_gated_delta_rule(
-            q.bfloat16(), k.bfloat16(), v.bfloat16(), g, b.bfloat16(), initial_state=h0, output_final_state=True)
+    q, k = (F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).bfloat16().float() for _ in range(2))
+    return {"q": q, "k": k, "v": torch.randn(B, T, H, D, device=device).bfloat16().float(),
+            "g": F.logsigmoid(torch.randn(B, T, H, device=device) + 2), "beta": torch.rand(B, T, H, device=device),
+            "h0": torch.randn(B, H, D, D, device=device), "do": torch.randn(B, T, H, D, device=device),
+            "dht": torch.randn(B, H, D, D, device=device)}
+
+
+def delta_rule_leaves(x: dict, dtype) -> list:
+    """Fresh leaves (q, k, v in `dtype`; g, beta, h0 in float32), in the methods' argument order."""
+    return [x[n].to(dtype).requires_grad_() for n in ("q", "k", "v")] + [
+        x[n].clone().requires_grad_() for n in ("g", "beta", "h0")]
+
+
+def delta_rule_outputs_and_grads(fn: Callable, x: dict, dtype) -> list:
+    """o, final state, and the gradients of <do, o> + <dht, final> for q, k, v, g, beta, h0."""
+    leaves = delta_rule_leaves(x, dtype)
+    out, final = fn(*leaves)
+    ((out.double() * x["do"]).sum() + (final.double() * x["dht"]).sum()).backward()
+    return [out, final] + [leaf.grad for leaf in leaves]
+
+
+def delta_rule_block(device, timer: Timer, shapes: list[tuple[int, int, int, int]], chunk_size: int) -> list[dict]:
+    """Per shape and method: relative RMS error against the float64 recurrence (output, final state,
+    every gradient) where the token loop is quick enough, and ms of forward and forward+backward.
+
+    supra (Triton) and fla run q, k, v in bf16, the torch form in float32; all on the same rounded values.
+    """
+    import torch
+
+    recurrent_delta_rule = kernels_module().recurrent_delta_rule
+    methods = delta_rule_methods(chunk_size, device)
+    names = ["o", "state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
     rows = []
     for B, T, H, D in shapes:
-        q, v = torch.randn(B, T, H, D, device=device), torch.randn(B, T, H, D, device=device)
-        k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
-        g, beta = F.logsigmoid(torch.randn(B, T, H, device=device) + 2), torch.rand(B, T, H, device=device)
-        h0 = torch.randn(B, H, D, D, device=device)
+        x = delta_rule_inputs(B, T, H, D, device)
         small = T <= 1024  # the float64 token loop is the reference only where it is quick enough
         if small:
-            ref = kernels.recurrent_delta_rule(*(x.double() for x in (q, k, v, beta, g)), None, h0.double(), True)
-        for name, fn in ours.items():
-            row = {"kernel": name, "B": B, "T": T, "H": H, "D": D}
+            ref = delta_rule_outputs_and_grads(
+                lambda q, k, v, g, b, h0: recurrent_delta_rule(q, k, v, b, g, None, h0, True), x, torch.float64)
+        shape_rows = []
+        for name, (fn, dtype) in methods.items():
+            row = {"kernel": name, "dtype": str(dtype).removeprefix("torch."), "B": B, "T": T, "H": H, "D": D}
             try:
-                out, final = fn(q, k, v, g, beta, h0)
                 if small:
-                    row["o_vs_fp64_ref"], row["state_vs_fp64_ref"] = rel_rms(out, ref[0]), rel_rms(final, ref[1])
-                row["fwd_ms"] = timer(functools.partial(fn, q, k, v, g, beta, h0))
-                leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-                row["fwd_bwd_ms"] = timer(functools.partial(_forward_backward, fn, leaves, (g, beta, h0)),
-                                          grad_to_none=leaves)
-            except Exception as error:  # an fla version with another API: report, keep going
-                row["error"] = f"{type(error).__name__}: {error}"
-            print("delta rule " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in row.items()))
-            rows.append(row)
+                    got = delta_rule_outputs_and_grads(fn, x, dtype)
+                    row |= {f"{n}_vs_fp64_ref": rel_rms(a, b) for n, a, b in zip(names, got, ref)}
+                leaves, grad = delta_rule_leaves(x, dtype), x["do"].to(dtype)
+
+                def forward(fn=fn, leaves=leaves):
+                    with torch.no_grad():
+                        fn(*leaves)
+
+                def forward_backward(fn=fn, leaves=leaves, grad=grad):
+                    fn(*leaves)[0].backward(grad)
+
+                row["fwd_ms"] = timer(forward)
+                row["fwd_bwd_ms"] = timer(forward_backward, grad_to_none=leaves)
+            except Exception as error:  # memory, or an fla version with another API: report, keep going
+                row["error"] = f"{type(error).__name__}: {error}"[:200]
+            shape_rows.append(row)
+        fla_row = next((r for r in shape_rows if r["kernel"] == "fla" and "fwd_ms" in r), None)
+        for r in shape_rows:
+            if fla_row is not None and "fwd_ms" in r:  # > 1: faster than fla
+                r["fwd_speedup_vs_fla"] = fla_row["fwd_ms"] / r["fwd_ms"]
+                r["fwd_bwd_speedup_vs_fla"] = fla_row["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            print("delta rule " + "  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                                            for key, val in r.items()))
+        rows += shape_rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -617,8 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     add_fla_ratios(rows)
     print_table(rows)
     print("\n== gated delta rule (method=gdn) ==")
-    delta_rows = delta_rule_block(device, timer, [(1, 64, 2, 16)] if args.dry_run else
-                                  [(2, 1000, 4, 128)] + [(1, t, 16, 128) for t in (2048, 4096, 8192)])
+    delta_rows = delta_rule_block(device, timer, [(1, 20, 1, 16)] if args.dry_run else
+                                  [(2, 1000, 4, 128)] + [(1, t, 16, 128) for t in (2048, 4096, 8192)], chunk)
 
     nominal = next((bw for key, bw in NOMINAL_HBM.items() if key in device_name), None)
     measured = measure_bandwidth(device, timer, (1 << 30) if cuda else (1 << 22))

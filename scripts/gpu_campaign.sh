@@ -21,7 +21,7 @@ if [ -n "${SUPRA_SITE:-}" ]; then
 fi
 case "${1:-}" in
   # -P: import the installed supra, not the checkout's supra/ (which lacks supra.kernels).
-  kernels) python3 -P -m pytest -q tests/test_kernels_triton.py tests/test_kernels_triton_hybrid.py || echo "KERNEL TESTS FAILED (timings follow)"
+  kernels) python3 -P -m pytest -q tests/test_kernels_triton.py tests/test_kernels_triton_hybrid.py tests/test_kernels_triton_delta_rule.py || echo "KERNEL TESTS FAILED (timings follow)"
            python3 scripts/bench_kernels.py "${out[@]}" ;;
   throughput) python3 scripts/bench_uptrain.py "${out[@]}" ;;
   decode) python3 scripts/bench_decode.py "${out[@]}" ;;

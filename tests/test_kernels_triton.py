@@ -280,4 +280,7 @@ def test_bench_script_dry_run(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["rows"] and all("ms" in row for row in report["rows"])
     assert all(row["vs_fp32_ref"] < 2e-2 for row in report["correctness"])
+    delta = {row["kernel"]: row for row in report["delta_rule"]}  # bf16 Triton, float32 torch form
+    assert all(delta[name]["o_vs_fp64_ref"] < tol and "fwd_bwd_ms" in delta[name]
+               for name, tol in (("supra", 3e-2), ("torch-form", 1e-5)))
     assert report_path.with_suffix(".png").stat().st_size > 0
