@@ -152,9 +152,6 @@ def window_hybrid_attention(
     def query_blocks(x: torch.Tensor) -> torch.Tensor:
         return F.pad(x.to(acc), (0, 0, 0, 0, 0, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4)
 
-    def two_blocks(x: torch.Tensor) -> torch.Tensor:  # key blocks b and b+1 side by side: (B, H, nb, 2W, .)
-        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
-
     cached = (None, None, None) if state is None else ring_in_time_order(state)
     kb, vb, fkb = (key_blocks(x, c) for x, c in zip((k, v, fk), cached))
     vb = torch.cat([vb, torch.ones_like(vb[..., :1])], dim=-1)  # ones column carries the denominator
@@ -167,26 +164,29 @@ def window_hybrid_attention(
     fkb = fkb * valid[..., None]  # padding tokens must not enter the linear state
     qb, fqb = query_blocks(q), query_blocks(fq)
 
-    # Query r of a block against key s of its two blocks: window is r < s <= W + r, older is s <= r.
+    # Query r of a block against key s of the previous key block and of its own: the window is s > r
+    # in the previous block and s <= r in its own; the previous block's s <= r are older (linear).
+    # Two products per block, not one over a concatenated 2W: no copies, and no linear weights
+    # computed for the own block, where they would all be masked out.
     r = torch.arange(W, device=q.device)[:, None]
-    s = torch.arange(2 * W, device=q.device)[None, :]
-    valid2 = two_blocks(valid[..., None]).squeeze(-1)[:, :, :, None, :]  # (B, 1, nb, 1, 2W)
-    in_window = (s > r) & (s <= W + r) & valid2
-    older = (s <= r) & valid2
-
-    scores = qb @ two_blocks(kb).transpose(-1, -2) * D**-0.5
-    scores = scores.masked_fill(~in_window, float("-inf"))
-    c = scores.amax(-1, keepdim=True)
+    s = torch.arange(W, device=q.device)[None, :]
+    older = s <= r
+    scale = D**-0.5
+    scores_prev = (qb @ kb[:, :, :-1].transpose(-1, -2) * scale).masked_fill(~(~older & valid[:, :, :-1, None]),
+                                                                             float("-inf"))
+    scores_own = (qb @ kb[:, :, 1:].transpose(-1, -2) * scale).masked_fill(~(older & valid[:, :, 1:, None]),
+                                                                           float("-inf"))
+    c = torch.maximum(scores_prev.amax(-1, keepdim=True), scores_own.amax(-1, keepdim=True))
     if sinks:  # each query against the S sink slots that hold a token up to its own place
         place = torch.arange(nb * W, device=q.device).view(1, 1, nb, W, 1)
         seen = sink_valid.view(B, 1, 1, 1, sinks) & (arrival.view(B, 1, 1, 1, sinks) <= place)
-        sink_scores = (qb @ sink_k[:, :, None].transpose(-1, -2) * D**-0.5).masked_fill(~seen, float("-inf"))
+        sink_scores = (qb @ sink_k[:, :, None].transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
         c = torch.maximum(c, sink_scores.amax(-1, keepdim=True))
     c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
     gate = window_gate.to(acc).view(1, H, 1, 1, 1)
-    window_weights = gate * (scores - c).exp()
-    linear_weights = (fqb @ two_blocks(fkb).transpose(-1, -2)) * older
-    out = (window_weights + linear_weights) @ two_blocks(vb)
+    linear_prev = (fqb @ fkb[:, :, :-1].transpose(-1, -2)) * older  # fk is zero where no token is
+    out = ((gate * (scores_prev - c).exp() + linear_prev) @ vb[:, :, :-1]
+           + (gate * (scores_own - c).exp()) @ vb[:, :, 1:])
     if sinks:
         out = out + (gate * (sink_scores - c).exp()) @ sink_v[:, :, None]
 
