@@ -154,7 +154,7 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
-    "seed": count(0), "seq_len": count(1), "window": count(1), "sinks": count(0),
+    "seed": count(0), "seq_len": count(1), "window": count(0), "sinks": count(0),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,

@@ -66,7 +66,10 @@ def numbered_lines(n: int) -> str:
     ("seq_len=0", "seq_len must be an integer >= 1, got 0"),
     ("seq_len=abc", "bad value for seq_len: Value 'abc' of type 'str' could not be converted to Integer; "
                     "valid: an integer >= 1"),
-    ("window=0", "window must be an integer >= 1, got 0"),
+    ("window=0", "window must be >= 1 for lolcats (>= 0 otherwise), got 0"),
+    ("window=-1", "window must be an integer >= 0, got -1"),
+    ("sinks=-2", "sinks must be an integer >= 0, got -2"),
+    (("method=gla", "window=0", "sinks=4"), "sinks must be >= 0 and needs a softmax window"),
     ("seed=-3", "seed must be an integer >= 0"),
     ("eval.batch_size=0", "eval.batch_size must be an integer >= 1"),
     ("eval.passkey_depths=[0.5, 2]", "eval.passkey_depths[1] must be a finite number in [0, 1], got 2.0"),
@@ -80,7 +83,7 @@ def numbered_lines(n: int) -> str:
 ])
 def test_numbers_and_types_are_checked_before_anything_loads(tmp_path, capsys, arg, message):
     run = tmp_path / "run"
-    assert main(["uptrain", "recipe=tiny", arg, f"out={run}"]) == 2
+    assert main(["uptrain", "recipe=tiny", *([arg] if isinstance(arg, str) else arg), f"out={run}"]) == 2
     assert message in one_error_line(capsys)
     assert not run.exists()
 
