@@ -50,7 +50,12 @@ MODELS = {
     "llama7b-shape": ["recipe=llama7b", "model=random", "tokenizer=smollm2-135m"],
     "tiny": ["recipe=tiny"],
 }
-METHODS = ("supra", "t2r", "lolcats")
+METHODS = {  # name -> conversion settings
+    "supra": {"method": "supra"},
+    "t2r": {"method": "t2r"},
+    "lolcats": {"method": "lolcats"},
+    "lolcats-sinks4": {"method": "lolcats", "sinks": 4},  # what the demo and smollm2-135m recipes run
+}
 FLOOR = "no-attention"
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_LENGTHS = [256, 1024, 8192]
@@ -61,7 +66,7 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
                         help="default: smollm2-135m and llama7b-shape on GPU, smollm2-135m on CPU")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help=f"context lengths; default {GPU_LENGTHS} on GPU, {CPU_LENGTHS} on CPU")
     parser.add_argument("--original-max-length", type=int, default=None,
@@ -87,7 +92,7 @@ def load_models(name: str, methods: list[str], dtype: str, device: torch.device)
     original, _ = load_model_and_tokenizer(cfg)
     models = {"original": original.eval()}
     for method in methods:
-        models[method] = linearize(copy.deepcopy(original), LinearizeSpec(method=method)).eval()
+        models[method] = linearize(copy.deepcopy(original), LinearizeSpec(**METHODS[method])).eval()
     layers = list(range(original.config.num_hidden_layers))
     models[FLOOR] = linearize(copy.deepcopy(original), LinearizeSpec(method="softmax", skip_layers=layers)).eval()
     return models
@@ -228,13 +233,13 @@ def main() -> None:
         runs.append({"model": name, "points": points, "summary": summarise(points)})
         del models
         gc.collect()
-    print(f"\n{'model':<14} {'method':<12} {'context':>8} {'decode ms':>10} {'x orig':>7} {'attn %':>7} "
+    print(f"\n{'model':<14} {'method':<15} {'context':>8} {'decode ms':>10} {'x orig':>7} {'attn %':>7} "
           f"{'prefill s':>10} {'x orig':>7} {'state MiB':>10}")
     for run in runs:
         for p in run["points"]:
             ratio = f"{p['decode_vs_original']:.2f}" if "decode_vs_original" in p else ""
             pre = f"{p['prefill_vs_original']:.2f}" if "prefill_vs_original" in p else ""
-            print(f"{run['model']:<14} {p['model']:<12} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
+            print(f"{run['model']:<14} {p['model']:<15} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
                   f"{100 * p['attention_share']:>7.1f} {p['prefill_cpu_s']:>10.2f} {pre:>7} "
                   f"{p['state_bytes'] / 2**20:>10.2f}")
         for model, row in run["summary"].items():
