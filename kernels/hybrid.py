@@ -57,12 +57,6 @@ class HybridState(NamedTuple):
 ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid")
 
 
-def no_sinks(B: int, H: int, D: int, E: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Empty sink fields (S = 0) for a state that keeps none."""
-    return (like.new_zeros(B, H, 0, D), like.new_zeros(B, H, 0, E + 1),
-            torch.zeros(B, 0, dtype=torch.bool, device=like.device))
-
-
 def take_sinks(k: torch.Tensor, v: torch.Tensor, state: HybridState | None, sinks: int,
                acc: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The sink slots after this call's tokens (B, T, H, .) join them: sink_k (B, H, S, D), sink_v
@@ -116,15 +110,15 @@ def window_hybrid_attention(
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
     T >= 1. A state carried in keeps its own number of sink slots (`sinks` then must equal it).
 
-    A stateless call without sinks on CUDA (backend auto|triton) runs the fused kernels of
-    `triton_hybrid.py`; with sinks, the blocked torch form runs on every device.
+    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
     """
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
-    if state is None and sinks == 0 and use_triton(backend, q.device):
+    if state is None and use_triton(backend, q.device):
         from .triton_hybrid import triton_window_hybrid_attention
 
-        return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state)
+        return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state,
+                                              sinks=sinks)
     B, T, H, D = q.shape
     segment = window * max(1, SEGMENT_TOKENS // window)
     if T > segment:  # segments carrying the state: every pass has the same working set, at any T

@@ -2,16 +2,21 @@
 
 Same contract as `hybrid.window_hybrid_attention` for the stateless call (training, prefill): q, k
 (B, T, H, D) after RoPE, v (B, T, H, V), features fq, fk (B, T, H, F), window_gate g (H,). Per query n
-and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj inside the window:
+and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj over soft(n):
 
-    w_nj = g exp(s_nj - c_n) [n-W < j <= n]  +  fq_n.fk_j [j <= n-W]
+    w_nj = g exp(s_nj - c_n) [j in soft(n)]  +  fq_n.fk_j [j in old(n)]
     y_n  = sum_j w_nj v_j / z_n,   z_n = sum_j w_nj           (one shared denominator)
+    soft(n) = {n-W < j <= n} + {j < S, j <= n},   old(n) = {S <= j <= n-W}
+
+with S sinks (the sequence's first S tokens, `hybrid.py`).
 
 Chunks of C >= W tokens (like fla's chunked kernels). Query chunk i meets the keys of chunks i-1 and i
 as two masked C x C tiles (the window part, and the linear part for those already older than the
 window); every key before chunk i-1 is older than the window (n - j > C >= W), so it enters only
 through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
-c_n is exact, not an online running max: both tiles are scored before any exp.
+c_n is exact, not an online running max: both tiles are scored before any exp. With sinks, a third
+tile holds keys 0..S-1 for the queries they have left the window of (a sink inside the window counts
+there, once); sinks never enter the linear state.
 
 Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
   _states_kernel   [NF, NV, B*H]  walk the chunks in order, store hs[i] for every query chunk.
@@ -20,11 +25,13 @@ Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
                                    fed by the queries of chunks >= c + 2.
   _dq_kernel       [chunks, B*H]  dq, dfq, the gate's gradient per chunk, and per query dL/dc_n with
                                    the key that holds the max.
-  _dkv_kernel      [chunks, B*H]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus dhs[c].
+  _dsinks_kernel   [B*H]          with sinks: dk, dv of the sink tile, over every query chunk.
+  _dkv_kernel      [chunks, B*H]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus dhs[c]
+                                   (and the sink tile's share for the first S keys).
 
 Backward: with do' = do_n / z_n and delta_n = do_n.y_n / z_n, dL/dw_nj = do'_n.v_j - delta_n. c_n is no
 normaliser here (the linear part does not share it), so it has a gradient of its own,
-dL/dc_n = -sum_window dL/dw_nj g exp(s_nj - c_n), which reaches q_n and the key holding the max (torch's
+dL/dc_n = -sum_soft(n) dL/dw_nj g exp(s_nj - c_n), which reaches q_n and the key holding the max (torch's
 amax splits it evenly between tied keys; here the first of them takes it, also a valid subgradient).
 The backward recomputes the states and the score tiles instead of keeping them (memory).
 
@@ -41,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hybrid import HybridState, no_sinks, window_hybrid_attention
+from .hybrid import HybridState, take_sinks, window_hybrid_attention
 from .reference import state_dtype
 from .triton_chunk import _dot, alloc
 
@@ -73,14 +80,21 @@ def _per_token(ptr, b, t, h, T, H, other):
 
 
 @triton.jit
-def _masks(n, j, T, W):
-    """(window, older) for queries n against keys j (global token indices, broadcast by the caller)."""
+def _masks(n, j, T, W, S):
+    """(window, older) for queries n against keys j (global token indices, broadcast by the caller);
+    a sink (j < S) is never older: it is softmax in the window, and in the sink tile past it."""
     live = (n < T) & (j >= 0)
-    return live & (j <= n) & (j > n - W), live & (j <= n - W)
+    return live & (j <= n) & (j > n - W), live & (j <= n - W) & (j >= S)
 
 
 @triton.jit
-def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC,
+def _sink_mask(n, j, T, W, S):
+    """The sink tile: sinks j < S that have left query n's window (inside it they count there, once)."""
+    return (n < T) & (j < S) & (j <= n - W)
+
+
+@triton.jit
+def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC, S,
                    C: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
     jf, jv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -95,7 +109,7 @@ def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC,
         if jv == 0:
             tl.store(hden_ptr + base * F + rf, acc_den, mask=rf < F)
         j = (i - 1) * C + tl.arange(0, C)  # query chunk i + 1 reads what chunk i - 1 adds
-        fkt = _cols(fk_ptr, b, j, h, T, H, rf, F)
+        fkt = _cols(fk_ptr, b, tl.where(j >= S, j, -1), h, T, H, rf, F)  # sinks stay out of the state
         vb = _rows(v_ptr, b, j, h, T, H, rv, V)
         acc += _dot(fkt, vb.to(fkt.dtype), PREC, UPCAST)
         acc_den += tl.sum(fkt.to(tl.float32), 1)
@@ -103,8 +117,9 @@ def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC,
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, o_ptr, m_ptr, z_ptr,
-                    scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-                    BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                    scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
+                    BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -117,9 +132,14 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_
     jp, jc = n - C, n  # keys of the previous chunk and of this one
     sp = _dot(qb, _cols(k_ptr, b, jp, h, T, H, rd, D), PREC, UPCAST) * scale
     sc = _dot(qb, _cols(k_ptr, b, jc, h, T, H, rd, D), PREC, UPCAST) * scale
-    win_p, old_p = _masks(n[:, None], jp[None, :], T, W)
-    win_c, old_c = _masks(n[:, None], jc[None, :], T, W)
+    win_p, old_p = _masks(n[:, None], jp[None, :], T, W, S)
+    win_c, old_c = _masks(n[:, None], jc[None, :], T, W, S)
     c = tl.maximum(tl.max(tl.where(win_p, sp, float("-inf")), 1), tl.max(tl.where(win_c, sc, float("-inf")), 1))
+    if S > 0:  # the sinks that have left the window: a third tile, in the same max
+        js = tl.arange(0, BS)
+        sink = _sink_mask(n[:, None], js[None, :], T, W, S)
+        ss = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
+        c = tl.maximum(c, tl.max(tl.where(sink, ss, float("-inf")), 1))
     c = tl.where(n < T, c, 0.0)  # rows past T see no key
 
     wp = g * tl.exp(tl.where(win_p, sp - c[:, None], float("-inf")))
@@ -136,6 +156,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_
     num = (_dot(wp.to(vp.dtype), vp, PREC, UPCAST) + _dot(wc.to(vc.dtype), vc, PREC, UPCAST)
            + _dot(fqb, hs.to(fqb.dtype), PREC, UPCAST))
     den = tl.sum(wp, 1) + tl.sum(wc, 1) + tl.sum(fqb.to(tl.float32) * hden[None, :], 1)
+    if S > 0:
+        ws = g * tl.exp(tl.where(sink, ss - c[:, None], float("-inf")))
+        vs = _rows(v_ptr, b, js, h, T, H, rv, V)
+        num += _dot(ws.to(vs.dtype), vs, PREC, UPCAST)
+        den += tl.sum(ws, 1)
     den = tl.where(n < T, den, 1.0)
 
     tok = (b * T + n).to(tl.int64) * H + h
@@ -173,8 +198,8 @@ def _dstates_kernel(fq_ptr, do_ptr, z_ptr, delta_ptr, dhs_ptr, dhden_ptr, T, H, 
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, m_ptr, z_ptr, delta_ptr,
                do_ptr, dq_ptr, dfq_ptr, dc_ptr, amax_ptr, dg_ptr,
-               scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-               BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
+               BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -192,10 +217,25 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
     dg = tl.zeros([C], dtype=tl.float32)
     best = tl.full([C], float("-inf"), dtype=tl.float32)
     amax = tl.full([C], -1, dtype=tl.int32)
+    if S > 0:  # the sinks past the window first: the lowest keys, so they take a tied max
+        js = tl.arange(0, BS)
+        sink = _sink_mask(n[:, None], js[None, :], T, W, S)
+        s = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
+        e = tl.exp(tl.where(sink, s - c[:, None], float("-inf")))
+        vt = _cols(v_ptr, b, js, h, T, H, rv, V)
+        dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
+        dpw = dw * g * e
+        ks = _rows(k_ptr, b, js, h, T, H, rd, D)
+        dq += _dot(dpw.to(ks.dtype), ks, PREC, UPCAST)
+        dc -= tl.sum(dpw, 1)
+        dg += tl.sum(dw * e, 1)
+        masked = tl.where(sink, s, float("-inf"))
+        best = tl.max(masked, 1)
+        amax = tl.where(best > float("-inf"), tl.argmax(masked, 1, tie_break_left=True).to(tl.int32), amax)
     for t in tl.static_range(2):  # keys of the previous chunk, then of this one
         j = (i - 1 + t) * C + tl.arange(0, C)
         s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
-        window, older = _masks(n[:, None], j[None, :], T, W)
+        window, older = _masks(n[:, None], j[None, :], T, W, S)
         e = tl.exp(tl.where(window, s - c[:, None], float("-inf")))
         vt = _cols(v_ptr, b, j, h, T, H, rv, V)
         dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
@@ -232,10 +272,44 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
 
 
 @triton.jit
+def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_ptr, dc_ptr, amax_ptr, dks_ptr,
+                   dvs_ptr, scale, T, H, D, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
+                   BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    rd, rv = tl.arange(0, BD), tl.arange(0, BV)
+    j = tl.arange(0, BS)
+    g = tl.load(gate_ptr + h).to(tl.float32)
+    kb = _rows(k_ptr, b, j, h, T, H, rd, D)
+    vb = _rows(v_ptr, b, j, h, T, H, rv, V)
+    dk = tl.zeros([BS, BD], dtype=tl.float32)
+    dv = tl.zeros([BS, BV], dtype=tl.float32)
+    for i in range(W // C, NC):  # [key, query] tiles; a sink leaves the window at query W at the earliest
+        n = i * C + tl.arange(0, C)
+        c = _per_token(m_ptr, b, n, h, T, H, 0.0)
+        z = _per_token(z_ptr, b, n, h, T, H, 1.0)
+        delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
+        sink = _sink_mask(n[None, :], j[:, None], T, W, S)
+        s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
+        e = tl.exp(tl.where(sink, s - c[None, :], float("-inf")))
+        dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
+        dos_t = _cols(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[None, :]
+        dv += _dot((g * e).to(vb.dtype), dos.to(vb.dtype), PREC, UPCAST)
+        dw = _dot(vb, dos_t.to(vb.dtype), PREC, UPCAST) - delta[None, :]
+        holds_max = sink & (j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :])
+        ds = dw * g * e + tl.where(holds_max, _per_token(dc_ptr, b, n, h, T, H, 0.0)[None, :], 0.0)
+        qb = _rows(q_ptr, b, n, h, T, H, rd, D)
+        dk += _dot(ds.to(qb.dtype), qb, PREC, UPCAST)
+    base = bh.to(tl.int64) * BS + j
+    tl.store(dks_ptr + base[:, None] * BD + rd[None, :], dk)
+    tl.store(dvs_ptr + base[:, None] * BV + rv[None, :], dv)
+
+
+@triton.jit
 def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_ptr, m_ptr, z_ptr, delta_ptr,
-                do_ptr, dc_ptr, amax_ptr, dk_ptr, dv_ptr, dfk_ptr,
-                scale, T, H, D, F, V, W, NC, C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-                BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                do_ptr, dc_ptr, amax_ptr, dks_ptr, dvs_ptr, dk_ptr, dv_ptr, dfk_ptr,
+                scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
+                BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -254,7 +328,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
         delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
-        window, older = _masks(n[None, :], j[:, None], T, W)
+        window, older = _masks(n[None, :], j[:, None], T, W, S)
         s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
         e = tl.exp(tl.where(window, s - c[None, :], float("-inf")))
         fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
@@ -263,7 +337,8 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
         dos_t = _cols(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[None, :]
         dv += _dot((g * e + a).to(vb.dtype), dos.to(vb.dtype), PREC, UPCAST)
         dw = _dot(vb, dos_t.to(vb.dtype), PREC, UPCAST) - delta[None, :]
-        holds_max = j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :]
+        # A sink past the window may hold the max: the sink tile (_dsinks_kernel) passes it on, not this one.
+        holds_max = window & (j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :])
         ds = dw * g * e + tl.where(holds_max, _per_token(dc_ptr, b, n, h, T, H, 0.0)[None, :], 0.0)
         qb = _rows(q_ptr, b, n, h, T, H, rd, D)
         dk += _dot(ds.to(qb.dtype), qb, PREC, UPCAST)
@@ -276,8 +351,13 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
     dhst = tl.load(dhs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
                    other=0.0)
     dhden = tl.load(dhden_ptr + base * F + rf, mask=rf < F, other=0.0)
-    dv += _dot(fkb, dhs.to(fkb.dtype), PREC, UPCAST)
-    dfk += _dot(vb.to(fkb.dtype), dhst.to(fkb.dtype), PREC, UPCAST) + dhden[None, :]
+    in_state = (j >= S)[:, None]  # sinks never enter the state
+    dv += _dot(tl.where(in_state, fkb, 0.0).to(fkb.dtype), dhs.to(fkb.dtype), PREC, UPCAST)
+    dfk += tl.where(in_state, _dot(vb.to(fkb.dtype), dhst.to(fkb.dtype), PREC, UPCAST) + dhden[None, :], 0.0)
+    if S > 0:  # what the sink tile gave the first S keys (float32, added before the one rounding)
+        sink_row = (j < S)[:, None]
+        dk += tl.load(dks_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BD + rd[None, :], mask=sink_row, other=0.0)
+        dv += tl.load(dvs_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BV + rv[None, :], mask=sink_row, other=0.0)
 
     live = j < T
     tok = (b * T + j).to(tl.int64) * H + h
@@ -297,9 +377,11 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
 class _Layout:
     """Shapes, block sizes and launch options shared by the forward and backward."""
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, chunk_size: int) -> None:
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int,
+                 chunk_size: int) -> None:
         self.B, self.T, self.H, self.D = q.shape
         self.F, self.V, self.W, self.C = fq.shape[-1], v.shape[-1], window, chunk_size
+        self.S, self.BS = sinks, max(16, triton.next_power_of_2(sinks))  # the sink tile's rows
         self.NC = triton.cdiv(self.T, self.C)
         # Whole head dims per tile in the chunk kernels (the denominator needs all of F, the max all of D);
         # the state walks split F and V into blocks of at most 64. tl.dot needs >= 16.
@@ -311,8 +393,9 @@ class _Layout:
         self.scale = self.D**-0.5
 
     def chunk_meta(self) -> dict:
-        return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "C": self.C,
-                "BD": self.BD, "BF": self.BF, "BV": self.BV, "PREC": self.prec, "UPCAST": self.upcast}
+        return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "S": self.S,
+                "BS": self.BS, "C": self.C, "BD": self.BD, "BF": self.BF, "BV": self.BV, "PREC": self.prec,
+                "UPCAST": self.upcast}
 
     def walk_meta(self) -> dict:
         return {"H": self.H, "F": self.F, "V": self.V, "NC": self.NC, "C": self.C, "BFS": self.BFS,
@@ -326,12 +409,12 @@ class _Layout:
 
 def _states(fk: torch.Tensor, v: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
     hs, hden = lay.state_buffers(fk.device)
-    _states_kernel[(lay.NF, lay.NV, lay.B * lay.H)](fk, v, hs, hden, lay.T, **lay.walk_meta())
+    _states_kernel[(lay.NF, lay.NV, lay.B * lay.H)](fk, v, hs, hden, lay.T, S=lay.S, **lay.walk_meta())
     return hs, hden
 
 
-def _forward(q, k, v, fq, fk, gate, window, chunk_size):
-    lay = _Layout(q, v, fq, window, chunk_size)
+def _forward(q, k, v, fq, fk, gate, window, sinks, chunk_size):
+    lay = _Layout(q, v, fq, window, sinks, chunk_size)
     hs, hden = _states(fk, v, lay)
     o = alloc(v.shape, q.dtype, q.device)
     m = alloc(q.shape[:3], torch.float32, q.device)
@@ -341,8 +424,8 @@ def _forward(q, k, v, fq, fk, gate, window, chunk_size):
     return o, m, z
 
 
-def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
-    lay = _Layout(q, v, fq, window, chunk_size)
+def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
+    lay = _Layout(q, v, fq, window, sinks, chunk_size)
     BH, dev = lay.B * lay.H, q.device
     delta = (do.float() * o.float()).sum(-1) / z  # do_n.y_n / z_n (B, T, H)
     hs, hden = _states(fk, v, lay)  # recomputed: cheaper in memory than keeping them
@@ -355,8 +438,14 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
     dg = alloc((lay.B, lay.H, lay.NC), torch.float32, dev)  # per chunk; summed below
     _dq_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, hs, hden, m, z, delta, do, dq, dfq, dc, amax, dg,
                              lay.scale, lay.T, **lay.chunk_meta())
+    # The sinks' gradient from the queries past the window, in float32 for the chunk kernel to add.
+    dks, dvs = (torch.zeros(BH, lay.BS, x, dtype=torch.float32, device=dev) for x in (lay.BD, lay.BV))
+    if lay.S:
+        _dsinks_kernel[(BH,)](q, k, v, gate, m, z, delta, do, dc, amax, dks, dvs, lay.scale, lay.T, H=lay.H,
+                              D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, C=lay.C, BD=lay.BD,
+                              BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast)
     dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
-    _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dk, dv, dfk,
+    _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk, dv, dfk,
                               lay.scale, lay.T, **lay.chunk_meta())
     return dq, dk, dv, dfq, dfk, dg.sum((0, 2))
 
@@ -368,12 +457,13 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
 
 @torch.library.custom_op("supra::window_hybrid_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
-            gate: torch.Tensor, window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, fq, fk, gate, window, chunk_size)
+            gate: torch.Tensor, window: int, sinks: int, chunk_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, fq, fk, gate, window, sinks, chunk_size)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, fq, fk, gate, window, chunk_size):
+def _fwd_fake(q, k, v, fq, fk, gate, window, sinks, chunk_size):
     B, T, H, _ = q.shape
     return (q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32),
             q.new_empty(B, T, H, dtype=torch.float32))
@@ -382,23 +472,23 @@ def _fwd_fake(q, k, v, fq, fk, gate, window, chunk_size):
 @torch.library.custom_op("supra::window_hybrid_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
             gate: torch.Tensor, o: torch.Tensor, m: torch.Tensor, z: torch.Tensor, do: torch.Tensor,
-            window: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                   torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size)
+            window: int, sinks: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, v, fq, fk, gate, o, m, z, do, window, chunk_size):
+def _bwd_fake(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(fq),
             torch.empty_like(fk), gate.new_empty(gate.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, fq, fk, gate, window, chunk_size = inputs
+    q, k, v, fq, fk, gate, window, sinks, chunk_size = inputs
     o, m, z = output
     ctx.mark_non_differentiable(m, z)
     ctx.save_for_backward(q, k, v, fq, fk, gate, o, m, z)
-    ctx.window, ctx.chunk_size = window, chunk_size
+    ctx.window, ctx.sinks, ctx.chunk_size = window, sinks, chunk_size
 
 
 def _backward_rule(ctx, do, dm, dz):
@@ -406,8 +496,8 @@ def _backward_rule(ctx, do, dm, dz):
     if do is None:
         do = o.new_zeros(o.shape)
     dq, dk, dv, dfq, dfk, dgate = _bwd_op(q, k, v, fq, fk, gate, o, m, z, do.contiguous(), ctx.window,
-                                          ctx.chunk_size)
-    return dq, dk, dv, dfq, dfk, dgate.to(gate.dtype), None, None
+                                          ctx.sinks, ctx.chunk_size)
+    return dq, dk, dv, dfq, dfk, dgate.to(gate.dtype), None, None, None
 
 
 torch.library.register_autograd("supra::window_hybrid_fwd", _backward_rule, setup_context=_setup_context)
@@ -418,16 +508,20 @@ torch.library.register_autograd("supra::window_hybrid_fwd", _backward_rule, setu
 # ----------------------------------------------------------------------------------------------
 
 
-def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int) -> HybridState:
+def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int, sinks: int = 0
+                       ) -> HybridState:
     """The decoder's state after a stateless call, laid out as `window_hybrid_attention` leaves it:
-    the last W tokens in the ring (front slots invalid when T < W, oldest first, next_slot 0) and
-    the linear state over everything before them (one pass over fk and v, in torch)."""
+    the last W tokens in the ring (front slots invalid when T < W, oldest first, next_slot 0), the
+    linear state over everything before them (one pass over fk and v, in torch), and the sinks: the
+    first S tokens in their own slots, never in the linear state, invalid (zero fk) in the ring."""
     B, T, H = k.shape[:3]
     acc = state_dtype(k.dtype)
     keep = min(window, T)
     leaving = T - keep
+    sink_k, sink_v, sink_valid, _, is_sink = take_sinks(k, v, None, sinks, acc)
+    fk = fk.to(acc).masked_fill(is_sink[:, :, None, None], 0.0)
     v_and_one = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)
-    kv = torch.einsum("bthf,bthe->bhfe", fk[:, :leaving].to(acc), v_and_one[:, :leaving])
+    kv = torch.einsum("bthf,bthe->bhfe", fk[:, :leaving], v_and_one[:, :leaving])
 
     def ring(x: torch.Tensor) -> torch.Tensor:  # (B, H, W, .), the last `keep` tokens at the back
         return F.pad(x[:, leaving:].to(acc), (0, 0, 0, 0, window - keep, 0)).transpose(1, 2).contiguous()
@@ -435,8 +529,8 @@ def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, windo
     ring_v = ring(v_and_one)
     ring_v[..., -1] = 1  # every slot's ones column: a slot filled later by a decode step keeps it
     valid = torch.zeros(B, window, dtype=torch.bool, device=k.device)
-    valid[:, window - keep:] = True
-    return HybridState(kv, ring(k), ring_v, ring(fk), valid, *no_sinks(B, H, k.shape[-1], v.shape[-1], kv), 0)
+    valid[:, window - keep:] = ~is_sink[:, leaving:]
+    return HybridState(kv, ring(k), ring_v, ring(fk), valid, sink_k, sink_v, sink_valid, 0)
 
 
 def triton_window_hybrid_attention(
@@ -449,6 +543,7 @@ def triton_window_hybrid_attention(
     window: int = 64,
     output_final_state: bool = False,
     chunk_size: int | None = None,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The LoLCATs hybrid through the Triton kernels; contract of `window_hybrid_attention` with no state.
 
@@ -462,8 +557,8 @@ def triton_window_hybrid_attention(
                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(fq.shape)}, {tuple(fk.shape)}")
     if window_gate.shape != (H,):
         raise ValueError(f"window_gate must be (H,)={H,}, got {tuple(window_gate.shape)}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window < 1 or sinks < 0:
+        raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
     chunk_size = max(16, triton.next_power_of_2(window)) if chunk_size is None else chunk_size
     if chunk_size < max(16, window) or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 and >= window ({window}), got {chunk_size}")
@@ -473,7 +568,7 @@ def triton_window_hybrid_attention(
     feat = torch.promote_types(fq.dtype, fk.dtype)
     if torch.float64 in (act, feat) or T == 0:
         return window_hybrid_attention(q, k, v, fq, fk, window_gate, window, None, output_final_state,
-                                       backend="torch")
+                                       backend="torch", sinks=sinks)
     o, _, _ = _fwd_op(*(x.to(act).contiguous() for x in (q, k, v)), *(x.to(feat).contiguous() for x in (fq, fk)),
-                      window_gate.float().contiguous(), window, chunk_size)
-    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window) if output_final_state else None)
+                      window_gate.float().contiguous(), window, sinks, chunk_size)
+    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window, sinks) if output_final_state else None)

@@ -14,6 +14,7 @@ from supra.kernels import (
     HybridState,
     parallel_window_hybrid_attention,
     triton_chunk,
+    triton_hybrid,
     window_hybrid_attention,
 )
 from supra.kernels.triton_hybrid import triton_window_hybrid_attention
@@ -54,7 +55,7 @@ def output_and_grads(fn, inputs: dict[str, torch.Tensor], weights: torch.Tensor,
     return o, {name: x.grad for name, x in leaves.items()}
 
 
-def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torch.float32):
+def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torch.float32, sinks=0):
     """Forward and backward through Triton and the float64 definition; relative RMS errors."""
     inputs = make_inputs(B, T, H, D, F, V)
     for name in ("q", "k", "v"):  # both sides see the same rounded activations
@@ -62,10 +63,10 @@ def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torc
     weights = torch.randn(B, T, H, V)
 
     def triton_fn(q, k, v, fq, fk, gate):
-        return triton_window_hybrid_attention(q, k, v, fq, fk, gate, window, chunk_size=chunk_size)[0]
+        return triton_window_hybrid_attention(q, k, v, fq, fk, gate, window, chunk_size=chunk_size, sinks=sinks)[0]
 
     def reference(q, k, v, fq, fk, gate):
-        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window)
+        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks)
 
     # As in the model: activations in `dtype`, the Hedgehog features and the gate in float32.
     o, grads = output_and_grads(triton_fn, inputs, weights, {"q": dtype, "k": dtype, "v": dtype})
@@ -92,6 +93,20 @@ def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torc
 )
 def test_matches_definition(B, T, H, D, F, V, window, chunk_size):
     errors = compare_with_reference(B, T, H, D, F, V, window, chunk_size)
+    assert max(errors.values()) < FP32_TOL, errors
+
+
+@pytest.mark.parametrize(
+    "B, T, H, D, F, V, window, chunk_size, sinks",
+    [
+        (2, 37, 2, 16, 16, 16, 5, None, 4),  # odd T, sinks leave the window in the first chunk
+        (1, 45, 1, 16, 16, 16, 12, 16, 20),  # more sinks than a chunk: sink tile and window tiles overlap
+        (1, 3, 2, 16, 16, 16, 1, None, 4),  # T shorter than S: every token a sink
+        (1, 50, 1, 16, 16, 16, 16, None, 1),  # window == chunk: the first sink leaves at query 16
+    ],
+)
+def test_sinks_match_definition(B, T, H, D, F, V, window, chunk_size, sinks):
+    errors = compare_with_reference(B, T, H, D, F, V, window, chunk_size, sinks=sinks)
     assert max(errors.values()) < FP32_TOL, errors
 
 
@@ -125,6 +140,23 @@ def test_matches_blocked_torch_form_and_final_state():
         assert torch.equal(getattr(short, name).double(), getattr(ref_short, name)), name
 
 
+@pytest.mark.parametrize("T", [29, 3])
+def test_sinks_final_state_matches_the_torch_form(T):
+    """With sinks: the sink slots, the ring (sinks invalid, zero fk) and the linear state without them;
+    T = 3 is shorter than the sinks, which the decoder then fills."""
+    x = make_inputs(2, T, 2, 16, 16, 16)
+    o, state = triton_window_hybrid_attention(*x.values(), window=8, output_final_state=True, sinks=5)
+    ref_o, ref = window_hybrid_attention(*(t.double() for t in x.values()), window=8, output_final_state=True,
+                                         backend="torch", sinks=5)
+    assert rel_rms(o, ref_o) < FP32_TOL and rel_rms(state.kv, ref.kv) < FP32_TOL
+    for name in ("k", "v", "fk", "sink_k", "sink_v"):
+        assert getattr(state, name).dtype == torch.float32, name
+        assert torch.equal(getattr(state, name).double(), getattr(ref, name)), name
+    for name in ("valid", "sink_valid"):
+        assert torch.equal(getattr(state, name), getattr(ref, name)), name
+    assert state.next_slot == ref.next_slot
+
+
 def test_mixed_dtypes_follow_the_torch_form():
     """q, k float32 beside a bf16 v (RoPE in float32 under autocast): promoted, output in q's dtype."""
     x = make_inputs(1, 26, 2, 16, 16, 16)
@@ -145,6 +177,12 @@ def test_dispatch(monkeypatch):
     o_triton, _ = window_hybrid_attention(*x.values(), window=8, backend="triton")
     o_torch, state = window_hybrid_attention(*x.values(), window=8, output_final_state=True, backend="torch")
     assert rel_rms(o_triton, o_torch) < FP32_TOL
+    # Stateless calls with sinks take the kernels too.
+    sinks_seen, kernels = [], triton_hybrid._fwd_op
+    monkeypatch.setattr(triton_hybrid, "_fwd_op", lambda *a: sinks_seen.append(a[7]) or kernels(*a))
+    o_sinks, _ = window_hybrid_attention(*x.values(), window=8, backend="triton", sinks=2)
+    assert sinks_seen == [2]
+    assert rel_rms(o_sinks, window_hybrid_attention(*x.values(), window=8, backend="torch", sinks=2)[0]) < FP32_TOL
     # With a state (decoding) the torch form runs, whatever the backend.
     step = {name: t[:, :1] if t.dim() == 4 else t for name, t in x.items()}
     window_hybrid_attention(*step.values(), window=8, state=state, backend="triton")
@@ -168,10 +206,10 @@ def test_bad_inputs_raise():
 
 def test_custom_ops_opcheck():
     x = [t.requires_grad_() for t in make_inputs(1, 21, 2, 16, 16, 16).values()]
-    torch.library.opcheck(torch.ops.supra.window_hybrid_fwd.default, (*x, 5, 16))
-    o, m, z = torch.ops.supra.window_hybrid_fwd(*(t.detach() for t in x), 5, 16)
+    torch.library.opcheck(torch.ops.supra.window_hybrid_fwd.default, (*x, 5, 2, 16))
+    o, m, z = torch.ops.supra.window_hybrid_fwd(*(t.detach() for t in x), 5, 2, 16)
     torch.library.opcheck(torch.ops.supra.window_hybrid_bwd.default,
-                          (*(t.detach() for t in x), o, m, z, torch.randn_like(o), 5, 16))
+                          (*(t.detach() for t in x), o, m, z, torch.randn_like(o), 5, 2, 16))
 
 
 def test_tied_window_max():
