@@ -21,19 +21,20 @@ from .backend import BACKENDS, use_triton
 from .chunked import chunk_linear_attention
 from .delta_rule import chunk_delta_rule, delta_rule_step, recurrent_delta_rule
 from .hybrid import (
-    ROW_FIELDS,
     HybridState,
     parallel_window_hybrid_attention,
+    stack_states,
+    state_row,
     window_hybrid_attention,
     window_hybrid_step,
 )
 from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
 __all__ = [
-    "BACKENDS", "HybridState", "ROW_FIELDS", "chunk_delta_rule", "chunk_linear_attention", "delta_rule",
+    "BACKENDS", "HybridState", "chunk_delta_rule", "chunk_linear_attention", "delta_rule",
     "delta_rule_step", "linear_attention", "linear_attention_step", "recurrent_delta_rule",
     "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
-    "recurrent_step", "use_triton", "window_hybrid_attention", "window_hybrid_step",
+    "recurrent_step", "stack_states", "state_row", "use_triton", "window_hybrid_attention", "window_hybrid_step",
 ]
 
 

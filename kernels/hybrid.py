@@ -5,7 +5,11 @@ For query n, with window W, gate g_h = sigmoid(factor_h), and feature maps fq, f
     y_n = [ g * sum_{j in soft(n)} e_nj v_j  +  fq_n^T sum_{j in old(n)} fk_j v_j^T ]
           / [ g * sum_{j in soft(n)} e_nj     +  fq_n^T sum_{j in old(n)} fk_j ]
     e_nj = exp(q_n.k_j / sqrt(d) - c_n),  c_n = max of the scores over soft(n)
-    soft(n) = {n-W < j <= n} + sinks,  old(n) = {j <= n-W} - sinks
+    soft(n) = {first(n) <= j <= n} + sinks,  old(n) = {j < first(n)} - sinks
+    first(n) = n - W + 1 (sliding window),  or  W (floor(n / W) - 1) (terrace)
+
+The terrace (LoLCATs' main results) splits the document into blocks of W from its first token: a
+query sees its own block up to itself and the whole previous block exactly (W+1 to 2W keys).
 
 `sinks` (S, default 0: LoLCATs) keeps the first S tokens of the document in the exact softmax part
 for good: pretrained models park most of a head's attention on the first token (an "attention
@@ -24,6 +28,14 @@ touches W + S keys and one F x (V+1) state, allocates no buffer and concatenates
 marks ring slots that hold no token of the row's current document (left padding, packed documents,
 prompts shorter than W) or hold a sink, which lives in its own slots; `sink_valid` marks the sink
 slots filled so far (a document shorter than S fills the rest while it decodes).
+
+With the terrace the ring holds the last 2W tokens, and `phase` (per row: rows of a batch start
+their documents at different places) counts the tokens of the current block. A step's softmax part
+is the ring's newest W + phase + 1 tokens; the ring's older ones are linear, weighted by fq.fk_j in
+the same product as the softmax weights, and enter the linear state when they leave the ring (so no
+block of W is folded into the state at a block's end). The blocked form (`terrace_hybrid_attention`)
+aligns its query blocks with the document's; rows at different places in their blocks, which a
+carried state can hold, run one at a time.
 """
 
 from __future__ import annotations
@@ -42,19 +54,31 @@ SEGMENT_TOKENS = 1024
 
 
 class HybridState(NamedTuple):
-    kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the window
-    k: torch.Tensor  # (B, H, W, D) ring buffer of the last W tokens
-    v: torch.Tensor  # (B, H, W, V + 1), last column 1: the window's denominator comes out of one product
-    fk: torch.Tensor  # (B, H, W, F), zero in invalid slots: they add nothing when they leave the window
-    valid: torch.Tensor  # (B, W) bool: False for slots that hold no token of this row's document, or a sink
+    kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the ring
+    k: torch.Tensor  # (B, H, R, D) ring buffer of the last R tokens (R = W; 2W for the terrace)
+    v: torch.Tensor  # (B, H, R, V + 1), last column 1: the window's denominator comes out of one product
+    fk: torch.Tensor  # (B, H, R, F), zero in invalid slots: they add nothing when they leave the ring
+    valid: torch.Tensor  # (B, R) bool: False for slots that hold no token of this row's document, or a sink
     sink_k: torch.Tensor  # (B, H, S, D): the document's first S tokens
     sink_v: torch.Tensor  # (B, H, S, V + 1), last column 1
     sink_valid: torch.Tensor  # (B, S) bool: sink slots filled so far
+    phase: torch.Tensor  # (B,) long, terrace: the row's tokens in its current block (0 for the sliding window)
     next_slot: int  # the slot of the oldest token, which the next token replaces
+    terrace: bool = False
 
 
-# The fields that hold one entry per row (all but next_slot): what selecting or stacking rows touches.
-ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid")
+# The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
+ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase")
+
+
+def state_row(state: HybridState, row: int) -> HybridState:
+    """Row `row` of a state, as a state of one row."""
+    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ROW_FIELDS})
+
+
+def stack_states(states: list[HybridState]) -> HybridState:
+    """Stack states of the same kind whose rings all start at slot 0 (each from a whole-sequence call)."""
+    return states[0]._replace(**{f: torch.cat([getattr(s, f) for s in states]) for f in ROW_FIELDS}, next_slot=0)
 
 
 def take_sinks(k: torch.Tensor, v: torch.Tensor, state: HybridState | None, sinks: int,
@@ -106,19 +130,24 @@ def window_hybrid_attention(
     output_final_state: bool = False,
     backend: str = "auto",
     sinks: int = 0,
+    terrace: bool = False,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
-    T >= 1. A state carried in keeps its own number of sink slots (`sinks` then must equal it).
+    T >= 1. A state carried in keeps its own number of sink slots and window kind (`sinks` and
+    `terrace` then must match it).
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
     """
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
+    if state is not None and state.terrace != terrace:
+        raise ValueError(f"the state is {'a terrace' if state.terrace else 'a sliding window'}'s, the call asks "
+                         f"for {'a terrace' if terrace else 'a sliding window'}")
     if state is None and use_triton(backend, q.device):
         from .triton_hybrid import triton_window_hybrid_attention
 
         return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state,
-                                              sinks=sinks)
+                                              sinks=sinks, terrace=terrace)
     B, T, H, D = q.shape
     segment = window * max(1, SEGMENT_TOKENS // window)
     if T > segment:  # segments carrying the state: every pass has the same working set, at any T
@@ -126,9 +155,11 @@ def window_hybrid_attention(
         for start in range(0, T, segment):
             part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
             y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True,
-                                               sinks=sinks)
+                                               sinks=sinks, terrace=terrace)
             outs.append(y)
         return torch.cat(outs, dim=1), (state if output_final_state else None)
+    if terrace:
+        return terrace_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks)
     E = v.shape[-1]
     W = window
     acc = state_dtype(q.dtype)
@@ -207,7 +238,104 @@ def window_hybrid_attention(
               + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
         final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
                                   for x in (kb, vb, fkb)),
-                            valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), sink_k, sink_v, sink_valid, 0)
+                            valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), sink_k, sink_v, sink_valid,
+                            torch.zeros(B, dtype=torch.long, device=q.device), 0)
+    return y.to(q.dtype), final
+
+
+def terrace_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int,
+    state: HybridState | None,
+    output_final_state: bool,
+    sinks: int,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """The blocked form of `window_hybrid_attention` with the terrace; query blocks are the document's
+    blocks of W, so each sees its own and the previous key block exactly and the older ones linearly."""
+    B, T, H, D = q.shape
+    W = window
+    if state is not None and bool((state.phase != state.phase[0]).any()):
+        # Rows at different places in their blocks have different block grids: one row at a time.
+        rows = [terrace_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
+                                         state_row(state, b), output_final_state, sinks) for b in range(B)]
+        return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
+    E = v.shape[-1]
+    acc = state_dtype(q.dtype)
+    p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
+    nb = -(-(p + T) // W)
+    back = nb * W - p - T
+
+    # X, the document's last 2W tokens (the ring; padding without a state) then the T new ones. Query
+    # block b is document block b of this call, its own keys are key block b + 1 of X[W - p:], and X's
+    # W - p oldest tokens, older than every new query's previous block, are linear for all of them.
+    def places(new: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+        ring = new.new_zeros(B, 2 * W, H, new.shape[-1], dtype=acc) if cached is None else cached.to(acc)
+        return F.pad(torch.cat([ring, new.to(acc)], dim=1), (0, 0, 0, 0, 0, back))
+
+    def key_blocks(x: torch.Tensor) -> torch.Tensor:
+        return x[:, W - p:].reshape(B, nb + 1, W, *x.shape[2:]).movedim(3, 1)  # (B, H, nb+1, W, .)
+
+    def query_blocks(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x.to(acc), (0, 0, 0, 0, p, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4)
+
+    cached = (None, None, None) if state is None else ring_in_time_order(state)
+    kx, vx, fkx = (places(x, c) for x, c in zip((k, v, fk), cached))
+    vx = torch.cat([vx, torch.ones_like(vx[..., :1])], dim=-1)  # ones column carries the denominator
+    sink_k, sink_v, sink_valid, arrival, is_sink = take_sinks(k, v, state, sinks, acc)
+    valid = torch.zeros(B, 2 * W + T + back, dtype=torch.bool, device=q.device)
+    valid[:, 2 * W:2 * W + T] = ~is_sink  # a sink is attended through its own slot only
+    if state is not None:
+        valid[:, :2 * W] = cached[3]
+    fkx = fkx * valid[:, :, None, None]  # padding tokens must not enter the linear state
+    kb, vb, fkb = key_blocks(kx), key_blocks(vx), key_blocks(fkx)
+    key_valid = valid[:, W - p:].reshape(B, 1, nb + 1, W)
+    qb, fqb = query_blocks(q), query_blocks(fq)
+
+    r = torch.arange(W, device=q.device)[:, None]
+    s = torch.arange(W, device=q.device)[None, :]
+    scale = D**-0.5
+    scores_prev = (qb @ kb[:, :, :-1].transpose(-1, -2) * scale).masked_fill(~key_valid[:, :, :-1, None],
+                                                                             float("-inf"))
+    scores_own = (qb @ kb[:, :, 1:].transpose(-1, -2) * scale).masked_fill(~((s <= r) & key_valid[:, :, 1:, None]),
+                                                                           float("-inf"))
+    c = torch.maximum(scores_prev.amax(-1, keepdim=True), scores_own.amax(-1, keepdim=True))
+    place = torch.arange(nb * W, device=q.device).view(1, 1, nb, W, 1) - p  # the query's index in this call
+    if sinks:
+        seen = sink_valid.view(B, 1, 1, 1, sinks) & (arrival.view(B, 1, 1, 1, sinks) <= place)
+        sink_scores = (qb @ sink_k[:, :, None].transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+        c = torch.maximum(c, sink_scores.amax(-1, keepdim=True))
+    c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
+    gate = window_gate.to(acc).view(1, H, 1, 1, 1)
+    out = (gate * (scores_prev - c).exp()) @ vb[:, :, :-1] + (gate * (scores_own - c).exp()) @ vb[:, :, 1:]
+    if sinks:
+        out = out + (gate * (sink_scores - c).exp()) @ sink_v[:, :, None]
+
+    # Linear state entering query block b: the state, X's oldest W - p tokens, and key blocks before b.
+    def outer(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # sum over tokens of x_t y_t^T
+        return torch.einsum("bthf,bthe->bhfe", x, y)
+
+    kv_in = (torch.zeros(B, H, fk.shape[-1], E + 1, dtype=acc, device=q.device) if state is None
+             else state.kv.to(acc))
+    kv0 = kv_in if state is None else kv_in + outer(fkx[:, :W - p], vx[:, :W - p])
+    block_state = fkb.transpose(-1, -2) @ vb  # (B, H, nb+1, F, E+1)
+    entering = kv0[:, :, None] + block_state[:, :, :nb].cumsum(2) - block_state[:, :, :nb]
+    out = out + fqb @ entering
+
+    num, den = out[..., :E], out[..., E:]
+    den = den + ((place < 0) | (place >= T)).view(1, 1, nb, W, 1)  # keeps padded rows finite
+    y = (num / den).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
+
+    final = None
+    if output_final_state:  # the ring is X's last 2W tokens, oldest first; the state holds all before
+        ring = (x[:, T:T + 2 * W].transpose(1, 2).clone(memory_format=torch.contiguous_format)
+                for x in (kx, vx, fkx))
+        final = HybridState(kv_in + outer(fkx[:, :T], vx[:, :T]), *ring, valid[:, T:T + 2 * W].clone(), sink_k,
+                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True)
     return y.to(q.dtype), final
 
 
@@ -227,8 +355,9 @@ def window_hybrid_step(
     Fd = fk.shape[-1]
     S = state.sink_k.shape[2]
     slot = state.next_slot
+    ring = state.k.shape[2]
     acc = state.kv.dtype
-    # The oldest token leaves the window: into the linear state (zero fk if it is no token).
+    # The oldest token leaves the ring: into the linear state (zero fk if it is no token).
     state.kv.view(B * H, Fd, E + 1).baddbmm_(state.fk[:, :, slot].reshape(B * H, Fd, 1),
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))
     state.k[:, :, slot] = k
@@ -246,15 +375,23 @@ def window_hybrid_step(
         state.fk[:, :, slot] = fk
         state.valid[:, slot] = True
     keys, values, present = state.k, state.v, state.valid
+    if state.terrace:  # softmax over the newest W + phase + 1 tokens; the ring's older ones are linear
+        age = (slot - torch.arange(ring, device=q.device)) % ring
+        inside = age <= ring // 2 + state.phase[:, None]  # (B, 2W)
+        present = present & inside
+        state.phase.add_(1).remainder_(ring // 2)
     if S:
         keys, values = torch.cat([state.sink_k, keys], dim=2), torch.cat([state.sink_v, values], dim=2)
         present = torch.cat([state.sink_valid, present], dim=1)
     scores = (keys @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, S + W)
     scores = scores.masked_fill_(~present[:, None], float("-inf"))
     weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
+    if state.terrace:
+        linear = (state.fk @ fq.to(acc).unsqueeze(-1)).squeeze(-1) * ~inside[:, None]  # fk is 0 where no token
+        weights[..., S:] += linear
     out = (weights.unsqueeze(2) @ values).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
     y = out[..., :E] / out[..., E:]
-    return y.to(q.dtype), state._replace(next_slot=(slot + 1) % state.k.shape[2])
+    return y.to(q.dtype), state._replace(next_slot=(slot + 1) % ring)
 
 
 def parallel_window_hybrid_attention(
@@ -266,6 +403,7 @@ def parallel_window_hybrid_attention(
     window_gate: torch.Tensor,
     window: int = 64,
     sinks: int = 0,
+    terrace: bool = False,
 ) -> torch.Tensor:
     """The definition with full T x T masks, for tests and for short sequences."""
     T, D = q.shape[1], q.shape[-1]
@@ -274,8 +412,9 @@ def parallel_window_hybrid_attention(
     n = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
     sink = j < sinks
-    soft = (j <= n) & ((j > n - window) | sink)
-    older = (j <= n - window) & ~sink
+    first = (n // window - 1) * window if terrace else n - window + 1
+    soft = (j <= n) & ((j >= first) | sink)
+    older = (j < first) & ~sink
     scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~soft, float("-inf"))
     gate = window_gate.to(acc).view(1, -1, 1, 1)
     weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * older

@@ -6,14 +6,16 @@ and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj over soft(n):
 
     w_nj = g exp(s_nj - c_n) [j in soft(n)]  +  fq_n.fk_j [j in old(n)]
     y_n  = sum_j w_nj v_j / z_n,   z_n = sum_j w_nj           (one shared denominator)
-    soft(n) = {n-W < j <= n} + {j < S, j <= n},   old(n) = {S <= j <= n-W}
+    soft(n) = {first(n) <= j <= n} + {j < S, j <= n},   old(n) = {S <= j < first(n)}
+    first(n) = n - W + 1 (sliding window),  or  W (floor(n / W) - 1) (terrace)
 
 with S sinks (the sequence's first S tokens, `hybrid.py`).
 
-Chunks of C >= W tokens (like fla's chunked kernels). Query chunk i meets the keys of chunks i-1 and i
-as two masked C x C tiles (the window part, and the linear part for those already older than the
-window); every key before chunk i-1 is older than the window (n - j > C >= W), so it enters only
-through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
+Chunks of C >= W tokens, C >= 2W for the terrace (like fla's chunked kernels). Query chunk i meets the
+keys of chunks i-1 and i as two masked C x C tiles (the window part, and the linear part for those
+already older than the window); every key before chunk i-1 is older than the window (n - j > C), so
+it enters only through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F
+denominator).
 c_n is exact, not an online running max: both tiles are scored before any exp. With sinks, a third
 tile holds keys 0..S-1 for the queries they have left the window of (a sink inside the window counts
 there, once); sinks never enter the linear state.
@@ -80,17 +82,27 @@ def _per_token(ptr, b, t, h, T, H, other):
 
 
 @triton.jit
-def _masks(n, j, T, W, S):
-    """(window, older) for queries n against keys j (global token indices, broadcast by the caller);
-    a sink (j < S) is never older: it is softmax in the window, and in the sink tile past it."""
-    live = (n < T) & (j >= 0)
-    return live & (j <= n) & (j > n - W), live & (j <= n - W) & (j >= S)
+def _first(n, W, TERRACE: tl.constexpr):
+    """The oldest key in query n's window: n - W + 1, or the start of the previous block (terrace)."""
+    if TERRACE:
+        return (n // W - 1) * W
+    else:
+        return n - W + 1
 
 
 @triton.jit
-def _sink_mask(n, j, T, W, S):
+def _masks(n, j, T, W, S, TERRACE: tl.constexpr):
+    """(window, older) for queries n against keys j (global token indices, broadcast by the caller);
+    a sink (j < S) is never older: it is softmax in the window, and in the sink tile past it."""
+    live = (n < T) & (j >= 0)
+    first = _first(n, W, TERRACE)
+    return live & (j <= n) & (j >= first), live & (j < first) & (j >= S)
+
+
+@triton.jit
+def _sink_mask(n, j, T, W, S, TERRACE: tl.constexpr):
     """The sink tile: sinks j < S that have left query n's window (inside it they count there, once)."""
-    return (n < T) & (j < S) & (j <= n - W)
+    return (n < T) & (j < S) & (j < _first(n, W, TERRACE))
 
 
 @triton.jit
@@ -117,8 +129,8 @@ def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC, S,
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, o_ptr, m_ptr, z_ptr,
-                    scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
-                    BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                    scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+                    C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -132,12 +144,12 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_
     jp, jc = n - C, n  # keys of the previous chunk and of this one
     sp = _dot(qb, _cols(k_ptr, b, jp, h, T, H, rd, D), PREC, UPCAST) * scale
     sc = _dot(qb, _cols(k_ptr, b, jc, h, T, H, rd, D), PREC, UPCAST) * scale
-    win_p, old_p = _masks(n[:, None], jp[None, :], T, W, S)
-    win_c, old_c = _masks(n[:, None], jc[None, :], T, W, S)
+    win_p, old_p = _masks(n[:, None], jp[None, :], T, W, S, TERRACE)
+    win_c, old_c = _masks(n[:, None], jc[None, :], T, W, S, TERRACE)
     c = tl.maximum(tl.max(tl.where(win_p, sp, float("-inf")), 1), tl.max(tl.where(win_c, sc, float("-inf")), 1))
     if S > 0:  # the sinks that have left the window: a third tile, in the same max
         js = tl.arange(0, BS)
-        sink = _sink_mask(n[:, None], js[None, :], T, W, S)
+        sink = _sink_mask(n[:, None], js[None, :], T, W, S, TERRACE)
         ss = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
         c = tl.maximum(c, tl.max(tl.where(sink, ss, float("-inf")), 1))
     c = tl.where(n < T, c, 0.0)  # rows past T see no key
@@ -198,8 +210,9 @@ def _dstates_kernel(fq_ptr, do_ptr, z_ptr, delta_ptr, dhs_ptr, dhden_ptr, T, H, 
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, m_ptr, z_ptr, delta_ptr,
                do_ptr, dq_ptr, dfq_ptr, dc_ptr, amax_ptr, dg_ptr,
-               scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
-               BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+               C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -219,7 +232,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
     amax = tl.full([C], -1, dtype=tl.int32)
     if S > 0:  # the sinks past the window first: the lowest keys, so they take a tied max
         js = tl.arange(0, BS)
-        sink = _sink_mask(n[:, None], js[None, :], T, W, S)
+        sink = _sink_mask(n[:, None], js[None, :], T, W, S, TERRACE)
         s = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
         e = tl.exp(tl.where(sink, s - c[:, None], float("-inf")))
         vt = _cols(v_ptr, b, js, h, T, H, rv, V)
@@ -235,7 +248,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
     for t in tl.static_range(2):  # keys of the previous chunk, then of this one
         j = (i - 1 + t) * C + tl.arange(0, C)
         s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
-        window, older = _masks(n[:, None], j[None, :], T, W, S)
+        window, older = _masks(n[:, None], j[None, :], T, W, S, TERRACE)
         e = tl.exp(tl.where(window, s - c[:, None], float("-inf")))
         vt = _cols(v_ptr, b, j, h, T, H, rv, V)
         dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
@@ -273,8 +286,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
 
 @triton.jit
 def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_ptr, dc_ptr, amax_ptr, dks_ptr,
-                   dvs_ptr, scale, T, H, D, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
-                   BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   dvs_ptr, scale, T, H, D, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+                   C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     rd, rv = tl.arange(0, BD), tl.arange(0, BV)
@@ -289,7 +302,7 @@ def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_pt
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
         delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
-        sink = _sink_mask(n[None, :], j[:, None], T, W, S)
+        sink = _sink_mask(n[None, :], j[:, None], T, W, S, TERRACE)
         s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
         e = tl.exp(tl.where(sink, s - c[None, :], float("-inf")))
         dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
@@ -308,8 +321,9 @@ def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_pt
 @triton.jit
 def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_ptr, m_ptr, z_ptr, delta_ptr,
                 do_ptr, dc_ptr, amax_ptr, dks_ptr, dvs_ptr, dk_ptr, dv_ptr, dfk_ptr,
-                scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, C: tl.constexpr,
-                BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+                C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -328,7 +342,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
         delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
-        window, older = _masks(n[None, :], j[:, None], T, W, S)
+        window, older = _masks(n[None, :], j[:, None], T, W, S, TERRACE)
         s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
         e = tl.exp(tl.where(window, s - c[None, :], float("-inf")))
         fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
@@ -377,11 +391,12 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
 class _Layout:
     """Shapes, block sizes and launch options shared by the forward and backward."""
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int,
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int, terrace: bool,
                  chunk_size: int) -> None:
         self.B, self.T, self.H, self.D = q.shape
         self.F, self.V, self.W, self.C = fq.shape[-1], v.shape[-1], window, chunk_size
         self.S, self.BS = sinks, max(16, triton.next_power_of_2(sinks))  # the sink tile's rows
+        self.terrace = terrace
         self.NC = triton.cdiv(self.T, self.C)
         # Whole head dims per tile in the chunk kernels (the denominator needs all of F, the max all of D);
         # the state walks split F and V into blocks of at most 64. tl.dot needs >= 16.
@@ -394,8 +409,8 @@ class _Layout:
 
     def chunk_meta(self) -> dict:
         return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "S": self.S,
-                "BS": self.BS, "C": self.C, "BD": self.BD, "BF": self.BF, "BV": self.BV, "PREC": self.prec,
-                "UPCAST": self.upcast}
+                "BS": self.BS, "TERRACE": self.terrace, "C": self.C, "BD": self.BD, "BF": self.BF, "BV": self.BV,
+                "PREC": self.prec, "UPCAST": self.upcast}
 
     def walk_meta(self) -> dict:
         return {"H": self.H, "F": self.F, "V": self.V, "NC": self.NC, "C": self.C, "BFS": self.BFS,
@@ -413,8 +428,8 @@ def _states(fk: torch.Tensor, v: torch.Tensor, lay: _Layout) -> tuple[torch.Tens
     return hs, hden
 
 
-def _forward(q, k, v, fq, fk, gate, window, sinks, chunk_size):
-    lay = _Layout(q, v, fq, window, sinks, chunk_size)
+def _forward(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size):
+    lay = _Layout(q, v, fq, window, sinks, terrace, chunk_size)
     hs, hden = _states(fk, v, lay)
     o = alloc(v.shape, q.dtype, q.device)
     m = alloc(q.shape[:3], torch.float32, q.device)
@@ -424,8 +439,8 @@ def _forward(q, k, v, fq, fk, gate, window, sinks, chunk_size):
     return o, m, z
 
 
-def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
-    lay = _Layout(q, v, fq, window, sinks, chunk_size)
+def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_size):
+    lay = _Layout(q, v, fq, window, sinks, terrace, chunk_size)
     BH, dev = lay.B * lay.H, q.device
     delta = (do.float() * o.float()).sum(-1) / z  # do_n.y_n / z_n (B, T, H)
     hs, hden = _states(fk, v, lay)  # recomputed: cheaper in memory than keeping them
@@ -442,8 +457,8 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
     dks, dvs = (torch.zeros(BH, lay.BS, x, dtype=torch.float32, device=dev) for x in (lay.BD, lay.BV))
     if lay.S:
         _dsinks_kernel[(BH,)](q, k, v, gate, m, z, delta, do, dc, amax, dks, dvs, lay.scale, lay.T, H=lay.H,
-                              D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, C=lay.C, BD=lay.BD,
-                              BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast)
+                              D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, TERRACE=lay.terrace, C=lay.C,
+                              BD=lay.BD, BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast)
     dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
     _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk, dv, dfk,
                               lay.scale, lay.T, **lay.chunk_meta())
@@ -457,13 +472,13 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
 
 @torch.library.custom_op("supra::window_hybrid_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
-            gate: torch.Tensor, window: int, sinks: int, chunk_size: int
+            gate: torch.Tensor, window: int, sinks: int, terrace: bool, chunk_size: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, fq, fk, gate, window, sinks, chunk_size)
+    return _forward(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, fq, fk, gate, window, sinks, chunk_size):
+def _fwd_fake(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size):
     B, T, H, _ = q.shape
     return (q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32),
             q.new_empty(B, T, H, dtype=torch.float32))
@@ -472,23 +487,23 @@ def _fwd_fake(q, k, v, fq, fk, gate, window, sinks, chunk_size):
 @torch.library.custom_op("supra::window_hybrid_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
             gate: torch.Tensor, o: torch.Tensor, m: torch.Tensor, z: torch.Tensor, do: torch.Tensor,
-            window: int, sinks: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size)
+            window: int, sinks: int, terrace: bool, chunk_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_size)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, chunk_size):
+def _bwd_fake(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_size):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(fq),
             torch.empty_like(fk), gate.new_empty(gate.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, fq, fk, gate, window, sinks, chunk_size = inputs
+    q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size = inputs
     o, m, z = output
     ctx.mark_non_differentiable(m, z)
     ctx.save_for_backward(q, k, v, fq, fk, gate, o, m, z)
-    ctx.window, ctx.sinks, ctx.chunk_size = window, sinks, chunk_size
+    ctx.window, ctx.sinks, ctx.terrace, ctx.chunk_size = window, sinks, terrace, chunk_size
 
 
 def _backward_rule(ctx, do, dm, dz):
@@ -496,8 +511,8 @@ def _backward_rule(ctx, do, dm, dz):
     if do is None:
         do = o.new_zeros(o.shape)
     dq, dk, dv, dfq, dfk, dgate = _bwd_op(q, k, v, fq, fk, gate, o, m, z, do.contiguous(), ctx.window,
-                                          ctx.sinks, ctx.chunk_size)
-    return dq, dk, dv, dfq, dfk, dgate.to(gate.dtype), None, None, None
+                                          ctx.sinks, ctx.terrace, ctx.chunk_size)
+    return dq, dk, dv, dfq, dfk, dgate.to(gate.dtype), None, None, None, None
 
 
 torch.library.register_autograd("supra::window_hybrid_fwd", _backward_rule, setup_context=_setup_context)
@@ -508,29 +523,32 @@ torch.library.register_autograd("supra::window_hybrid_fwd", _backward_rule, setu
 # ----------------------------------------------------------------------------------------------
 
 
-def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int, sinks: int = 0
-                       ) -> HybridState:
+def final_hybrid_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, window: int, sinks: int = 0,
+                       terrace: bool = False) -> HybridState:
     """The decoder's state after a stateless call, laid out as `window_hybrid_attention` leaves it:
-    the last W tokens in the ring (front slots invalid when T < W, oldest first, next_slot 0), the
-    linear state over everything before them (one pass over fk and v, in torch), and the sinks: the
-    first S tokens in their own slots, never in the linear state, invalid (zero fk) in the ring."""
+    the last R tokens in the ring (R = W, 2W for the terrace; front slots invalid when T < R, oldest
+    first, next_slot 0), the linear state over everything before them (one pass over fk and v, in
+    torch), and the sinks: the first S tokens in their own slots, never in the linear state, invalid
+    (zero fk) in the ring."""
     B, T, H = k.shape[:3]
     acc = state_dtype(k.dtype)
-    keep = min(window, T)
+    ring_size = 2 * window if terrace else window
+    keep = min(ring_size, T)
     leaving = T - keep
     sink_k, sink_v, sink_valid, _, is_sink = take_sinks(k, v, None, sinks, acc)
     fk = fk.to(acc).masked_fill(is_sink[:, :, None, None], 0.0)
     v_and_one = torch.cat([v.to(acc), v.new_ones(B, T, H, 1, dtype=acc)], dim=-1)
     kv = torch.einsum("bthf,bthe->bhfe", fk[:, :leaving], v_and_one[:, :leaving])
 
-    def ring(x: torch.Tensor) -> torch.Tensor:  # (B, H, W, .), the last `keep` tokens at the back
-        return F.pad(x[:, leaving:].to(acc), (0, 0, 0, 0, window - keep, 0)).transpose(1, 2).contiguous()
+    def ring(x: torch.Tensor) -> torch.Tensor:  # (B, H, R, .), the last `keep` tokens at the back
+        return F.pad(x[:, leaving:].to(acc), (0, 0, 0, 0, ring_size - keep, 0)).transpose(1, 2).contiguous()
 
     ring_v = ring(v_and_one)
     ring_v[..., -1] = 1  # every slot's ones column: a slot filled later by a decode step keeps it
-    valid = torch.zeros(B, window, dtype=torch.bool, device=k.device)
-    valid[:, window - keep:] = ~is_sink[:, leaving:]
-    return HybridState(kv, ring(k), ring_v, ring(fk), valid, sink_k, sink_v, sink_valid, 0)
+    valid = torch.zeros(B, ring_size, dtype=torch.bool, device=k.device)
+    valid[:, ring_size - keep:] = ~is_sink[:, leaving:]
+    phase = torch.full((B,), T % window if terrace else 0, device=k.device)
+    return HybridState(kv, ring(k), ring_v, ring(fk), valid, sink_k, sink_v, sink_valid, phase, 0, terrace)
 
 
 def triton_window_hybrid_attention(
@@ -544,10 +562,12 @@ def triton_window_hybrid_attention(
     output_final_state: bool = False,
     chunk_size: int | None = None,
     sinks: int = 0,
+    terrace: bool = False,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The LoLCATs hybrid through the Triton kernels; contract of `window_hybrid_attention` with no state.
 
-    chunk_size (a power of two >= 16 and >= window) defaults to the smallest such. float64 inputs go
+    chunk_size (a power of two >= 16 and >= the window's reach, W or 2W for the terrace) defaults to
+    the smallest such. float64 inputs go
     to the torch blocked form (Triton's dot has no float64 path worth using). Features may have
     their own dtype (Hedgehog's are float32 under bf16 autocast).
     """
@@ -559,16 +579,18 @@ def triton_window_hybrid_attention(
         raise ValueError(f"window_gate must be (H,)={H,}, got {tuple(window_gate.shape)}")
     if window < 1 or sinks < 0:
         raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
-    chunk_size = max(16, triton.next_power_of_2(window)) if chunk_size is None else chunk_size
-    if chunk_size < max(16, window) or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 and >= window ({window}), got {chunk_size}")
+    reach = 2 * window if terrace else window  # a window key is never more than two chunks back
+    chunk_size = max(16, triton.next_power_of_2(reach)) if chunk_size is None else chunk_size
+    if chunk_size < max(16, reach) or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 and >= {'2 x ' if terrace else ''}window "
+                         f"({reach}), got {chunk_size}")
     # One dtype for the activations, one for the features (RoPE in float32 under autocast can leave q, k
     # float32 beside a bf16 v); the output comes back in q's dtype, as from the torch form.
     act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     feat = torch.promote_types(fq.dtype, fk.dtype)
     if torch.float64 in (act, feat) or T == 0:
         return window_hybrid_attention(q, k, v, fq, fk, window_gate, window, None, output_final_state,
-                                       backend="torch", sinks=sinks)
+                                       backend="torch", sinks=sinks, terrace=terrace)
     o, _, _ = _fwd_op(*(x.to(act).contiguous() for x in (q, k, v)), *(x.to(feat).contiguous() for x in (fq, fk)),
-                      window_gate.float().contiguous(), window, sinks, chunk_size)
-    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window, sinks) if output_final_state else None)
+                      window_gate.float().contiguous(), window, sinks, terrace, chunk_size)
+    return o.to(q.dtype), (final_hybrid_state(k, v, fk, window, sinks, terrace) if output_final_state else None)

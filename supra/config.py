@@ -117,6 +117,7 @@ class RecipeConfig:
     feature_map_init: str = "default"
     feature_dim: int | None = None
     window: int = 64
+    window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from supra.kernels import (
     parallel_window_hybrid_attention,
+    stack_states,
     window_hybrid_attention,
     window_hybrid_step,
 )
@@ -120,6 +121,60 @@ def test_the_ring_buffer_wraps_past_the_window(prefill, sinks):
     after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks)
     assert relative_error(after_steps, after_whole) < 1e-12
     assert relative_error(state.kv, whole.kv) < 1e-12
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("prefill", [1, 5, WINDOW + 3, 2 * WINDOW + 5])
+def test_terrace_forms_agree(prefill, sinks):
+    """The terrace (own block + the previous one): the definition, one blocked call, and a prompt in
+    two chunks (a state carried between them) then steps past several blocks agree, and the stepped
+    state is the one a whole-sequence call leaves."""
+    chunk = 7
+    T = prefill + chunk + 3 * WINDOW + 2
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
+    expected = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=True)
+    assert relative_error(parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks), expected) > 1e-3
+    one_call, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks,
+                                              terrace=True)
+    assert relative_error(one_call, expected) < 1e-10
+    outs, state = [], None
+    for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
+        out, state = window_hybrid_attention(*(x[:, lo:hi] for x in (q, k, v, fq, fk)), gate, WINDOW, state,
+                                             output_final_state=True, sinks=sinks, terrace=True)
+        outs.append(out)
+    for t in range(prefill + chunk, T):
+        y, state = window_hybrid_step(q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], gate, state)
+        outs.append(y.unsqueeze(1))
+    assert relative_error(torch.cat(outs, 1), expected) < 1e-10
+    assert relative_error(state.kv, whole.kv) < 1e-10 and torch.equal(state.phase, whole.phase)
+    more = random_hybrid_inputs(2, 11)  # the stepped ring continues as the whole call's does
+    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=True)
+    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=True)
+    assert relative_error(after_steps, after_whole) < 1e-10
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_terrace_rows_at_different_places_in_their_blocks(sinks):
+    """Rows whose documents began at different times (left padding) sit at different places in their
+    blocks: a chunk continuing both, then steps, are each row's definition."""
+    T, read, chunk = 5 * WINDOW, (5, 2 * WINDOW + 3), 6
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, T)
+    expected = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=True)
+    rows = [window_hybrid_attention(*(x[b:b + 1, :read[b]] for x in (q, k, v, fq, fk)), gate, WINDOW,
+                                    output_final_state=True, sinks=sinks, terrace=True)[1] for b in range(2)]
+    state = stack_states(rows)
+    assert state.phase.tolist() == [5, 3]
+
+    def rows_at(x: torch.Tensor, offset: int, length: int) -> torch.Tensor:  # row b from read[b] + offset
+        return torch.stack([x[b, read[b] + offset:read[b] + offset + length] for b in range(2)])
+
+    out, state = window_hybrid_attention(*(rows_at(x, 0, chunk) for x in (q, k, v, fq, fk)), gate, WINDOW, state,
+                                         output_final_state=True, sinks=sinks, terrace=True)
+    outs = [out]
+    for t in range(chunk, T - read[1]):
+        y, state = window_hybrid_step(*(rows_at(x, t, 1)[:, 0] for x in (q, k, v, fq, fk)), gate, state)
+        outs.append(y.unsqueeze(1))
+    assert relative_error(torch.cat(outs, 1), rows_at(expected, 0, T - read[1])) < 1e-10
 
 
 def test_a_step_allocates_no_state():

@@ -69,6 +69,7 @@ def numbered_lines(n: int) -> str:
     ("window=0", "window must be >= 1 for lolcats (>= 0 otherwise), got 0"),
     ("window=-1", "window must be an integer >= 0, got -1"),
     ("sinks=-2", "sinks must be an integer >= 0, got -2"),
+    ("window_kind=stairs", "unknown window_kind 'stairs'; valid: sliding, terrace"),
     (("method=gla", "window=0", "sinks=4"), "sinks must be >= 0 and needs a softmax window"),
     ("seed=-3", "seed must be an integer >= 0"),
     ("eval.batch_size=0", "eval.batch_size must be an integer >= 1"),

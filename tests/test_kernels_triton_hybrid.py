@@ -55,7 +55,7 @@ def output_and_grads(fn, inputs: dict[str, torch.Tensor], weights: torch.Tensor,
     return o, {name: x.grad for name, x in leaves.items()}
 
 
-def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torch.float32, sinks=0):
+def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torch.float32, sinks=0, terrace=False):
     """Forward and backward through Triton and the float64 definition; relative RMS errors."""
     inputs = make_inputs(B, T, H, D, F, V)
     for name in ("q", "k", "v"):  # both sides see the same rounded activations
@@ -63,10 +63,11 @@ def compare_with_reference(B, T, H, D, F, V, window, chunk_size=None, dtype=torc
     weights = torch.randn(B, T, H, V)
 
     def triton_fn(q, k, v, fq, fk, gate):
-        return triton_window_hybrid_attention(q, k, v, fq, fk, gate, window, chunk_size=chunk_size, sinks=sinks)[0]
+        return triton_window_hybrid_attention(q, k, v, fq, fk, gate, window, chunk_size=chunk_size, sinks=sinks,
+                                              terrace=terrace)[0]
 
     def reference(q, k, v, fq, fk, gate):
-        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks)
+        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace)
 
     # As in the model: activations in `dtype`, the Hedgehog features and the gate in float32.
     o, grads = output_and_grads(triton_fn, inputs, weights, {"q": dtype, "k": dtype, "v": dtype})
@@ -110,6 +111,19 @@ def test_sinks_match_definition(B, T, H, D, F, V, window, chunk_size, sinks):
     assert max(errors.values()) < FP32_TOL, errors
 
 
+@pytest.mark.parametrize(
+    "B, T, H, D, F, V, window, chunk_size, sinks",
+    [
+        (2, 45, 2, 16, 16, 16, 6, None, 0),  # blocks of 6 in chunks of 16: block and chunk edges differ
+        (1, 50, 1, 16, 16, 16, 8, None, 3),  # 2W == chunk: the previous block reaches a chunk back
+        (1, 37, 2, 16, 16, 16, 5, 32, 7),  # sinks past the first block
+    ],
+)
+def test_terrace_matches_definition(B, T, H, D, F, V, window, chunk_size, sinks):
+    errors = compare_with_reference(B, T, H, D, F, V, window, chunk_size, sinks=sinks, terrace=True)
+    assert max(errors.values()) < FP32_TOL, errors
+
+
 def test_bf16_activations():
     errors = compare_with_reference(1, 40, 3, 32, 32, 32, 7, dtype=torch.bfloat16)
     # Under the interpreter a cast to bf16 truncates (the GPU rounds), which biases these errors up.
@@ -140,21 +154,23 @@ def test_matches_blocked_torch_form_and_final_state():
         assert torch.equal(getattr(short, name).double(), getattr(ref_short, name)), name
 
 
-@pytest.mark.parametrize("T", [29, 3])
-def test_sinks_final_state_matches_the_torch_form(T):
+@pytest.mark.parametrize("T, terrace", [(29, False), (3, False), (29, True), (11, True)])
+def test_sinks_final_state_matches_the_torch_form(T, terrace):
     """With sinks: the sink slots, the ring (sinks invalid, zero fk) and the linear state without them;
-    T = 3 is shorter than the sinks, which the decoder then fills."""
+    T = 3 is shorter than the sinks, which the decoder then fills. The terrace's ring holds 2W tokens
+    and its phase the tokens of the last block."""
     x = make_inputs(2, T, 2, 16, 16, 16)
-    o, state = triton_window_hybrid_attention(*x.values(), window=8, output_final_state=True, sinks=5)
+    o, state = triton_window_hybrid_attention(*x.values(), window=8, output_final_state=True, sinks=5,
+                                              terrace=terrace)
     ref_o, ref = window_hybrid_attention(*(t.double() for t in x.values()), window=8, output_final_state=True,
-                                         backend="torch", sinks=5)
+                                         backend="torch", sinks=5, terrace=terrace)
     assert rel_rms(o, ref_o) < FP32_TOL and rel_rms(state.kv, ref.kv) < FP32_TOL
     for name in ("k", "v", "fk", "sink_k", "sink_v"):
         assert getattr(state, name).dtype == torch.float32, name
         assert torch.equal(getattr(state, name).double(), getattr(ref, name)), name
-    for name in ("valid", "sink_valid"):
+    for name in ("valid", "sink_valid", "phase"):
         assert torch.equal(getattr(state, name), getattr(ref, name)), name
-    assert state.next_slot == ref.next_slot
+    assert state.next_slot == ref.next_slot and state.terrace == ref.terrace == terrace
 
 
 def test_mixed_dtypes_follow_the_torch_form():
@@ -200,16 +216,18 @@ def test_bad_inputs_raise():
         triton_window_hybrid_attention(q, k, v, fq[..., :8], fk, gate)
     with pytest.raises(ValueError, match="chunk_size"):
         triton_window_hybrid_attention(q, k, v, fq, fk, gate, window=20, chunk_size=16)
+    with pytest.raises(ValueError, match=r"chunk_size must be .* >= 2 x window \(24\), got 16"):
+        triton_window_hybrid_attention(q, k, v, fq, fk, gate, window=12, chunk_size=16, terrace=True)
     with pytest.raises(ValueError, match="window"):
         triton_window_hybrid_attention(q, k, v, fq, fk, gate, window=0)
 
 
 def test_custom_ops_opcheck():
     x = [t.requires_grad_() for t in make_inputs(1, 21, 2, 16, 16, 16).values()]
-    torch.library.opcheck(torch.ops.supra.window_hybrid_fwd.default, (*x, 5, 2, 16))
-    o, m, z = torch.ops.supra.window_hybrid_fwd(*(t.detach() for t in x), 5, 2, 16)
+    torch.library.opcheck(torch.ops.supra.window_hybrid_fwd.default, (*x, 5, 2, True, 16))
+    o, m, z = torch.ops.supra.window_hybrid_fwd(*(t.detach() for t in x), 5, 2, True, 16)
     torch.library.opcheck(torch.ops.supra.window_hybrid_bwd.default,
-                          (*(t.detach() for t in x), o, m, z, torch.randn_like(o), 5, 2, 16))
+                          (*(t.detach() for t in x), o, m, z, torch.randn_like(o), 5, 2, True, 16))
 
 
 def test_tied_window_max():

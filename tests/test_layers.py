@@ -21,6 +21,7 @@ SPECS = {  # test name: conversion settings
     "supra": {"method": "supra"},
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks": {"method": "lolcats", "sinks": 3},  # the first 3 tokens stay in the softmax window
+    "lolcats-terrace": {"method": "lolcats", "window_kind": "terrace", "sinks": 2},  # blocks of W, with sinks
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
@@ -54,9 +55,9 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     def linear(q, k, v, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
-    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0):
+    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
-        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks), None
+        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return recurrent_delta_rule(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import (
-    ROW_FIELDS,
     HybridState,
     linear_attention,
     linear_attention_step,
+    stack_states,
+    state_row,
     window_hybrid_attention,
     window_hybrid_step,
 )
@@ -295,9 +296,10 @@ class LolcatsAttention(RecurrentAttention):
 
         def hybrid(q, k, v, fq, fk, state):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
-                                           backend=self.spec.backend, sinks=self.spec.sinks)
+                                           backend=self.spec.backend, sinks=self.spec.sinks,
+                                           terrace=self.spec.window_kind == "terrace")
 
-        return per_document(hybrid, (q, k, v, fq, fk), state, starts, merge_hybrid_states)
+        return per_document(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 
 
 def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
@@ -310,7 +312,7 @@ def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, st
     outs, finals = [], []
     for b in range(B):
         bounds = [0, *(t for t in starts[b, 1:].nonzero().squeeze(1).add(1).tolist()), T]
-        row_state = None if state is None or starts[b, 0] else merge_rows_select(state, b)
+        row_state = None if state is None or starts[b, 0] else state_row(state, b)
         row_outs = []
         for s, e in zip(bounds[:-1], bounds[1:]):
             out, row_state = op(*(x[b:b + 1, s:e] for x in tensors), row_state if s == 0 else None)
@@ -320,16 +322,6 @@ def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, st
     return torch.cat(outs), (merge(finals) if finals[0] is not None else None)
 
 
-def merge_rows_select(state: HybridState, row: int) -> HybridState:
-    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ROW_FIELDS})
-
-
-def merge_hybrid_states(states: list[HybridState]) -> HybridState:
-    """Stack per-row hybrid states; each comes from a whole-sequence call, so their rings all start
-    at slot 0."""
-    return HybridState(*(torch.cat([getattr(s, f) for s in states]) for f in ROW_FIELDS), 0)
-
-
 def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     """Empty the state of `rows` (B,) in place: no linear state, no token in the window."""
     keep = ~rows
@@ -337,4 +329,5 @@ def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     state.fk.mul_(keep.view(-1, 1, 1, 1))
     state.valid.logical_and_(keep[:, None])
     state.sink_valid.logical_and_(keep[:, None])
+    state.phase.mul_(keep)
     return state

@@ -30,12 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import HybridState, delta_rule, delta_rule_step, window_hybrid_attention, window_hybrid_step
+from ..kernels import (
+    HybridState,
+    delta_rule,
+    delta_rule_step,
+    stack_states,
+    window_hybrid_attention,
+    window_hybrid_step,
+)
 from .attention import (
     RecurrentAttention,
     at_least_float32,
     documents_restart,
-    merge_hybrid_states,
     pack_documents,
     per_document,
     repeat_heads,
@@ -96,7 +102,8 @@ class GatedAttention(RecurrentAttention):
 
             def window(q, k, v, fq, fk, state):
                 return window_hybrid_attention(q, k, v, fq, fk, ones, self.spec.window, state, want_state,
-                                               backend=self.spec.backend, sinks=self.spec.sinks)
+                                               backend=self.spec.backend, sinks=self.spec.sinks,
+                                               terrace=self.spec.window_kind == "terrace")
 
             carried = None if state is None else state.window
             if stepping(q, carried):
@@ -108,7 +115,7 @@ class GatedAttention(RecurrentAttention):
                 local = local.unsqueeze(1)
             else:
                 local, window_state = per_document(window, (q, k, v, none, none), carried, starts,
-                                                   merge_hybrid_states)
+                                                   stack_states)
             weight = torch.sigmoid(self.window_mix.float())[:, None]
             out = weight * at_least_float32(local) + (1 - weight) * at_least_float32(out)
         return out, (GatedState(window_state, recurrent_state) if want_state else None)
