@@ -84,10 +84,10 @@ def _per_token(ptr, b, t, h, T, H, other):
 @triton.jit
 def _first(n, W, TERRACE: tl.constexpr):
     """The oldest key in query n's window: n - W + 1, or the start of the previous block (terrace)."""
+    first = n - W + 1
     if TERRACE:
-        return (n // W - 1) * W
-    else:
-        return n - W + 1
+        first = (n // W - 1) * W
+    return first
 
 
 @triton.jit
