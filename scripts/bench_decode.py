@@ -55,6 +55,7 @@ METHODS = {  # name -> conversion settings
     "t2r": {"method": "t2r"},
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks4": {"method": "lolcats", "sinks": 4},  # what the demo and smollm2-135m recipes run
+    "lolcats-sinks4-terrace": {"method": "lolcats", "sinks": 4, "window_kind": "terrace"},  # a 2W ring
 }
 FLOOR = "no-attention"
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -233,13 +234,13 @@ def main() -> None:
         runs.append({"model": name, "points": points, "summary": summarise(points)})
         del models
         gc.collect()
-    print(f"\n{'model':<14} {'method':<15} {'context':>8} {'decode ms':>10} {'x orig':>7} {'attn %':>7} "
+    print(f"\n{'model':<14} {'method':<22} {'context':>8} {'decode ms':>10} {'x orig':>7} {'attn %':>7} "
           f"{'prefill s':>10} {'x orig':>7} {'state MiB':>10}")
     for run in runs:
         for p in run["points"]:
             ratio = f"{p['decode_vs_original']:.2f}" if "decode_vs_original" in p else ""
             pre = f"{p['prefill_vs_original']:.2f}" if "prefill_vs_original" in p else ""
-            print(f"{run['model']:<14} {p['model']:<15} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
+            print(f"{run['model']:<14} {p['model']:<22} {p['context']:>8} {p['decode_ms_per_token']:>10.1f} {ratio:>7} "
                   f"{100 * p['attention_share']:>7.1f} {p['prefill_cpu_s']:>10.2f} {pre:>7} "
                   f"{p['state_bytes'] / 2**20:>10.2f}")
         for model, row in run["summary"].items():

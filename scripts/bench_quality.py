@@ -68,6 +68,8 @@ VARIANTS: dict[str, Variant] = {
     "cached-sinks4+distill-lora": Variant("as `cached+distill-lora`, with sinks=4",
                                           f"[{CACHED}, {{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, "
                                           "min_lr: 1.0e-4, warmup_steps: 1}]", ("sinks=4",)),
+    "cached-sinks4-terrace": Variant("as `cached-sinks4`, with LoLCATs' terrace window (window_kind=terrace)",
+                                     f"[{CACHED}]", ("sinks=4", "window_kind=terrace")),
 }
 
 
