@@ -7,12 +7,16 @@ tokens with every model in turn (the order rotates each round), so a change of l
 machine touches all models alike. A model's decode time is the median over all its steps; the
 converted/original ratio is the median over rounds of the ratio of that round's medians. Times are
 process CPU time (the work of this process's threads, not the time other processes hold the cores)
-and wall time; the table and the ratios use CPU time. Converted models are untrained: speed does not
+and wall time; the table uses CPU time, the steadier on a shared machine, and the JSON has both
+(with 2 threads, CPU time also counts a thread that waits for the other: on a quiet machine, read
+the wall-clock ratios). Converted models are untrained: speed does not
 depend on the weights.
 
 The `no-attention` row is the original with every attention sublayer removed (`supra skip` of all
 layers): what a decode step costs with an attention that costs nothing. Its ratio to the original
-bounds what any replacement of attention can reach at that context. After the timed rounds, one more
+bounds what any replacement of attention can reach at that context. The `projections-only` row keeps
+each sublayer's q/k/v/o products and mixes nothing (the output is o_proj of v): the bound for any
+layer that reuses the pretrained projections, as every method here does. After the timed rounds, one more
 pass of --decode-tokens steps per model times the attention sublayers alone (forward hooks, wall
 clock, q/k/v/o projections included): `attention_share` is their part of the step.
 
@@ -58,6 +62,24 @@ METHODS = {  # name -> conversion settings
     "lolcats-sinks4-terrace": {"method": "lolcats", "sinks": 4, "window_kind": "terrace"},  # a 2W ring
 }
 FLOOR = "no-attention"
+PROJECTIONS = "projections-only"
+
+
+class ProjectionsOnly(torch.nn.Module):
+    """An attention sublayer reduced to its four products: what reusing q/k/v/o costs by itself.
+    It keeps no cache (so decode reads positions from an empty cache: fine for timing)."""
+
+    def __init__(self, attention: torch.nn.Module, groups: int):
+        super().__init__()
+        self.attention, self.groups = attention, groups
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        a = self.attention
+        a.q_proj(hidden_states), a.k_proj(hidden_states)
+        v = a.v_proj(hidden_states)
+        B, T, _ = v.shape
+        v = v.view(B, T, -1, a.head_dim).repeat_interleave(self.groups, dim=2).reshape(B, T, -1)
+        return a.o_proj(v), None
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 CPU_LENGTHS = [256, 1024, 8192]
 
@@ -96,6 +118,11 @@ def load_models(name: str, methods: list[str], dtype: str, device: torch.device)
         models[method] = linearize(copy.deepcopy(original), LinearizeSpec(**METHODS[method])).eval()
     layers = list(range(original.config.num_hidden_layers))
     models[FLOOR] = linearize(copy.deepcopy(original), LinearizeSpec(method="softmax", skip_layers=layers)).eval()
+    models[PROJECTIONS] = copy.deepcopy(original)
+    config = original.config
+    groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    for layer in models[PROJECTIONS].get_decoder().layers:
+        layer.self_attn = ProjectionsOnly(layer.self_attn, groups)
     return models
 
 
@@ -190,8 +217,10 @@ def summarise(points: list[dict]) -> dict[str, dict]:
         for n in (1024, 8192):
             if n in mine and "decode_vs_original" in mine[n]:
                 row[f"decode_vs_original_{n}"] = mine[n]["decode_vs_original"]
+                row[f"decode_wall_vs_original_{n}"] = mine[n]["decode_wall_vs_original"]
         if 1024 in mine and 8192 in mine:
             row["prefill_8k_over_1k"] = mine[8192]["prefill_cpu_s"] / mine[1024]["prefill_cpu_s"]
+            row["prefill_wall_8k_over_1k"] = mine[8192]["prefill_wall_s"] / mine[1024]["prefill_wall_s"]
         first, last = min(mine), max(mine)
         row[f"decode_{last}_over_{first}"] = mine[last]["decode_ms_per_token"] / mine[first]["decode_ms_per_token"]
         summary[model] = row
