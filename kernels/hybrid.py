@@ -362,7 +362,7 @@ def window_hybrid_step(
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))
     state.k[:, :, slot] = k
     state.v[:, :, slot, :E] = v
-    if S:  # one of its document's first S tokens goes to the next free sink slot, not to the ring
+    if S and not bool(state.sink_valid.all()):  # a token among its document's first S goes to a sink slot
         held = state.sink_valid.sum(-1)
         joining = torch.nn.functional.one_hot(held.clamp(max=S - 1), S).bool() & (held < S)[:, None]
         state.sink_k.copy_(torch.where(joining[:, None, :, None], k.to(acc)[:, :, None], state.sink_k))
