@@ -109,6 +109,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    # peft asks transformers' deprecated is_gradient_checkpointing when it wraps a model for LoRA:
+    # an advisory for peft, not for the user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
