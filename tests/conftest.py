@@ -38,3 +38,17 @@ def seeded(request):
     import zlib
 
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("SUPRA_TEST_SEED", "0")))
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """For the Triton kernel tests: outputs start as NaN (a position a kernel forgets to write shows),
+    and on a CUDA machine the tensors are made there, so the same tests run the compiled kernels."""
+    from supra.kernels import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
+    yield
+    if torch.cuda.is_available():
+        torch.set_default_device(None)

@@ -12,21 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from supra.kernels import chunk_delta_rule, delta_rule, recurrent_delta_rule, triton_chunk, triton_delta_rule
+from supra.kernels import chunk_delta_rule, delta_rule, recurrent_delta_rule, triton_delta_rule
 from supra.kernels.triton_delta_rule import triton_delta_rule as triton_op
 
 FP32_TOL = 1e-5
 CUDA = torch.cuda.is_available()  # on a CUDA machine the same tests run the compiled kernels
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs_on_device(monkeypatch):
-    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
-    if CUDA:
-        torch.set_default_device("cuda")
-    yield
-    if CUDA:
-        torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

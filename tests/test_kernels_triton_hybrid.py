@@ -13,7 +13,6 @@ import torch
 from supra.kernels import (
     HybridState,
     parallel_window_hybrid_attention,
-    triton_chunk,
     triton_hybrid,
     window_hybrid_attention,
 )
@@ -23,14 +22,7 @@ FP32_TOL = 1e-5
 CUDA = torch.cuda.is_available()  # on a CUDA machine the same tests run the compiled kernels
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs_on_device(monkeypatch):
-    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
-    if CUDA:
-        torch.set_default_device("cuda")
-    yield
-    if CUDA:
-        torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("triton_kernels")  # tests/conftest.py
 
 
 def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
