@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from provenance import REPO, figure, write_results
 
+PASSKEY_DEPTHS = [0.0, 0.5, 1.0]
 PROSE_SOURCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 NAME = "quality_smollm2"
 
@@ -48,28 +49,44 @@ class Variant(NamedTuple):
 
 TRANSFER = "name: attention_transfer, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 4"
 CACHED = f"{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 4}}"
+DEMO = f"[{{{TRANSFER}, tokens: 32768, cache_tokens: 32768, epochs: 12}}]"  # the demo's budget: 192 steps
+DISTILL = "{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}"
+# Each variant names its whole conversion, so it means the same thing whatever the recipe's defaults.
+SLIDING = ("window_kind=sliding", "sinks=0")
+TERRACE_SINKS = ("window_kind=terrace", "sinks=4")
 VARIANTS: dict[str, Variant] = {
-    "demo-before": Variant("the shipped demo: on-the-fly transfer 81,920 tokens, LoRA 12,288 (next-token loss)",
+    "demo-before": Variant("the demo of the first release: on-the-fly transfer 81,920 tokens, LoRA 12,288 "
+                           "(next-token loss)",
                            f"[{{{TRANSFER}, tokens: 81920}}, {{name: lora, tokens: 12288, lr: 1.0e-4, "
-                           "min_lr: 1.0e-5, warmup_steps: 1}]"),
-    "cached": Variant("cached transfer: 32,768 tokens, 4 epochs", f"[{CACHED}]"),
+                           "min_lr: 1.0e-5, warmup_steps: 1}]", SLIDING),
+    "cached": Variant("cached transfer: 32,768 tokens, 4 epochs", f"[{CACHED}]", SLIDING),
     "cached-64k": Variant("cached transfer: 65,536 tokens in 2 chunks, 4 epochs each",
-                          f"[{{{TRANSFER}, tokens: 65536, cache_tokens: 32768, epochs: 4}}]"),
+                          f"[{{{TRANSFER}, tokens: 65536, cache_tokens: 32768, epochs: 4}}]", SLIDING),
     "cached+distill-lora": Variant("cached transfer as `cached`, then distill LoRA r=8 (KL) 16,384 tokens",
-                                   f"[{CACHED}, {{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, "
-                                   "min_lr: 1.0e-4, warmup_steps: 1}]"),
+                                   f"[{CACHED}, {DISTILL}]", SLIDING),
     "cached+distill-new": Variant("cached transfer as `cached`, then distill the feature maps (KL) 16,384 tokens",
                                   f"[{CACHED}, {{name: distill, train: new, tokens: 16384, lr: 1.0e-3, "
-                                  "min_lr: 1.0e-4, warmup_steps: 1}]"),
+                                  "min_lr: 1.0e-4, warmup_steps: 1}]", SLIDING),
     "cached+lora": Variant("cached transfer as `cached`, then LoRA (next-token loss) 16,384 tokens",
-                           f"[{CACHED}, {{name: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}}]"),
+                           f"[{CACHED}, {{name: lora, tokens: 16384, lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 1}}]",
+                           SLIDING),
     "cached-sinks4": Variant("as `cached`, with the first 4 tokens kept in the softmax window (sinks=4)",
-                             f"[{CACHED}]", ("sinks=4",)),
-    "cached-sinks4+distill-lora": Variant("as `cached+distill-lora`, with sinks=4",
-                                          f"[{CACHED}, {{name: distill, train: lora, tokens: 16384, lr: 1.0e-3, "
-                                          "min_lr: 1.0e-4, warmup_steps: 1}]", ("sinks=4",)),
+                             f"[{CACHED}]", ("window_kind=sliding", "sinks=4")),
+    "cached-sinks4+distill-lora": Variant("as `cached+distill-lora`, with sinks=4", f"[{CACHED}, {DISTILL}]",
+                                          ("window_kind=sliding", "sinks=4")),
     "cached-sinks4-terrace": Variant("as `cached-sinks4`, with LoLCATs' terrace window (window_kind=terrace)",
-                                     f"[{CACHED}]", ("sinks=4", "window_kind=terrace")),
+                                     f"[{CACHED}]", TERRACE_SINKS),
+    # One method per row at the demo's budget and conversion (terrace window + 4 sinks where the
+    # method has a window): the comparison of the gated students with LoLCATs and SUPRA.
+    "demo": Variant("the shipped demo: LoLCATs, terrace + sinks=4, cached transfer 32,768 tokens x 12 epochs",
+                    DEMO, ("method=lolcats", *TERRACE_SINKS)),
+    "demo-supra": Variant("as `demo`, method=supra (fixed decay, no window)", DEMO, ("method=supra",)),
+    "demo-gla": Variant("as `demo`, method=gla (key gate, window mixed per head)", DEMO,
+                        ("method=gla", *TERRACE_SINKS)),
+    "demo-gdn": Variant("as `demo`, method=gdn (gated delta rule, key gate, window mixed per head)", DEMO,
+                        ("method=gdn", *TERRACE_SINKS)),
+    "demo-auto2": Variant("as `demo`, with the 2 layers whose restoration lowers the loss most kept as "
+                          "softmax (hybrid)", DEMO, ("method=lolcats", *TERRACE_SINKS, "softmax_layers=auto:2")),
 }
 
 
@@ -85,9 +102,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-runs", action="store_true", help="keep each variant's run directory")
     parser.add_argument("--max-cpu-min", type=float, default=None,
                         help="stop a variant (SIGTERM: it checkpoints) past this much CPU time; its curve is kept")
+    parser.add_argument("--passkey", type=int, nargs="*", default=None, metavar="LENGTH",
+                        help="also score passkey retrieval at these context lengths (default 1024 2048 4096 "
+                             "when given bare), depths 0, 0.5 and 1, --passkey-trials keys per cell")
+    parser.add_argument("--passkey-trials", type=int, default=4)
     parser.add_argument("--reuse-runs", action="store_true",
                         help="report the variants' run directories already under --work instead of running them")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.passkey == []:
+        args.passkey = [1024, 2048, 4096]
+    return args
 
 
 def prose_corpus(work: Path) -> Path:
@@ -123,6 +147,31 @@ def original_scores(args: argparse.Namespace, texts: dict[str, list[str]]) -> di
         scores = {c: score("smollm2-135m", args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
         path.write_text(json.dumps(scores))
     return json.loads(path.read_text())
+
+
+def passkey_score(model_source: str, recipe: str, lengths: list[int], trials: int) -> dict:
+    """Passkey retrieval of a model source, as `supra eval tasks=[passkey]` computes it."""
+    from supra.commands.common import load_model_and_tokenizer
+    from supra.config import load_config
+    from supra.evaluate.passkey import passkey
+
+    cfg = load_config([f"recipe={recipe}", f"model={model_source}"])
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    return passkey(model.eval(), tokenizer, lengths, PASSKEY_DEPTHS, trials, seed=cfg.seed)
+
+
+def original_passkey(args: argparse.Namespace) -> dict:
+    path = args.work / f"original-passkey-{'-'.join(map(str, args.passkey))}-{args.passkey_trials}.json"
+    if not path.exists():
+        path.write_text(json.dumps(passkey_score("smollm2-135m", args.recipe, args.passkey, args.passkey_trials)))
+    return json.loads(path.read_text())
+
+
+def passkey_cell(result: dict | None) -> str:
+    """Accuracy per context length, averaged over the depths."""
+    if result is None:
+        return "-"
+    return " / ".join(f"{sum(row) / len(row):.2f}" for row in result["accuracy"])
 
 
 def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dict:
@@ -203,6 +252,7 @@ def main() -> None:
     texts = corpora(args.work)
     load = os.getloadavg()
     original = original_scores(args, texts)
+    passkey_original = original_passkey(args) if args.passkey else None
     results = {v["name"]: v for v in previous.get("variants", [])
                if v["name"] not in args.variants and v.get("heldout_tokens") == args.heldout_tokens
                and v.get("recipe") == args.recipe}
@@ -223,14 +273,18 @@ def main() -> None:
             results[name].update({**{f"ppl_{c}": final[c]["ppl"] for c in texts},
                                   **{f"ratio_{c}": final[c]["ppl"] / original[c]["ppl"] for c in texts},
                                   **{f"by_position_{c}": final[c]["by_position"] for c in texts}})
+            if args.passkey:
+                results[name]["passkey"] = passkey_score(str(done["run"] / "model"), args.recipe, args.passkey,
+                                                         args.passkey_trials)
         if not args.keep_runs:
             subprocess.run(["rm", "-rf", str(done["run"])], check=True)
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k.startswith('ratio')})}, "
               f"{done['cpu_min']:.1f} CPU-min", flush=True)
     variants = [results[n] for n in VARIANTS if n in results]
-    table = ["| variant | CPU-min (train) | wall min | stdlib ppl | stdlib ratio | prose ppl | prose ratio |",
-             "|---|---|---|---|---|---|---|"]
-    table.append(f"| original | | | {original['stdlib']['ppl']:.3f} | 1 | {original['prose']['ppl']:.3f} | 1 |")
+    table = ["| variant | CPU-min (train) | wall min | stdlib ppl | stdlib ratio | prose ppl | prose ratio | "
+             f"passkey at {'/'.join(map(str, args.passkey or []))} |", "|---|---|---|---|---|---|---|---|"]
+    table.append(f"| original | | | {original['stdlib']['ppl']:.3f} | 1 | {original['prose']['ppl']:.3f} | 1 | "
+                 f"{passkey_cell(passkey_original)} |")
     for v in variants:
         if v["finished"]:
             scores = (f"{v['ppl_stdlib']:.3f} | {v['ratio_stdlib']:.3f} | {v['ppl_prose']:.3f} | "
@@ -241,14 +295,14 @@ def main() -> None:
         else:
             scores = "- | - | - | -"
         table.append(f"| {v['name']} | {v['cpu_min']:.1f} ({v['train_cpu_min']:.1f}) | {v['wall_min']:.1f} | "
-                     f"{scores} |")
+                     f"{scores} | {passkey_cell(v.get('passkey'))} |")
     print("\n".join(table))
     payload = {"machine": f"shared: {os.cpu_count()} cores, load average {load[0]:.1f} at the start; "
                           "CPU times are process times", "recipe": args.recipe,
                "seq_len": original["stdlib"]["seq_len"],
                "heldout_tokens": args.heldout_tokens, "prose_source": str(PROSE_SOURCE),
                "original": {c: {"ppl": r["ppl"], "by_position": r["by_position"]} for c, r in original.items()},
-               "variants": variants, "table": table}
+               "passkey_original": passkey_original, "variants": variants, "table": table}
 
     def draw(path: Path, device: str) -> None:
         with figure(path) as (fig, axes):
