@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="run only these variant names")
+    parser.add_argument("--lolcats-model", default=None,
+                        help="a trained LoLCATs model (e.g. runs/demo/model) as the lolcats rows' base; "
+                             "default: SmolLM2 converted here, untrained")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-factorize"))
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--replot", action="store_true", help="redraw the PNG and table of an existing --out JSON")
@@ -203,7 +206,9 @@ def main() -> None:
         print(f"== {variant['name']}", flush=True)
         row = {k: v for k, v in variant.items() if k != "factorize"} | {"factorize": variant["factorize"]}
         load_before = os.getloadavg()[0]
-        if variant["base"] == "lolcats" and "lolcats" not in bases:
+        if variant["base"] == "lolcats" and "lolcats" not in bases and args.lolcats_model:
+            bases["lolcats"] = args.lolcats_model
+        elif variant["base"] == "lolcats" and "lolcats" not in bases:
             bases["lolcats"] = str(work / "lolcats")
             row["convert_cpu_s"] = cli("convert", "model=smollm2-135m", "method=lolcats", *common,
                                        f"out={bases['lolcats']}")

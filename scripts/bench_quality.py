@@ -80,7 +80,7 @@ VARIANTS: dict[str, Variant] = {
     # method has a window): the comparison of the gated students with LoLCATs and SUPRA.
     "demo": Variant("the shipped demo: LoLCATs, terrace + sinks=4, cached transfer 32,768 tokens x 12 epochs",
                     DEMO, ("method=lolcats", *TERRACE_SINKS)),
-    "demo-supra": Variant("as `demo`, method=supra (fixed decay, no window)", DEMO, ("method=supra",)),
+    "demo-supra": Variant("as `demo`, method=supra (fixed decay, no window)", DEMO, ("method=supra", "sinks=0")),
     "demo-gla": Variant("as `demo`, method=gla (key gate, window mixed per head)", DEMO,
                         ("method=gla", *TERRACE_SINKS)),
     "demo-gdn": Variant("as `demo`, method=gdn (gated delta rule, key gate, window mixed per head)", DEMO,
