@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .errors import UserError, check_output_dir
 from .layers.factorized import factor_parameter_names
@@ -149,15 +152,28 @@ def load_model(source: str, dtype: str = "float32", architecture: dict[str, Any]
     except (OSError, ValueError) as err:
         raise _unloadable("model", source, err) from None
     _check_supported(config)
+    spec = recorded_spec(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
+        # A converted model's own weights (feature maps, factors) are unknown to the base architecture:
+        # its load report would call them unexpected, yet they are loaded below. Errors still raise.
+        with _hf_warnings_off() if spec is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(dtype), device_map=device, **extra)
     except (OSError, ValueError, SafetensorError) as err:  # missing, cut short or foreign weight files
         raise _unloadable("model", source, err) from None
-    spec = recorded_spec(config)
     if spec is not None:
         linearize(model, spec)
         _load_new_parameters(model, Path(where))
     return model
+
+
+@contextlib.contextmanager
+def _hf_warnings_off() -> Iterator[None]:
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _check_supported(config: Any) -> None:
