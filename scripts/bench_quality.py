@@ -240,8 +240,9 @@ def read_run(run: Path) -> dict:
         stage["steps_per_cpu_min"] = stage["steps"] / stage["cpu_min"]
         del stage["start_cpu_s"], stage["eval_cpu_s"]
     last = records[-1]
+    timed = [r["time"] for r in records if "time" in r]  # held-out records carry CPU time only
     return {"run": run, "finished": (run / "model" / "config.json").exists(), "cpu_min": last["cpu_s"] / 60,
-            "train_cpu_min": (last["cpu_s"] - eval_cpu) / 60, "wall_min": (last["time"] - records[0]["time"]) / 60,
+            "train_cpu_min": (last["cpu_s"] - eval_cpu) / 60, "wall_min": (timed[-1] - timed[0]) / 60,
             "steps": max((r["step"] for r in records if "loss" in r), default=0), "curve": curve, "stages": stages}
 
 
