@@ -5,7 +5,9 @@ For each context length, every model (the original and one converted model per -
 the same random prompt into its own cache; then --rounds rounds, each decoding --decode-tokens greedy
 tokens with every model in turn (the order rotates each round), so a change of load on a shared
 machine touches all models alike. A model's decode time is the median over all its steps; the
-converted/original ratio is the median over rounds of the ratio of that round's medians. Times are
+converted/original ratio is the median over rounds of the ratio of that round's medians. At every
+length after the shortest, each round also decodes each model's shortest-length cache right after its
+long one: `decode_wall_vs_shortest` is the within-round ratio (flatness in context). Times are
 process CPU time (the work of this process's threads, not the time other processes hold the cores)
 and wall time; the table uses CPU time, the steadier on a shared machine, and the JSON has both
 (with 2 threads, CPU time also counts a thread that waits for the other: on a quiet machine, read
@@ -152,7 +154,13 @@ def median_ratio(steps: dict[str, list[list[float]]], model: str) -> float:
                              for mine, base in zip(steps[model], steps["original"]))
 
 
-def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse.Namespace) -> list[dict]:
+def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse.Namespace,
+                 shortest: dict[str, list] | None = None) -> tuple[list[dict], dict[str, list]]:
+    """Prefill every model at `length`, then decode in rounds. `shortest` holds each model's
+    [cache, next token] at the shortest length; each round also decodes those right after the long
+    ones, so `decode_wall_vs_shortest` compares the two contexts within the same round (a ratio across
+    lengths measured minutes apart also carries the drift of the machine and of the process).
+    Returns the points and this length's [cache, next token] per model."""
     device = next(models["original"].parameters()).device
     ids = random_prompt(models["original"], length).to(device)
     running = {n: m for n, m in models.items() if n != "original" or length <= args.original_max_length}
@@ -174,12 +182,16 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
         print(f"  {length:>6} {name:<9} prefill {prefills[name]['cpu_s']:.2f} s CPU", flush=True)
     steps: dict[str, dict[str, list[list[float]]]] = {"cpu_s": {n: [] for n in running},
                                                       "wall_s": {n: [] for n in running}}
+    short_steps: dict[str, list[list[float]]] = {n: [] for n in running}  # wall clock
     order = list(running)
     for r in range(args.rounds):
         for name in order[r % len(order):] + order[:r % len(order)]:
             tokens[name], times = decode(running[name], caches[name], tokens[name], args.decode_tokens)
             for clock in steps:
                 steps[clock][name].append(times[clock])
+            if shortest and name in shortest:
+                shortest[name][1], times = decode(running[name], *shortest[name], args.decode_tokens)
+                short_steps[name].append(times["wall_s"])
     shares = {}
     for name in order:
         with attention_clock(running[name]) as spent:
@@ -196,6 +208,10 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
             "state_bytes": cache_bytes(caches[name]),
             "attention_share": shares[name],
         }
+        if short_steps[name]:
+            point["decode_wall_vs_shortest"] = statistics.median(
+                statistics.median(long) / statistics.median(short)
+                for long, short in zip(steps["wall_s"][name], short_steps[name]))
         if name in peaks:  # CUDA: the prefill's peak above what was allocated before it
             point["prefill_peak_memory_bytes"] = peaks[name]
         if name != "original" and "original" in running:  # both measured in the same rounds
@@ -203,7 +219,7 @@ def bench_length(models: dict[str, torch.nn.Module], length: int, args: argparse
             point["decode_wall_vs_original"] = median_ratio(steps["wall_s"], name)
             point["prefill_vs_original"] = prefills[name]["cpu_s"] / prefills["original"]["cpu_s"]
         points.append(point)
-    return points
+    return points, {name: [caches[name], tokens[name]] for name in running}
 
 
 def summarise(points: list[dict]) -> dict[str, dict]:
@@ -223,6 +239,8 @@ def summarise(points: list[dict]) -> dict[str, dict]:
             row["prefill_wall_8k_over_1k"] = mine[8192]["prefill_wall_s"] / mine[1024]["prefill_wall_s"]
         first, last = min(mine), max(mine)
         row[f"decode_{last}_over_{first}"] = mine[last]["decode_ms_per_token"] / mine[first]["decode_ms_per_token"]
+        if "decode_wall_vs_shortest" in mine[last]:
+            row[f"decode_wall_{last}_over_{first}_same_rounds"] = mine[last]["decode_wall_vs_shortest"]
         summary[model] = row
     return summary
 
@@ -259,7 +277,10 @@ def main() -> None:
     for name in args.models:
         print(f"{name}: original and {', '.join(args.methods)}", flush=True)
         models = load_models(name, args.methods, args.dtype, device)
-        points = [p for length in args.lengths for p in bench_length(models, length, args)]
+        points, shortest = bench_length(models, args.lengths[0], args)
+        for length in args.lengths[1:]:
+            points += bench_length(models, length, args, shortest)[0]
+        del shortest
         runs.append({"model": name, "points": points, "summary": summarise(points)})
         del models
         gc.collect()

@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=2048, help="tokens of the healing lora stage (0: none)")
     parser.add_argument("--heal-lr", type=float, default=5e-4)
     parser.add_argument("--batch-tokens", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=2,
+                        help="rows per forward while healing (1 halves the activation memory of tensor trains)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", nargs="*", help="run only these variant names")
@@ -189,7 +191,8 @@ def main() -> None:
     common = [f"seq_len={args.seq_len}", f"eval.max_tokens={args.ppl_tokens}", "data.source=stdlib",
               f"calibration_tokens={args.calibration_tokens}"]
     heal = ["method=softmax", "train.eval_baselines=false", "train.sample_tokens=0", "train.logger=none",
-            f"train.batch_tokens={args.batch_tokens}", "train.micro_batch_size=2", "train.checkpoint_every=1000",
+            f"train.batch_tokens={args.batch_tokens}", f"train.micro_batch_size={args.micro_batch_size}",
+            "train.checkpoint_every=1000",
             f"train.stages=[{{name: lora, tokens: {args.heal_tokens}, lr: {args.heal_lr}, min_lr: {args.heal_lr / 10},"
             " warmup_steps: 1}]"]
     cfg = load_config(common)
@@ -200,8 +203,8 @@ def main() -> None:
     bases = {"original": "smollm2-135m"}
     rows: list[dict] = []
     record = {"benchmark": "factorize_smollm2", **provenance(), "settings": vars(args),
-              "machine": {"cpus": os.cpu_count(), "shared": "2 CPU cores shared by six developers' jobs; "
-                          "timings are process CPU time on one thread"}}
+              "machine": {"cpus": os.cpu_count(), "timing": "process CPU time on one thread; each row's "
+                          "load_average (before, after) says how busy the machine was"}}
     for variant in variants(args):
         print(f"== {variant['name']}", flush=True)
         row = {k: v for k, v in variant.items() if k != "factorize"} | {"factorize": variant["factorize"]}
