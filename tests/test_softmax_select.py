@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -73,3 +74,21 @@ def test_bad_auto_requests_are_one_line_errors(value, message, tmp_path, capsys,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_uptrain_measures_auto_once_and_a_resumed_run_keeps_its_choice(tmp_path, monkeypatch, smollm2_tokenizer):
+    run = tmp_path / "run"
+    command = ["uptrain", *TINY4, "method=gla", "softmax_layers=auto:1", "train.eval_baselines=false",
+               "train.sample_tokens=0", "train.logger=none", f"out={run}"]
+    assert main(command) == 0
+    record = json.loads((run / "softmax_layers.json").read_text())
+    assert recorded_spec(load_model(str(run / "model"))).softmax_layers == record["chosen"]
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed run must take the layers its first start chose")
+
+    shutil.rmtree(run / "model")  # as if it had been stopped before saving its model
+    monkeypatch.setattr("supra.convert.choose_softmax_layers", measure_again)
+    assert main(command) == 0
+    spec = recorded_spec(load_model(str(run / "model")))
+    assert spec.softmax_layers == record["chosen"] and spec.softmax_choice["chosen"] == record["chosen"]

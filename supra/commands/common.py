@@ -69,6 +69,16 @@ def read_yaml_record(path: Path) -> dict[str, Any]:
         raise damaged_record(path, "is not UTF-8 text") from None
 
 
+SOFTMAX_CHOICE = "softmax_layers.json"  # how softmax_layers=auto:K chose, beside the model or in the run
+
+
+def write_softmax_choice(directory: Path, cfg: DictConfig, choice: dict[str, Any]) -> None:
+    """Record the measurement behind softmax_layers=auto:K (as `supra skip` writes skip.json) and say it."""
+    update_json(directory / SOFTMAX_CHOICE, {"model": cfg.model, "method": cfg.method, **choice})
+    console.print(f"softmax_layers=auto:{choice['k']}: kept layers {choice['chosen']} as softmax (their restoration "
+                  f"lowered the calibration loss most; all {directory / SOFTMAX_CHOICE})")
+
+
 def update_json(path: Path, values: dict[str, Any]) -> dict[str, Any]:
     """Merge `values` into a JSON file (later tasks add to earlier ones), written atomically."""
     data = read_json_record(path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from omegaconf import DictConfig
 from rich.table import Table
 
@@ -12,7 +10,7 @@ from ..convert import convert_model
 from ..errors import check_output_dir
 from ..layers.linearize import recorded_spec
 from ..models import count_parameters, save_model
-from .common import console, load_model_and_tokenizer
+from .common import console, load_model_and_tokenizer, write_softmax_choice
 
 
 def run(cfg: DictConfig) -> int:
@@ -23,10 +21,8 @@ def run(cfg: DictConfig) -> int:
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
     spec = recorded_spec(model)
-    choice = spec.softmax_choice
-    if choice is not None:  # softmax_layers=auto:K: the measurement, beside the model (as skip.json)
-        (out / "softmax_layers.json").write_text(json.dumps({"model": cfg.model, "method": cfg.method, **choice},
-                                                            indent=2))
+    if spec.softmax_choice is not None:
+        write_softmax_choice(out, cfg, spec.softmax_choice)
     counts = count_parameters(model)
     table = Table(title=f"converted {cfg.model} -> {out}")
     for column in ("method", "total params", "new params", "softmax layers", "skipped layers"):

@@ -20,13 +20,22 @@ from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, factorize_from_config, plan_layouts
-from ..layers.linearize import recorded_spec
+from ..layers.linearize import record_spec, recorded_spec
 from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
+from ..softmax_select import parse_auto
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
-from .common import console, load_model_and_tokenizer, read_json_record, read_yaml_record, update_json
+from .common import (
+    SOFTMAX_CHOICE,
+    console,
+    load_model_and_tokenizer,
+    read_json_record,
+    read_yaml_record,
+    update_json,
+    write_softmax_choice,
+)
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
 RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",
@@ -64,7 +73,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     evaluate = cfg.train.eval_baselines and world.is_main
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer)
-    convert_model(model, cfg, tokenizer)
+    _convert(model, cfg, tokenizer, run, world)
     factorize_from_config(model, cfg, tokenizer)
     if evaluate:
         _heldout_ppl(cfg, run, "converted", model, tokenizer)
@@ -118,6 +127,22 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
     result = HeldoutPerplexity(cfg, tokenizer)(model)
     update_json(path, {f"ppl_{which}": result})
     console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
+
+
+def _convert(model: nn.Module, cfg: DictConfig, tokenizer, run: Path, world: World) -> None:
+    """convert_model, except that softmax_layers=auto:K is measured once per run: a resumed run
+    takes the layers its first start chose (the run's softmax_layers.json), so it continues the
+    same model without repeating the calibration passes."""
+    recorded = read_json_record(run / SOFTMAX_CHOICE) if parse_auto(cfg.softmax_layers) is not None else {}
+    if recorded:
+        cfg.softmax_layers = recorded["chosen"]
+    convert_model(model, cfg, tokenizer)
+    spec = recorded_spec(model)
+    if recorded:  # the final model's config keeps the measurement, as on the first start
+        spec.softmax_choice = {k: v for k, v in recorded.items() if k not in ("model", "method")}
+        record_spec(model, spec)
+    elif spec is not None and spec.softmax_choice is not None and world.is_main:
+        write_softmax_choice(run, cfg, spec.softmax_choice)
 
 
 def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world: World) -> None:
