@@ -3,7 +3,8 @@
 `convert_model(model, cfg, tokenizer)` applies a config's conversion keys to a loaded model: the
 attention sublayers to skip (`skip_layers`, or `n` chosen by `select`), then `linearize` with the
 config's method, or with `softmax_layers=auto:K` the hybrid whose K softmax layers are measured
-(softmax_select.py). The layer swap itself is `layers/linearize.py`.
+(softmax_select.py); on a model already converted (and trained), `softmax_layers` turns layers back
+into softmax attention. The layer swap itself is `layers/linearize.py`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from .config import ConfigError, linearize_spec
 from .layers.linearize import linearize, recorded_spec
 from .models import SourceError
 from .skip import apply_skip, calibration_batches, select_and_skip
-from .softmax_select import choose_softmax_layers, parse_auto
+from .softmax_select import choose_softmax_layers, parse_auto, restore_layers, restore_softmax_layers
 
 
 def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> nn.Module:
     """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
     one already linearized is refused, since converting twice would stack feature maps, unless
-    method=softmax asks for no conversion: then it stays as it is (its record too).
+    method=softmax asks for no conversion: then it stays as it is (its record too), or
+    `softmax_layers` asks for some of its layers back as softmax attention (a list, or auto:K
+    measured on it as a trained student: `_restore_softmax`).
 
     With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
     on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
@@ -38,6 +41,9 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
                               "convert the original model instead")
         select_and_skip(model, tokenizer, cfg)
         previous = recorded_spec(model)
+    if previous is not None and previous.method != "softmax" and cfg.softmax_layers \
+            and cfg.method in ("softmax", previous.method):
+        return _restore_softmax(model, cfg, tokenizer)
     spec = linearize_spec(cfg)
     if previous is not None:
         if previous.method != "softmax" and spec.method != "softmax":
@@ -52,8 +58,7 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
         if auto is None:
             return linearize(model, spec)
         if tokenizer is None:
-            raise ConfigError(f"softmax_layers={cfg.softmax_layers} measures layers on calibration text here; "
-                              "run `supra convert` with it first and use its output")
+            raise _no_calibration_text(cfg)
         choice = choose_softmax_layers(model, spec, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
     except ValueError as err:  # e.g. a layer index the model does not have
         raise ConfigError(str(err)) from None
@@ -61,3 +66,28 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     # rebuilds the same hybrid without measuring.
     cfg.softmax_layers = choice["chosen"]
     return model
+
+
+def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
+    """softmax_layers on a model that is already converted: those layers become softmax attention
+    again; with auto:K, the K whose restoration lowers the KL to the model's teacher most
+    (softmax_select.restore_softmax_layers: the measure of a trained student)."""
+    auto = parse_auto(cfg.softmax_layers)
+    if cfg.skip_layers:
+        apply_skip(model, list(cfg.skip_layers))
+    try:
+        if auto is None:
+            restore_layers(model, list(cfg.softmax_layers))
+            return model
+        if tokenizer is None:
+            raise _no_calibration_text(cfg)
+        restore_softmax_layers(model, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cfg.softmax_layers = recorded_spec(model).softmax_layers  # a second conversion (uptrain's merge) measures nothing
+    return model
+
+
+def _no_calibration_text(cfg: DictConfig) -> ConfigError:
+    return ConfigError(f"softmax_layers={cfg.softmax_layers} measures layers on calibration text here; "
+                       "run `supra convert` with it first and use its output")

@@ -15,6 +15,7 @@ from supra.layers.attention import RecurrentAttention
 from supra.layers.linearize import LinearizeSpec, decoder_layers, linearize, recorded_spec
 from supra.models import load_model
 from supra.softmax_select import choose_softmax_layers, next_token_loss, parse_auto
+from supra.train.stages import teacher_layers
 
 TINY4 = ["recipe=tiny", "architecture.num_hidden_layers=4", "calibration_tokens=512"]
 
@@ -92,3 +93,27 @@ def test_uptrain_measures_auto_once_and_a_resumed_run_keeps_its_choice(tmp_path,
     assert main(command) == 0
     spec = recorded_spec(load_model(str(run / "model")))
     assert spec.softmax_layers == record["chosen"] and spec.softmax_choice["chosen"] == record["chosen"]
+
+
+def test_convert_restores_the_layers_of_a_trained_student_that_lower_its_kl_most(tmp_path, smollm2_tokenizer):
+    student, hybrid = tmp_path / "student", tmp_path / "hybrid"
+    assert main(["convert", *TINY4, "method=lolcats", f"out={student}"]) == 0
+    assert main(["convert", *TINY4, f"model={student}", "softmax_layers=auto:2", f"out={hybrid}"]) == 0
+    record = json.loads((hybrid / "softmax_layers.json").read_text())
+    kl = {int(i): v for i, v in record["kl_restored"].items()}
+    assert sorted(kl) == [0, 1, 2, 3] and record["chosen"] == sorted(sorted(kl, key=kl.get)[:2])
+
+    loaded, before = load_model(str(hybrid)).eval(), load_model(str(student)).eval()
+    kinds = [isinstance(layer.self_attn, RecurrentAttention) for layer in decoder_layers(loaded)]
+    assert kinds == [i not in record["chosen"] for i in range(4)]
+    assert recorded_spec(loaded).softmax_choice["chosen"] == record["chosen"]
+    # the restored layers are the student's own q/k/v/o in softmax mode: what the KL was measured with
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), teacher_layers([decoder_layers(before)[i].self_attn for i in record["chosen"]]):
+        expected = before(input_ids=ids).logits
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    # and an explicit list restores without measuring; a skipped or missing layer is a one-line error
+    listed = tmp_path / "listed"
+    assert main(["convert", *TINY4, f"model={student}", "softmax_layers=[1]", f"out={listed}"]) == 0
+    assert recorded_spec(load_model(str(listed))).softmax_layers == [1]
+    assert main(["convert", *TINY4, f"model={student}", "softmax_layers=[7]", f"out={tmp_path / 'bad'}"]) == 2
