@@ -28,6 +28,7 @@ import gzip
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ class Variant(NamedTuple):
     description: str
     stages: str  # train.stages; token budgets are in the stages, the demo's batch is 2,048 tokens
     overrides: tuple[str, ...] = ()  # other settings, e.g. the conversion's
+    then: tuple[str, ...] = ()  # settings of a `supra convert` of the uptrained model, scored instead of it
 
 
 TRANSFER = "name: attention_transfer, lr: 1.0e-2, min_lr: 1.0e-3, warmup_steps: 4"
@@ -87,6 +89,9 @@ VARIANTS: dict[str, Variant] = {
                         ("method=gdn", *TERRACE_SINKS)),
     "demo-auto2": Variant("as `demo`, with the 2 layers whose restoration lowers the loss most kept as "
                           "softmax (hybrid)", DEMO, ("method=lolcats", *TERRACE_SINKS, "softmax_layers=auto:2")),
+    "demo-restore2": Variant("as `demo`, then the 2 layers whose restoration lowers the trained student's KL "
+                             "to its teacher most turned back into softmax", DEMO, ("method=lolcats", *TERRACE_SINKS),
+                             then=("softmax_layers=auto:2",)),
 }
 
 
@@ -200,7 +205,23 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
                "train.checkpoint_every=1000"]
     if not args.reuse_runs:
         launch(command, run, args.max_cpu_min)
-    return read_run(run)
+    done = read_run(run)
+    then = VARIANTS[name].then
+    if then and done["finished"]:
+        converted = run / "converted"
+        if not (converted / "config.json").exists():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            command = [sys.executable, "-m", "supra.cli", "convert", f"recipe={args.recipe}",
+                       f"model={run / 'model'}", *then, f"out={converted}"]
+            print("$ supra convert " + " ".join(command[4:]), flush=True)
+            subprocess.run(command, check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            convert_min = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60
+            (run / "convert_cpu_min.txt").write_text(f"{convert_min}\n")
+        done["convert_cpu_min"] = float((run / "convert_cpu_min.txt").read_text())
+        done["cpu_min"] += done["convert_cpu_min"]
+        done["model"] = converted
+    return done
 
 
 def launch(command: list[str], run: Path, max_cpu_min: float | None) -> None:
@@ -241,7 +262,8 @@ def read_run(run: Path) -> dict:
         del stage["start_cpu_s"], stage["eval_cpu_s"]
     last = records[-1]
     timed = [r["time"] for r in records if "time" in r]  # held-out records carry CPU time only
-    return {"run": run, "finished": (run / "model" / "config.json").exists(), "cpu_min": last["cpu_s"] / 60,
+    return {"run": run, "model": run / "model", "finished": (run / "model" / "config.json").exists(),
+            "cpu_min": last["cpu_s"] / 60,
             "train_cpu_min": (last["cpu_s"] - eval_cpu) / 60, "wall_min": (timed[-1] - timed[0]) / 60,
             "steps": max((r["step"] for r in records if "loss" in r), default=0), "curve": curve, "stages": stages}
 
@@ -263,19 +285,22 @@ def main() -> None:
             point["ratio"] = point["ppl"] / original["stdlib"]["ppl"]
         results[name] = {
             "name": name, "description": VARIANTS[name].description, "stages": VARIANTS[name].stages,
-            "overrides": list(VARIANTS[name].overrides), "recipe": args.recipe,
+            "overrides": list(VARIANTS[name].overrides), "then_convert": list(VARIANTS[name].then),
+            "convert_cpu_min": done.get("convert_cpu_min"), "recipe": args.recipe,
             "heldout_tokens": args.heldout_tokens, "finished": done["finished"], "steps": done["steps"],
             "cpu_min": round(done["cpu_min"], 2), "train_cpu_min": round(done["train_cpu_min"], 2),
             "wall_min": round(done["wall_min"], 2), "stage_costs": done["stages"], "curve": done["curve"]}
         if done["finished"]:  # a variant stopped at --max-cpu-min has its curve only
             # stdlib: uptrain's own final score (the same held-out tokens); prose: scored here
-            final = {"stdlib": json.loads((done["run"] / "eval.json").read_text())["ppl_uptrained"],
-                     "prose": score(str(done["run"] / "model"), args.recipe, texts["prose"], args.heldout_tokens)}
+            model = str(done["model"])
+            stdlib = (score(model, args.recipe, texts["stdlib"], args.heldout_tokens) if VARIANTS[name].then
+                      else json.loads((done["run"] / "eval.json").read_text())["ppl_uptrained"])
+            final = {"stdlib": stdlib, "prose": score(model, args.recipe, texts["prose"], args.heldout_tokens)}
             results[name].update({**{f"ppl_{c}": final[c]["ppl"] for c in texts},
                                   **{f"ratio_{c}": final[c]["ppl"] / original[c]["ppl"] for c in texts},
                                   **{f"by_position_{c}": final[c]["by_position"] for c in texts}})
             if args.passkey:
-                results[name]["passkey"] = passkey_score(str(done["run"] / "model"), args.recipe, args.passkey,
+                results[name]["passkey"] = passkey_score(str(done["model"]), args.recipe, args.passkey,
                                                          args.passkey_trials)
         if not args.keep_runs:
             subprocess.run(["rm", "-rf", str(done["run"])], check=True)
