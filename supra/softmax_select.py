@@ -1,9 +1,9 @@
 """`softmax_layers=auto:K`: which K layers a hybrid keeps as softmax attention, chosen by measurement.
 
 fla-org/hybrid-distillation (ANCHORS section 8) ranks layers by how much restoring each one alone to
-softmax lowers the distillation loss. Without a trained student at conversion time we measure the
-same thing on the converted model itself: the next-token loss on calibration text with every layer
-converted, and again with each layer alone restored to its original softmax attention. The K layers
+softmax lowers the distillation loss. Converting an original model, there is no trained student
+yet, so a proxy is measured on the untrained conversion: the next-token loss on calibration text with
+every layer converted, and again with each layer alone restored to its original softmax attention. The K layers
 whose restoration lowers the loss most are kept. That is L + 1 forward passes over the calibration
 text (`calibration_tokens`, as `supra skip` uses), no training.
 
