@@ -75,12 +75,12 @@ def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTok
     auto = parse_auto(cfg.softmax_layers)
     if cfg.skip_layers:
         apply_skip(model, list(cfg.skip_layers))
+    if auto is not None and tokenizer is None:
+        raise _no_calibration_text(cfg)
     try:
         if auto is None:
             restore_layers(model, list(cfg.softmax_layers))
             return model
-        if tokenizer is None:
-            raise _no_calibration_text(cfg)
         restore_softmax_layers(model, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
     except ValueError as err:
         raise ConfigError(str(err)) from None
