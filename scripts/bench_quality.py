@@ -87,11 +87,18 @@ VARIANTS: dict[str, Variant] = {
                         ("method=gla", *TERRACE_SINKS)),
     "demo-gdn": Variant("as `demo`, method=gdn (gated delta rule, key gate, window mixed per head)", DEMO,
                         ("method=gdn", *TERRACE_SINKS)),
-    "demo-auto2": Variant("as `demo`, with the 2 layers whose restoration lowers the loss most kept as "
-                          "softmax (hybrid)", DEMO, ("method=lolcats", *TERRACE_SINKS, "softmax_layers=auto:2")),
+    "demo-proxy2": Variant("as `demo`, with layers 0 and 1 kept as softmax through training: the untrained "
+                           "proxy's choice (`supra convert softmax_layers=auto:2` on the original model)", DEMO,
+                           ("method=lolcats", *TERRACE_SINKS, "softmax_layers=[0,1]")),
+    "demo-auto2": Variant("as `demo` with softmax_layers=auto:2: after training, the 2 layers whose restoration "
+                          "lowers the trained student's KL to its teacher most turned back into softmax (one "
+                          "uptrain)", DEMO, ("method=lolcats", *TERRACE_SINKS, "softmax_layers=auto:2")),
     "demo-restore2": Variant("as `demo`, then the 2 layers whose restoration lowers the trained student's KL "
                              "to its teacher most turned back into softmax", DEMO, ("method=lolcats", *TERRACE_SINKS),
                              then=("softmax_layers=auto:2",)),
+    "demo-gdn-restore2": Variant("as `demo-gdn`, then the 2 layers whose restoration lowers the trained student's "
+                                 "KL to its teacher most turned back into softmax", DEMO,
+                                 ("method=gdn", *TERRACE_SINKS), then=("softmax_layers=auto:2",)),
 }
 
 

@@ -41,8 +41,9 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
                               "convert the original model instead")
         select_and_skip(model, tokenizer, cfg)
         previous = recorded_spec(model)
-    if previous is not None and previous.method != "softmax" and cfg.softmax_layers \
-            and cfg.method in ("softmax", previous.method):
+    if previous is not None and previous.method != "softmax" and cfg.softmax_layers:
+        # The method keys describe a conversion from softmax; on a converted model (whatever the
+        # recipe's method) softmax_layers can only mean layers given back their softmax attention.
         return _restore_softmax(model, cfg, tokenizer)
     spec = linearize_spec(cfg)
     if previous is not None:

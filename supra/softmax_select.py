@@ -1,21 +1,20 @@
 """`softmax_layers=auto:K`: which K layers a hybrid keeps as softmax attention, chosen by measurement.
 
 fla-org/hybrid-distillation (ANCHORS section 8) ranks layers by how much restoring each one alone to
-softmax lowers the distillation loss. Converting an original model, there is no trained student
-yet, so a proxy is measured on the untrained conversion: the next-token loss on calibration text with
-every layer converted, and again with each layer alone restored to its original softmax attention. The K layers
-whose restoration lowers the loss most are kept. That is L + 1 forward passes over the calibration
-text (`calibration_tokens`, as `supra skip` uses), no training.
+softmax lowers the distillation loss. On a trained student (`supra uptrain ... softmax_layers=auto:K`
+after its stages, or `supra convert model=RUN/model softmax_layers=auto:K`) the measure is its own:
+the KL divergence of the next-token distribution from the model's teacher (every layer computing the
+softmax attention it replaced, with its own q/k/v/o), with each layer alone restored. The K layers
+whose restoration lowers it most become softmax attention again: L + 2 forward passes over the
+calibration text (`calibration_tokens`, as `supra skip` uses).
 
-On a converted model that was already trained (`supra convert model=RUN/model softmax_layers=auto:K`)
-the measure is hybrid-distillation's own: the KL divergence of the next-token distribution from the
-model's teacher (every layer computing the softmax attention it replaced, with its own q/k/v/o), with
-each layer alone restored. The K layers whose restoration lowers it most become softmax attention
-again. Measured on SmolLM2-135M (benchmarks/results/cpu/softmax_choice.json), the untrained proxy
-does not predict what matters after training (Spearman 0.28 with the trained criterion, top-2 sets
-disjoint): it favours the first layers, whose untrained error every later layer inherits, while
-after attention transfer the layers the linear form fits worst are deep ones. So the measured
-choice belongs after the transfer: uptrain, convert with auto:K, then uptrain the hybrid further.
+Converting an original model (`supra convert softmax_layers=auto:K`) there is no trained student, so
+a proxy is measured on the untrained conversion: the next-token loss with every layer converted, and
+again with each layer alone restored to its original softmax attention. Measured on SmolLM2-135M
+(benchmarks/results/cpu/softmax_choice.json) it does not predict what matters after training
+(Spearman 0.28 with the trained criterion, top-2 sets disjoint): it favours the first layers, whose
+untrained error every later layer inherits, while after attention transfer the layers the linear
+form fits worst are deep ones. That is why uptrain measures after training.
 """
 
 from __future__ import annotations
@@ -43,6 +42,12 @@ def parse_auto(value: Any) -> int | None:
         return None
     raise ValueError(f"softmax_layers must be a list of layer indices or auto:K (K layers chosen by "
                      f"measurement), got {value!r}")
+
+
+def converted_layers(model: nn.Module) -> dict[int, RecurrentAttention]:
+    """The layers whose attention is converted (not softmax, not skipped), by index."""
+    return {i: layer.self_attn for i, layer in enumerate(decoder_layers(model))
+            if isinstance(layer.self_attn, RecurrentAttention)}
 
 
 def check_k(k: int, converted: int) -> None:
@@ -119,9 +124,7 @@ def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Ten
     restoration alone lowers KL(teacher || model) on the next token over `batches` most; the
     teacher is the model with every converted layer computing the softmax attention it replaced.
     Returns the record of the choice, also kept in the spec (softmax_layers, softmax_choice)."""
-    layers = decoder_layers(model)
-    converted = {i: layer.self_attn for i, layer in enumerate(layers)
-                 if isinstance(layer.self_attn, RecurrentAttention)}
+    converted = converted_layers(model)
     check_k(k, len(converted))
     device = next(model.parameters()).device
     was_training = model.training

@@ -77,27 +77,45 @@ def test_bad_auto_requests_are_one_line_errors(value, message, tmp_path, capsys,
     assert not out.exists()
 
 
-def test_uptrain_measures_auto_once_and_a_resumed_run_keeps_its_choice(tmp_path, monkeypatch, smollm2_tokenizer):
+def test_uptrain_measures_auto_on_the_trained_student_and_a_rerun_only_measures_again(tmp_path, monkeypatch,
+                                                                                      smollm2_tokenizer):
     run = tmp_path / "run"
     command = ["uptrain", *TINY4, "method=gla", "softmax_layers=auto:1", "train.eval_baselines=false",
                "train.sample_tokens=0", "train.logger=none", f"out={run}"]
     assert main(command) == 0
     record = json.loads((run / "softmax_layers.json").read_text())
-    assert recorded_spec(load_model(str(run / "model"))).softmax_layers == record["chosen"]
+    assert set(record["kl_restored"]) == {"0", "1", "2", "3"} and len(record["chosen"]) == 1
+    # the stages trained every layer converted; the run's model is that student with the chosen layer restored
+    assert recorded_spec(load_model(str(run / "student"))).softmax_layers == []
+    hybrid = load_model(str(run / "model"))
+    assert recorded_spec(hybrid).softmax_layers == record["chosen"]
+    assert [isinstance(layer.self_attn, RecurrentAttention) for layer in decoder_layers(hybrid)] == \
+        [i not in record["chosen"] for i in range(4)]
 
-    def measure_again(*args, **kwargs):
-        raise AssertionError("a resumed run must take the layers its first start chose")
+    def train_again(*args, **kwargs):
+        raise AssertionError("a run stopped while measuring must not train again")
 
-    shutil.rmtree(run / "model")  # as if it had been stopped before saving its model
-    monkeypatch.setattr("supra.convert.choose_softmax_layers", measure_again)
+    first = (run / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(run / "model")  # as if it had been stopped during the measurement
+    monkeypatch.setattr("supra.commands.uptrain.train", train_again)
     assert main(command) == 0
-    spec = recorded_spec(load_model(str(run / "model")))
-    assert spec.softmax_layers == record["chosen"] and spec.softmax_choice["chosen"] == record["chosen"]
+    assert (run / "model" / "model.safetensors").read_bytes() == first
+    assert json.loads((run / "softmax_layers.json").read_text())["chosen"] == record["chosen"]
+
+
+def test_uptrain_refuses_an_auto_k_above_the_converted_layers_before_training(tmp_path, capsys, smollm2_tokenizer):
+    run = tmp_path / "run"
+    assert main(["uptrain", *TINY4, "method=gla", "softmax_layers=auto:5", "train.eval_baselines=false",
+                 "train.logger=none", f"out={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "softmax_layers=auto:5 is out of range" in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()
 
 
 def test_convert_restores_the_layers_of_a_trained_student_that_lower_its_kl_most(tmp_path, smollm2_tokenizer):
     student, hybrid = tmp_path / "student", tmp_path / "hybrid"
-    assert main(["convert", *TINY4, "method=lolcats", f"out={student}"]) == 0
+    # a gdn student, restored with the recipe's method (lolcats) left as it is: it describes no new conversion
+    assert main(["convert", *TINY4, "method=gdn", f"out={student}"]) == 0
     assert main(["convert", *TINY4, f"model={student}", "softmax_layers=auto:2", f"out={hybrid}"]) == 0
     record = json.loads((hybrid / "softmax_layers.json").read_text())
     kl = {int(i): v for i, v in record["kl_restored"].items()}

@@ -3,6 +3,11 @@
 The run directory (`out=`, default runs/<recipe>) holds the config snapshot, checkpoints/,
 metrics.jsonl, eval.json and, when every stage is done, model/ (a converted HF directory with LoRA
 merged, which `supra eval` and `supra export` accept as the run itself).
+
+With `softmax_layers=auto:K` every layer is converted and trained, and the K layers to keep as
+softmax are measured on the trained student (softmax_select.restore_softmax_layers): the stages
+save it as student/, the measurement turns its K layers back into softmax attention in model/ and
+writes softmax_layers.json. A rerun after a stop during the measurement starts again from student/.
 """
 
 from __future__ import annotations
@@ -20,15 +25,23 @@ from ..convert import convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, factorize_from_config, plan_layouts
-from ..layers.linearize import record_spec, recorded_spec
-from ..models import SourceError, count_parameters, load_model, resolve_device, resolve_source, save_model
-from ..softmax_select import parse_auto
+from ..layers.linearize import recorded_spec
+from ..models import (
+    SourceError,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_source,
+    save_model,
+)
+from ..skip import calibration_batches
+from ..softmax_select import check_k, converted_layers, parse_auto, restore_softmax_layers
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
 from .common import (
-    SOFTMAX_CHOICE,
     console,
     load_model_and_tokenizer,
     read_json_record,
@@ -68,12 +81,20 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     if world.is_main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "uptrain.config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    student, restore = run / "student", parse_auto(cfg.softmax_layers)
+    if restore is not None and (student / "config.json").exists():  # stopped while measuring: measure again
+        return _restore_and_report(cfg, run, student, restore, load_tokenizer(cfg.tokenizer or cfg.model), world)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(_on(cfg, world))
     evaluate = cfg.train.eval_baselines and world.is_main
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer)
-    _convert(model, cfg, tokenizer, run, world)
+    convert_model(model, _student_config(cfg), tokenizer)
+    if restore is not None:  # a K that cannot be met stops the run now, not after training
+        try:
+            check_k(restore, len(converted_layers(model)))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     factorize_from_config(model, cfg, tokenizer)
     if evaluate:
         _heldout_ppl(cfg, run, "converted", model, tokenizer)
@@ -84,6 +105,9 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     code = train(cfg, run, model, tokenizer, world, counts["total"])
     if code:
         return code
+    if restore is not None:
+        _save_final(cfg, model, tokenizer, student, world)
+        return _restore_and_report(cfg, run, student, restore, tokenizer, world)
     _save_final(cfg, model, tokenizer, final, world)
     if world.is_main:
         trained = load_model(str(final), cfg.dtype, device=world.device).eval()
@@ -129,20 +153,33 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
     console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
 
 
-def _convert(model: nn.Module, cfg: DictConfig, tokenizer, run: Path, world: World) -> None:
-    """convert_model, except that softmax_layers=auto:K is measured once per run: a resumed run
-    takes the layers its first start chose (the run's softmax_layers.json), so it continues the
-    same model without repeating the calibration passes."""
-    recorded = read_json_record(run / SOFTMAX_CHOICE) if parse_auto(cfg.softmax_layers) is not None else {}
-    if recorded:
-        cfg.softmax_layers = recorded["chosen"]
-    convert_model(model, cfg, tokenizer)
-    spec = recorded_spec(model)
-    if recorded:  # the final model's config keeps the measurement, as on the first start
-        spec.softmax_choice = {k: v for k, v in recorded.items() if k not in ("model", "method")}
-        record_spec(model, spec)
-    elif spec is not None and spec.softmax_choice is not None and world.is_main:
-        write_softmax_choice(run, cfg, spec.softmax_choice)
+def _student_config(cfg: DictConfig) -> DictConfig:
+    """The conversion the stages train: with softmax_layers=auto:K, every layer converted (the K
+    softmax layers are chosen after training, by `_restore_and_report`)."""
+    if parse_auto(cfg.softmax_layers) is None:
+        return cfg
+    student = cfg.copy()
+    student.softmax_layers = []
+    return student
+
+
+def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, tokenizer, world: World) -> int:
+    """softmax_layers=auto:K after the stages: the trained student's K layers whose restoration
+    lowers its KL to its teacher most become softmax attention again (measured on the calibration
+    text, on the main rank), saved as the run's model."""
+    if world.is_main:
+        model = load_model(str(student), cfg.dtype, device=world.device).eval()
+        try:
+            choice = restore_softmax_layers(model, k, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+        except ValueError as err:  # K larger than the number of converted layers
+            raise ConfigError(str(err)) from None
+        write_softmax_choice(run, cfg, choice)
+        save_model(model, tokenizer, run / "model", overwrite=False)
+        _heldout_ppl(cfg, run, "uptrained", model, tokenizer)
+        _report(cfg, run, model, tokenizer)
+    if world.distributed:
+        torch.distributed.barrier()
+    return 0
 
 
 def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world: World) -> None:
@@ -158,7 +195,7 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local = cfg.copy()
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
-        convert_model(plain, local, tokenizer)
+        convert_model(plain, _student_config(local), tokenizer)
         spec = recorded_spec(model)
         apply_record(plain, spec.factorized if spec is not None else {})
         plain = add_lora(plain, list(cfg.train.stages))
