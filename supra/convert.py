@@ -9,6 +9,8 @@ into softmax attention. The layer swap itself is `layers/linearize.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +22,8 @@ from .skip import apply_skip, calibration_batches, select_and_skip
 from .softmax_select import choose_softmax_layers, parse_auto, restore_layers, restore_softmax_layers
 
 
-def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> nn.Module:
+def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None,
+                  report: Callable[[str], None] | None = None) -> nn.Module:
     """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
     one already linearized is refused, since converting twice would stack feature maps, unless
     method=softmax asks for no conversion: then it stays as it is (its record too), or
@@ -44,7 +47,7 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     if previous is not None and previous.method != "softmax" and cfg.softmax_layers:
         # The method keys describe a conversion from softmax; on a converted model (whatever the
         # recipe's method) softmax_layers can only mean layers given back their softmax attention.
-        return _restore_softmax(model, cfg, tokenizer)
+        return _restore_softmax(model, cfg, tokenizer, report)
     spec = linearize_spec(cfg)
     if previous is not None:
         if previous.method != "softmax" and spec.method != "softmax":
@@ -69,7 +72,8 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     return model
 
 
-def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None) -> nn.Module:
+def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None,
+                     report: Callable[[str], None] | None) -> nn.Module:
     """softmax_layers on a model that is already converted: those layers become softmax attention
     again; with auto:K, the K whose restoration lowers the KL to the model's teacher most
     (softmax_select.restore_softmax_layers: the measure of a trained student)."""
@@ -82,7 +86,7 @@ def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTok
         if auto is None:
             restore_layers(model, list(cfg.softmax_layers))
             return model
-        restore_softmax_layers(model, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+        restore_softmax_layers(model, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size), report)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     cfg.softmax_layers = recorded_spec(model).softmax_layers  # a second conversion (uptrain's merge) measures nothing

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -119,10 +120,12 @@ def softmax_attention(model: nn.Module, idx: int, recurrent: RecurrentAttention)
 
 
 @torch.no_grad()
-def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Tensor],
+                           report: Callable[[str], None] | None = None) -> dict[str, Any]:
     """On a converted (trained) model, turn back into softmax attention the K converted layers whose
     restoration alone lowers KL(teacher || model) on the next token over `batches` most; the
     teacher is the model with every converted layer computing the softmax attention it replaced.
+    `report` hears a line after each batch (L + 2 forwards each: minutes on a CPU).
     Returns the record of the choice, also kept in the spec (softmax_layers, softmax_choice)."""
     converted = converted_layers(model)
     check_k(k, len(converted))
@@ -135,7 +138,8 @@ def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Ten
         student = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
         return (teacher.exp() * (teacher - student)).sum().item()
 
-    for batch in batches:  # one batch's teacher distribution in memory at a time
+    started = time.monotonic()
+    for done, batch in enumerate(batches, 1):  # one batch's teacher distribution in memory at a time
         batch = batch.to(device)
         with teacher_layers(list(converted.values())):
             teacher = F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
@@ -144,6 +148,9 @@ def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Ten
             with teacher_layers([layer]):
                 restored[i] += kl(batch, teacher)
         positions += batch.numel()
+        if report is not None:
+            report(f"softmax_layers=auto:{k}: calibration batch {done}/{len(batches)} measured with each of "
+                   f"{len(converted)} layers restored ({time.monotonic() - started:.0f} s)")
     model.train(was_training)
     restored = {i: total / positions for i, total in restored.items()}
     chosen = sorted(sorted(converted, key=lambda i: restored[i])[:k])  # stable: ties go to the earlier layer

@@ -17,7 +17,7 @@ def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, f"runs/{cfg.recipe or 'model'}-{cfg.method}")
     check_output_dir(out, cfg.overwrite)
     model, tokenizer = load_model_and_tokenizer(cfg)
-    convert_model(model, cfg, tokenizer)
+    convert_model(model, cfg, tokenizer, console.print)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
     spec = recorded_spec(model)

@@ -170,7 +170,8 @@ def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, token
     if world.is_main:
         model = load_model(str(student), cfg.dtype, device=world.device).eval()
         try:
-            choice = restore_softmax_layers(model, k, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+            choice = restore_softmax_layers(model, k, calibration_batches(tokenizer, cfg, cfg.eval.batch_size),
+                                            console.print)
         except ValueError as err:  # K larger than the number of converted layers
             raise ConfigError(str(err)) from None
         write_softmax_choice(run, cfg, choice)
