@@ -87,6 +87,8 @@ VARIANTS: dict[str, Variant] = {
                         ("method=gla", *TERRACE_SINKS)),
     "demo-gdn": Variant("as `demo`, method=gdn (gated delta rule, key gate, window mixed per head)", DEMO,
                         ("method=gdn", *TERRACE_SINKS)),
+    "demo-gdn-token": Variant("as `demo-gdn`, the window's share per token (window_mix=token)", DEMO,
+                              ("method=gdn", *TERRACE_SINKS, "window_mix=token")),
     "demo-proxy2": Variant("as `demo`, with layers 0 and 1 kept as softmax through training: the untrained "
                            "proxy's choice (`supra convert softmax_layers=auto:2` on the original model)", DEMO,
                            ("method=lolcats", *TERRACE_SINKS, "softmax_layers=[0,1]")),

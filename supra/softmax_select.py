@@ -149,8 +149,8 @@ def restore_softmax_layers(model: nn.Module, k: int, batches: Sequence[torch.Ten
                 restored[i] += kl(batch, teacher)
         positions += batch.numel()
         if report is not None:
-            report(f"softmax_layers=auto:{k}: calibration batch {done}/{len(batches)} measured with each of "
-                   f"{len(converted)} layers restored ({time.monotonic() - started:.0f} s)")
+            report(f"softmax_layers=auto:{k}: calibration batch {done}/{len(batches)}, {len(converted)} layers "
+                   f"tried ({time.monotonic() - started:.0f} s)")
     model.train(was_training)
     restored = {i: total / positions for i, total in restored.items()}
     chosen = sorted(sorted(converted, key=lambda i: restored[i])[:k])  # stable: ties go to the earlier layer

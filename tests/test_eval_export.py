@@ -28,7 +28,7 @@ CASES = {  # name: (base architecture, conversion)
     "supra": ("llama", LinearizeSpec(method="supra")),
     "lolcats": ("llama", LinearizeSpec(method="lolcats", window=8)),
     "t2r": ("llama", LinearizeSpec(method="t2r")),
-    "gla": ("llama", LinearizeSpec(method="gla", window=8)),
+    "gla": ("llama", LinearizeSpec(method="gla", window=8, window_mix="token")),
     "qwen2-gdn-learned": ("qwen2", LinearizeSpec(method="gdn", gate="learned")),
     "hybrid-skip": ("llama", LinearizeSpec(method="lolcats", window=8, softmax_layers=[0], skip_layers=[2])),
     "qwen2-supra-skip": ("qwen2", LinearizeSpec(method="supra", skip_layers=[1])),
@@ -133,7 +133,8 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
                                                "num_key_value_heads": 2, "vocab_size": 128}).eval()
     factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[1], targets=["mlp.up_proj"]))
     spec = LinearizeSpec(method="gla", decay="retnet", gate="learned", feature_map_init="identity", feature_dim=8,
-                         window=3, window_kind="terrace", sinks=2, softmax_layers=[0], skip_layers=[2], backend="torch",
+                         window=3, window_kind="terrace", window_mix="token", sinks=2, softmax_layers=[0], skip_layers=[2],
+                         backend="torch",
                          factorized=recorded_spec(model).factorized,
                          softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5}, "note": None})
     defaults = LinearizeSpec()

@@ -27,6 +27,9 @@ SPECS = {  # test name: conversion settings
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
     "gdn": {"method": "gdn"},
     "gdn-learned": {"method": "gdn", "gate": "learned", "decay": "retnet", "window": 0},
+    # the window's share per token, with the demo's terrace window and sinks
+    "gla-token-mix": {"method": "gla", "window_mix": "token", "window_kind": "terrace", "sinks": 2},
+    "gdn-token-mix": {"method": "gdn", "window_mix": "token", "window_kind": "terrace", "sinks": 2},
 }
 METHODS = list(SPECS)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

@@ -13,7 +13,9 @@ Both reuse the pretrained q/k/v/o. The per-token, per-head log decay comes from 
 GLA (`method=gla`): normalised linear attention over Hedgehog features after RoPE, both numerator and
 denominator decayed by the gate; with `window > 0` (default 64) mixed per head with an exact
 sliding-window softmax (Liger Attention: 0.5 x window softmax + 0.5 x gated linear; our mix is a
-learnable per-head weight starting at 0.5).
+learnable per-head weight starting at 0.5). With `window_mix=token` the weight is
+sigmoid(m_h + x_t W_mix) with W_mix = 0 at conversion: each token can lean on the window or on the
+recurrent state, as the LoLCATs hybrid's shared denominator lets each query do.
 
 GDN (`method=gdn`): the gated delta rule (kernels/delta_rule.py) on L2-normalised q and k (after RoPE
 and an identity-initialised per-head map each), with beta_t = sigmoid(x_t W_beta + b_beta) from a new
@@ -89,11 +91,22 @@ class GatedAttention(RecurrentAttention):
         self.gate = DecayGate(spec.gate, spec.decay, self.num_heads, self.head_dim, self.groups, **self.factory())
         self.window_mix = (nn.Parameter(torch.zeros(self.num_heads, **self.factory())) if spec.window > 0
                            else None)
+        self.mix_proj = None
+        if spec.window > 0 and spec.window_mix == "token":
+            self.mix_proj = nn.Linear(self.num_heads * self.head_dim, self.num_heads, bias=False, **self.factory())
+            nn.init.zeros_(self.mix_proj.weight)
+
+    def window_share(self, q: torch.Tensor) -> torch.Tensor:
+        """The window softmax's weight in the mix: (H, 1), or (B, T, H, 1) per token; q before RoPE."""
+        logit = self.window_mix.float()[:, None]
+        if self.mix_proj is not None:
+            logit = logit + at_least_float32(self.mix_proj(q.flatten(2)))[..., None]
+        return torch.sigmoid(logit)
 
     def mix_window(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   state: GatedState | None, starts: torch.Tensor | None, want_state: bool,
-                   recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
-        """sigmoid(window_mix) x sliding-window softmax + the rest x `out`; q, k after RoPE."""
+                   share: torch.Tensor | None, state: GatedState | None, starts: torch.Tensor | None,
+                   want_state: bool, recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
+        """share x sliding-window softmax + (1 - share) x `out`; q, k after RoPE, share from `window_share`."""
         window_state = None
         if self.window_mix is not None:
             # The LoLCATs hybrid with no features is exactly a sliding-window softmax (and keeps its state).
@@ -116,15 +129,14 @@ class GatedAttention(RecurrentAttention):
             else:
                 local, window_state = per_document(window, (q, k, v, none, none), carried, starts,
                                                    stack_states)
-            weight = torch.sigmoid(self.window_mix.float())[:, None]
-            out = weight * at_least_float32(local) + (1 - weight) * at_least_float32(out)
+            out = share * at_least_float32(local) + (1 - share) * at_least_float32(out)
         return out, (GatedState(window_state, recurrent_state) if want_state else None)
 
 
 class GlaAttention(GatedAttention):
     """Gated linear attention (+ an optional sliding-window softmax); see the module docstring."""
 
-    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "window_mix")
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "window_mix", "mix_proj")
     eps = 1e-6
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
@@ -135,6 +147,7 @@ class GlaAttention(GatedAttention):
 
     def mix(self, q, k, v, position_embeddings, state, starts, want_state):
         log_decay = self.gate(q, k)
+        share = self.window_share(q) if self.window_mix is not None else None
         cos, sin = position_embeddings
         q = rotate(q, cos, sin)
         k = repeat_heads(rotate(k, cos, sin), self.groups)
@@ -144,13 +157,13 @@ class GlaAttention(GatedAttention):
                                                1.0, None if state is None else state.recurrent, starts, want_state)
         linear = at_least_float32(linear)
         out = linear[..., :-1] / linear[..., -1:].clamp_min(self.eps)
-        return self.mix_window(out, q, k, v, state, starts, want_state, linear_state)
+        return self.mix_window(out, q, k, v, share, state, starts, want_state, linear_state)
 
 
 class GatedDeltaAttention(GatedAttention):
     """Gated DeltaNet student (+ an optional sliding-window softmax); see the module docstring."""
 
-    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "beta_proj", "window_mix")
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "gate", "beta_proj", "window_mix", "mix_proj")
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
         super().__init__(attention, config, layer_idx, spec)
@@ -167,6 +180,7 @@ class GatedDeltaAttention(GatedAttention):
     def mix(self, q, k, v, position_embeddings, state, starts, want_state):
         log_decay = self.gate(q, k)
         beta = torch.sigmoid(at_least_float32(self.beta_proj(q.flatten(2))))
+        share = self.window_share(q) if self.window_mix is not None else None
         cos, sin = position_embeddings
         q = rotate(q, cos, sin)
         k = repeat_heads(rotate(k, cos, sin), self.groups)
@@ -175,7 +189,7 @@ class GatedDeltaAttention(GatedAttention):
         fk = F.normalize(at_least_float32(self.feature_map_k(k)), dim=-1)
         out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
                                           starts, want_state)
-        return self.mix_window(out, q, k, v, state, starts, want_state, delta_state)
+        return self.mix_window(out, q, k, v, share, state, starts, want_state, delta_state)
 
     def delta_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                   log_decay: torch.Tensor, state: torch.Tensor | None, starts: torch.Tensor | None,

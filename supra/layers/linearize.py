@@ -43,6 +43,7 @@ class LinearizeSpec:
     feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
     window: int = 64  # softmax window of lolcats, and of gla/gdn (0: none)
     window_kind: str = "sliding"  # sliding: the last W tokens | terrace: own block of W + the previous one
+    window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
@@ -55,7 +56,7 @@ class LinearizeSpec:
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
                    "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton"),
-                   "window_kind": ("sliding", "terrace")}
+                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
