@@ -26,6 +26,7 @@ so an interrupted run keeps what it measured) and .png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -86,9 +87,11 @@ def variants(args: argparse.Namespace) -> list[dict]:
     low = min(args.ratios)  # what the activation statistics buy, at the strongest compression
     rows.append({"name": f"low_rank {low:.0%} (plain SVD)", "base": "original", "method": "low_rank (plain)",
                  "ratio": low, "factorize": ["factorize.method=low_rank", f"factorize.ratio={low}"], "heal": False})
-    for ratio in args.tt_ratios:
-        rows.append({"name": f"tensor_train {ratio:.0%}", "base": "original", "method": "tensor_train",
-                     "ratio": ratio, "factorize": ["factorize.method=tensor_train", f"factorize.ratio={ratio}"],
+    for cores, ratio in itertools.product(args.tt_cores, args.tt_ratios):
+        rows.append({"name": f"tensor_train {ratio:.0%}" + ("" if cores == 3 else f" ({cores} cores)"),
+                     "base": "original", "method": "tensor_train", "ratio": ratio,
+                     "factorize": ["factorize.method=tensor_train", f"factorize.ratio={ratio}",
+                                   f"factorize.tt_cores={cores}"],
                      "heal": ratio <= args.tt_heal_max_ratio})
     rows.append({"name": "lolcats", "base": "lolcats", "method": "-", "ratio": 1.0, "factorize": None})
     mid = sorted(args.ratios)[len(args.ratios) // 2]
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument("--tt-heal-max-ratio", type=float, default=0.1,
                         help="heal tensor-train models up to this ratio only: above it the cores cost many times "
                              "the dense layer's CPU time (see tt_macs_over_dense)")
+    parser.add_argument("--tt-cores", type=int, nargs="+", default=[3], help="tensor_train: numbers of cores")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ppl-tokens", type=int, default=1024, help="held-out tokens scored")
     parser.add_argument("--calibration-tokens", type=int, default=1024, help="for activation-aware low rank")
@@ -238,7 +242,10 @@ def main() -> None:
         del model
         if args.heal_tokens > 0 and variant["heal"]:
             healed = work / "healed" / Path(source).name
-            row["heal_cpu_s"] = cli("uptrain", f"model={source}", *common, *heal, f"out={healed}")
+            # a tensor train's core-by-core intermediates are many times a dense layer's activations:
+            # recompute them in the backward instead of keeping them for every layer
+            recompute = [f"train.activation_checkpointing={variant['method'] == 'tensor_train'}"]
+            row["heal_cpu_s"] = cli("uptrain", f"model={source}", *common, *heal, *recompute, f"out={healed}")
             row["ppl_healed"] = json.loads((healed / "eval.json").read_text())["ppl_uptrained"]["ppl"]
             shutil.rmtree(healed / "checkpoints", ignore_errors=True)
             for weights in healed.glob("model/*.safetensors"):
