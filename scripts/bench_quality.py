@@ -101,6 +101,10 @@ VARIANTS: dict[str, Variant] = {
     "demo-gdn-restore2": Variant("as `demo-gdn`, then the 2 layers whose restoration lowers the trained student's "
                                  "KL to its teacher most turned back into softmax", DEMO,
                                  ("method=gdn", *TERRACE_SINKS), then=("softmax_layers=auto:2",)),
+    "demo-gdn-token-restore2": Variant("as `demo-gdn-token`, then the 2 layers whose restoration lowers the trained "
+                                       "student's KL to its teacher most turned back into softmax", DEMO,
+                                       ("method=gdn", *TERRACE_SINKS, "window_mix=token"),
+                                       then=("softmax_layers=auto:2",)),
 }
 
 
