@@ -112,11 +112,15 @@ def test_uptrain_refuses_an_auto_k_above_the_converted_layers_before_training(tm
     assert not (run / "checkpoints").exists()
 
 
-def test_convert_restores_the_layers_of_a_trained_student_that_lower_its_kl_most(tmp_path, smollm2_tokenizer):
+def test_convert_restores_the_layers_of_a_trained_student_that_lower_its_kl_most(tmp_path, capsys,
+                                                                                  smollm2_tokenizer):
     student, hybrid = tmp_path / "student", tmp_path / "hybrid"
     # a gdn student, restored with the recipe's method (lolcats) left as it is: it describes no new conversion
     assert main(["convert", *TINY4, "method=gdn", f"out={student}"]) == 0
+    capsys.readouterr()
     assert main(["convert", *TINY4, f"model={student}", "softmax_layers=auto:2", f"out={hybrid}"]) == 0
+    summary = capsys.readouterr().out
+    assert "gdn" in summary and "lolcats" not in summary  # the model's method, not the recipe's
     record = json.loads((hybrid / "softmax_layers.json").read_text())
     kl = {int(i): v for i, v in record["kl_restored"].items()}
     assert sorted(kl) == [0, 1, 2, 3] and record["chosen"] == sorted(sorted(kl, key=kl.get)[:2])

@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> int:
     table = Table(title=f"converted {cfg.model} -> {out}")
     for column in ("method", "total params", "new params", "softmax layers", "skipped layers"):
         table.add_column(column)
-    table.add_row(cfg.method, f"{counts['total']:,}", f"{counts['new']:,}",
+    table.add_row(spec.method, f"{counts['total']:,}", f"{counts['new']:,}",
                   str(spec.softmax_layers), str(spec.skip_layers))
     console.print(table)
     return 0
