@@ -48,9 +48,9 @@ def late_loss(result: dict, late_from: int) -> float:
 
 
 def label(path: str) -> str:
-    """runs/x/demo/model -> demo; runs/x/gdn-untrained -> gdn-untrained."""
+    """runs/x/demo/model -> demo; runs/x/y-restore2/converted -> y-restore2; runs/x/gdn-untrained -> itself."""
     where = Path(path)
-    return where.parent.name if where.name == "model" else where.name
+    return where.parent.name if where.name in ("model", "converted") else where.name
 
 
 def main() -> None:
@@ -64,11 +64,13 @@ def main() -> None:
     texts = corpora(args.work)
     rows = []
     for path in [ORIGINAL, *args.models]:
+        model = None
         for corpus, overrides in texts.items():
             cfg = load_config([f"recipe={args.recipe}", f"model={path}", f"seq_len={args.seq_len}",
                                f"eval.max_tokens={args.heldout_tokens}", *overrides])
-            model, tokenizer = load_model_and_tokenizer(cfg)
-            model.eval()
+            if model is None:  # one load per model; the corpora differ in their data keys only
+                model, tokenizer = load_model_and_tokenizer(cfg)
+                model.eval()
             heldout = HeldoutPerplexity(cfg, tokenizer)
             for variant, share in (("as trained", None), ("window only", 1.0)):
                 with torch.no_grad(), forced_share(model, share, {}) as gated:
@@ -79,7 +81,7 @@ def main() -> None:
                              "late_loss": late_loss(result, args.late_from), "by_position": result["by_position"]})
                 print(f"{path} {variant} {corpus}: ppl {result['ppl']:.3f}, loss from {args.late_from}: "
                       f"{rows[-1]['late_loss']:.4f}", flush=True)
-            del model
+        del model
 
     buckets = [f"{b['start']}-{b['end']}" for b in rows[0]["by_position"]]
     table = [f"| model | variant | corpus | {' | '.join(buckets)} | ppl | loss from {args.late_from} |",
