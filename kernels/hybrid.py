@@ -65,20 +65,27 @@ class HybridState(NamedTuple):
     phase: torch.Tensor  # (B,) long, terrace: the row's tokens in its current block (0 for the sliding window)
     next_slot: int  # the slot of the oldest token, which the next token replaces
     terrace: bool = False
+    # The sparse global cache (sparse_cache.py; None without one): C pairs per row and head beyond the window
+    cache_k: torch.Tensor | None = None  # (B, H, C, D)
+    cache_v: torch.Tensor | None = None  # (B, H, C, V + 1), last column 1
+    cache_fk: torch.Tensor | None = None  # (B, H, C, F): what an evicted entry adds to the linear state
+    cache_valid: torch.Tensor | None = None  # (B, H, C) bool: slots that hold a pair
 
 
 # The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
-ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase")
+ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase",
+              "cache_k", "cache_v", "cache_fk", "cache_valid")
 
 
 def state_row(state: HybridState, row: int) -> HybridState:
     """Row `row` of a state, as a state of one row."""
-    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ROW_FIELDS})
+    return state._replace(**{f: getattr(state, f)[row:row + 1] for f in ROW_FIELDS if getattr(state, f) is not None})
 
 
 def stack_states(states: list[HybridState]) -> HybridState:
     """Stack states of the same kind whose rings all start at slot 0 (each from a whole-sequence call)."""
-    return states[0]._replace(**{f: torch.cat([getattr(s, f) for s in states]) for f in ROW_FIELDS}, next_slot=0)
+    return states[0]._replace(**{f: torch.cat([getattr(s, f) for s in states]) for f in ROW_FIELDS
+                                 if getattr(states[0], f) is not None}, next_slot=0)
 
 
 def take_sinks(k: torch.Tensor, v: torch.Tensor, state: HybridState | None, sinks: int,
@@ -131,18 +138,30 @@ def window_hybrid_attention(
     backend: str = "auto",
     sinks: int = 0,
     terrace: bool = False,
+    cache_budget: int = 0,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
-    T >= 1. A state carried in keeps its own number of sink slots and window kind (`sinks` and
-    `terrace` then must match it).
+    T >= 1. A state carried in keeps its own number of sink slots, window kind and cache budget
+    (`sinks`, `terrace` and `cache_budget` then must match it).
 
-    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
+    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`; with
+    a sparse cache (`cache_budget` > 0, terrace only) every call runs `sparse_cache.py`'s torch form.
     """
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
     if state is not None and state.terrace != terrace:
         raise ValueError(f"the state is {'a terrace' if state.terrace else 'a sliding window'}'s, the call asks "
                          f"for {'a terrace' if terrace else 'a sliding window'}")
+    held = 0 if state is None or state.cache_k is None else state.cache_k.shape[2]
+    if state is not None and held != cache_budget:
+        raise ValueError(f"the state keeps a cache of {held} pairs, the call asks for {cache_budget}")
+    if cache_budget:
+        if not terrace:
+            raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window")
+        from .sparse_cache import cached_hybrid_attention
+
+        return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
+                                       cache_budget)
     if state is None and use_triton(backend, q.device):
         from .triton_hybrid import triton_window_hybrid_attention
 
@@ -357,6 +376,10 @@ def window_hybrid_step(
     slot = state.next_slot
     ring = state.k.shape[2]
     acc = state.kv.dtype
+    if state.cache_k is not None:  # a row entering a block: block b-2 goes to the cache or the state
+        from .sparse_cache import decide_at_block_start
+
+        decide_at_block_start(state)
     # The oldest token leaves the ring: into the linear state (zero fk if it is no token).
     state.kv.view(B * H, Fd, E + 1).baddbmm_(state.fk[:, :, slot].reshape(B * H, Fd, 1),
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))
@@ -380,15 +403,19 @@ def window_hybrid_step(
         inside = age <= ring // 2 + state.phase[:, None]  # (B, 2W)
         present = present & inside
         state.phase.add_(1).remainder_(ring // 2)
+    present = present[:, None]  # (B, 1, R); per head (B, H, C + R) with the cache
+    if state.cache_k is not None:  # the cache's pairs are attended exactly, in the same softmax
+        keys, values = torch.cat([state.cache_k, keys], dim=2), torch.cat([state.cache_v, values], dim=2)
+        present = torch.cat([state.cache_valid, present.expand(-1, H, -1)], dim=2)
     if S:
         keys, values = torch.cat([state.sink_k, keys], dim=2), torch.cat([state.sink_v, values], dim=2)
-        present = torch.cat([state.sink_valid, present], dim=1)
-    scores = (keys @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, S + W)
-    scores = scores.masked_fill_(~present[:, None], float("-inf"))
+        present = torch.cat([state.sink_valid[:, None].expand(-1, present.shape[1], -1), present], dim=2)
+    scores = (keys @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, S + C + R)
+    scores = scores.masked_fill_(~present, float("-inf"))
     weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
     if state.terrace:
         linear = (state.fk @ fq.to(acc).unsqueeze(-1)).squeeze(-1) * ~inside[:, None]  # fk is 0 where no token
-        weights[..., S:] += linear
+        weights[..., -ring:] += linear
     out = (weights.unsqueeze(2) @ values).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
     y = out[..., :E] / out[..., E:]
     return y.to(q.dtype), state._replace(next_slot=(slot + 1) % ring)

@@ -297,7 +297,8 @@ class LolcatsAttention(RecurrentAttention):
         def hybrid(q, k, v, fq, fk, state):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
                                            backend=self.spec.backend, sinks=self.spec.sinks,
-                                           terrace=self.spec.window_kind == "terrace")
+                                           terrace=self.spec.window_kind == "terrace",
+                                           cache_budget=self.spec.cache_budget)
 
         return per_document(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 
@@ -330,4 +331,6 @@ def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     state.valid.logical_and_(keep[:, None])
     state.sink_valid.logical_and_(keep[:, None])
     state.phase.mul_(keep)
+    if state.cache_valid is not None:
+        state.cache_valid.logical_and_(keep[:, None, None])
     return state

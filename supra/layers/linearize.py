@@ -45,6 +45,9 @@ class LinearizeSpec:
     window_kind: str = "sliding"  # sliding: the last W tokens | terrace: own block of W + the previous one
     window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
+    # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the linear state
+    # recalls worst (LoLA; kernels/sparse_cache.py); 0: none
+    cache_budget: int = 0
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
@@ -68,6 +71,10 @@ class LinearizeSpec:
         if self.sinks < 0 or (self.sinks and not self.window):
             raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
                              f"with window={self.window}")
+        if self.cache_budget < 0 or (self.cache_budget and (self.method != "lolcats" or self.window_kind != "terrace")):
+            raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
+                             f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
+                             f"window_kind={self.window_kind}")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):

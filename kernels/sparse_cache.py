@@ -1,0 +1,236 @@
+"""A sparse global KV cache for the LoLCATs terrace hybrid (LoLA, arXiv 2505.23666).
+
+Beside the exact window (the query's own block of W and the previous one) and the sinks, each head
+keeps up to C = `cache_budget` older key/value pairs exactly: the ones the linear state recalls
+worst. When a query enters document block b, block b-2 leaves the window. Its tokens (not the sinks,
+not padding) become candidates together with the cache's entries, and each candidate j is scored by
+its self-recall error against the state that would hold all of them,
+
+    S_all = S + sum_{candidates j} fk_j [v_j, 1],
+    v_hat_j = fk_j^T S_all[:, :V] / fk_j^T S_all[:, V],   err_j = ||v_j - v_hat_j||^2.
+
+The C largest errors stay in the cache (a tie keeps the older token), the other candidates go into
+the linear state (S += fk_j [v_j, 1]). Cache entries are attended in the softmax part, with the same
+gate and the same max c as the window:
+
+    y = [g sum_{window + sinks + cache} e v + fq^T S[:, :V]] / [g sum e + fq^T S[:, V]].
+
+A token the cache never took is weighted fq.fk_j, as without the cache, so C = 0 is the terrace.
+
+Three forms make the same choices: `parallel_cached_hybrid_attention` (the definition, T x T masks,
+for tests), `cached_hybrid_attention` (a loop over document blocks, vectorised over rows and heads:
+prefill, evaluation and training on every device), and `decide_at_block_start`, which the decode step
+(`window_hybrid_step`) calls when a row enters a new block. They share `recall_errors` and `choose`.
+The cache is C slots per row and head (k, v with the ones column, fk for when it is evicted into the
+state, valid): constant memory in decode. The choice is not differentiated; the kept pairs are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .hybrid import HybridState, stack_states, state_row, take_sinks
+from .reference import state_dtype
+
+
+def recall_errors(kv: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """err_j = ||v_j - fk_j^T kv[:, :V] / fk_j^T kv[:, V]||^2: kv (B, H, F, V + 1), fk (B, H, N, F),
+    v (B, H, N, V + 1) with the ones column -> (B, H, N). NaN where fk_j is zero (no token)."""
+    recalled = fk @ kv
+    return (v[..., :-1] - recalled[..., :-1] / recalled[..., -1:]).square().sum(-1)
+
+
+def choose(errors: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices (B, H, min(budget, N)) of the largest errors among the valid candidates (B, H, N),
+    in candidate order. Candidates come oldest first, and a stable sort keeps the older of equal
+    errors. With fewer valid candidates than the budget, invalid ones fill the rest."""
+    ranked = errors.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    return ranked[..., :budget].sort(-1).values
+
+
+def decide(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, valid: torch.Tensor,
+           budget: int) -> tuple[torch.Tensor, ...]:
+    """The candidates k (B, H, N, D), v (B, H, N, V + 1), fk (B, H, N, F), valid (B, H, N), oldest
+    first, against the linear state kv (B, H, F, V + 1): the new state (the candidates not kept folded
+    in) and the new cache k, v, fk, valid, `budget` slots each."""
+    fk = fk * valid[..., None]
+    with torch.no_grad():
+        whole = kv + fk.transpose(-1, -2) @ v
+        idx = choose(recall_errors(whole, fk, v), valid, budget)
+    kept = torch.zeros_like(valid).scatter_(-1, idx, True)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+    folded = fk * (~kept)[..., None]
+    return kv + folded.transpose(-1, -2) @ v, take(k), take(v), take(fk), valid.gather(-1, idx)
+
+
+def empty_cache(B: int, H: int, budget: int, D: int, E: int, Fd: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An empty cache: k (B, H, C, D), v (B, H, C, E + 1), fk (B, H, C, F), valid (B, H, C)."""
+    return (like.new_zeros(B, H, budget, D), like.new_zeros(B, H, budget, E + 1), like.new_zeros(B, H, budget, Fd),
+            torch.zeros(B, H, budget, dtype=torch.bool, device=like.device))
+
+
+def cached_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int,
+    state: HybridState | None,
+    output_final_state: bool,
+    sinks: int,
+    cache_budget: int,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """The terrace hybrid with the cache, one document block of queries at a time; arguments as
+    `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the last 2W
+    tokens, and the ones of a block already decided (older than the window) have fk zero, since
+    they are in the cache or the linear state."""
+    B, T, H, D = q.shape
+    W = window
+    if state is not None and bool((state.phase != state.phase[0]).any()):
+        # Rows at different places in their blocks decide at different tokens: one row at a time.
+        rows = [cached_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
+                                        state_row(state, b), output_final_state, sinks, cache_budget)
+                for b in range(B)]
+        return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
+    E, Fd = v.shape[-1], fk.shape[-1]
+    acc = state_dtype(q.dtype)
+    p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
+    nb = -(-(p + T) // W)
+    back = nb * W - p - T
+
+    # X (B, H, 2W + T + back, .): the ring (the document's last 2W tokens; empty without a state),
+    # the new tokens, padding. Block i of this call's queries (the document's block cur + i) sees
+    # X[a + iW : a + (i + 1)W] as its previous block and the next W places as its own, a = W - p.
+    def places(new: torch.Tensor, ring: torch.Tensor | None) -> torch.Tensor:
+        ring = new.new_zeros(B, H, 2 * W, new.shape[-1], dtype=acc) if ring is None else ring.to(acc)
+        return torch.cat([ring, F.pad(new.to(acc), (0, 0, 0, 0, 0, back)).transpose(1, 2)], dim=2)
+
+    rings = (None,) * 4 if state is None else tuple(  # oldest first
+        x.roll(-state.next_slot, dims=x.dim() - 2) for x in (state.k, state.v[..., :-1], state.fk, state.valid[..., None]))
+    kx, vx, fkx = (places(x, r) for x, r in zip((k, v, fk), rings))
+    vx = torch.cat([vx, torch.ones_like(vx[..., :1])], dim=-1)  # in every slot: a step writes only v
+    sink_k, sink_v, sink_valid, arrival, is_sink = take_sinks(k, v, state, sinks, acc)
+    valid = torch.zeros(B, 2 * W + T + back, dtype=torch.bool, device=q.device)
+    valid[:, 2 * W:2 * W + T] = ~is_sink  # a sink is attended through its own slot only
+    if state is not None:
+        valid[:, :2 * W] = rings[3][..., 0]
+    fkx = fkx * valid[:, None, :, None]  # padding and sinks never enter the state or the cache
+    qb, fqb = (F.pad(x.to(acc), (0, 0, 0, 0, p, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4) for x in (q, fq))
+    if state is None:
+        kv = q.new_zeros(B, H, Fd, E + 1, dtype=acc)
+        cache = empty_cache(B, H, cache_budget, D, E, Fd, kv)
+    else:
+        kv = state.kv.to(acc)
+        cache = tuple(x.to(acc) for x in (state.cache_k, state.cache_v, state.cache_fk)) + (state.cache_valid,)
+
+    own_mask = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()
+    gate = window_gate.to(acc).view(1, H, 1, 1)
+    scale = D**-0.5
+    a = W - p
+    decided = 0  # X places before this one are in the cache or the state
+    outs = []
+    for i in range(nb):
+        if i or p == 0:  # the query enters its block here: the block two back leaves the window
+            lo = a + (i - 1) * W
+            block_valid = valid[:, None, lo:lo + W].expand(-1, H, -1)
+            kv, *cache = decide(kv, *(torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(cache, (kx, vx, fkx))),
+                                torch.cat([cache[3], block_valid], dim=-1), cache_budget)
+            decided = lo + W
+        prev, own = slice(a + i * W, a + (i + 1) * W), slice(a + (i + 1) * W, a + (i + 2) * W)
+        query = qb[:, :, i]
+        place = torch.arange(W, device=q.device) + i * W - p  # the queries' indices in this call
+        parts = [(query @ kx[:, :, prev].transpose(-1, -2) * scale).masked_fill(~valid[:, None, None, prev],
+                                                                                 float("-inf")),
+                 (query @ kx[:, :, own].transpose(-1, -2) * scale).masked_fill(~(own_mask & valid[:, None, None, own]),
+                                                                               float("-inf")),
+                 (query @ cache[0].transpose(-1, -2) * scale).masked_fill(~cache[3][:, :, None], float("-inf"))]
+        values = [vx[:, :, prev], vx[:, :, own], cache[1]]
+        if sinks:
+            seen = sink_valid[:, None, None] & (arrival[:, None, None] <= place[:, None])
+            parts.append((query @ sink_k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf")))
+            values.append(sink_v)
+        scores = torch.cat(parts, dim=-1)
+        c = scores.amax(-1, keepdim=True)
+        c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
+        out = (gate * (scores - c).exp()) @ torch.cat(values, dim=2) + fqb[:, :, i] @ kv
+        den = out[..., E:] + ((place < 0) | (place >= T))[:, None]  # keeps padded rows finite
+        outs.append(out[..., :E] / den)
+    y = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
+
+    final = None
+    if output_final_state:  # the ring is X's last 2W places, oldest first; decided ones carry no fk
+        ring = slice(T, T + 2 * W)
+        undecided = torch.arange(T, T + 2 * W, device=q.device) >= decided
+        final = HybridState(kv, kx[:, :, ring].contiguous(), vx[:, :, ring].contiguous(),
+                            (fkx[:, :, ring] * undecided[:, None]).contiguous(), valid[:, ring].clone(), sink_k,
+                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *cache)
+    return y.to(q.dtype), final
+
+
+def decide_at_block_start(state: HybridState) -> None:
+    """The decode step's form, before the ring's oldest slot is overwritten: for the rows whose new
+    token starts a block (phase 0), the ring's W oldest slots (block b-2) and the cache decide, in
+    place; those slots' fk become zero, so leaving the ring adds nothing more to the state."""
+    starting = state.phase == 0
+    if not bool(starting.any()):
+        return
+    B, H = state.kv.shape[:2]
+    ring = state.k.shape[2]
+    idx = (state.next_slot + torch.arange(ring // 2, device=state.kv.device)) % ring
+    block_valid = state.valid[:, None, idx].expand(-1, H, -1)
+    candidates = (torch.cat([c, x[:, :, idx]], dim=2) for c, x in zip(
+        (state.cache_k, state.cache_v, state.cache_fk), (state.k, state.v, state.fk)))
+    new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), state.cache_k.shape[2])
+    rows = starting.view(B, 1, 1, 1)
+    for old, value in zip((state.kv, state.cache_k, state.cache_v, state.cache_fk), new):
+        old.copy_(torch.where(rows, value, old))
+    state.cache_valid.copy_(torch.where(starting.view(B, 1, 1), new[4], state.cache_valid))
+    state.fk[:, :, idx] = state.fk[:, :, idx] * ~rows
+
+
+def parallel_cached_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int,
+    sinks: int,
+    cache_budget: int,
+) -> torch.Tensor:
+    """The definition with full T x T masks (one document per row from its first token), for tests.
+    Entering block b, the cache is chosen among its previous entries and block b-2, scored against
+    the sum over every token of blocks <= b-2 (what the state and the candidates hold together)."""
+    B, T, H, D = q.shape
+    W = window
+    acc = state_dtype(q.dtype)
+    qf, kf, vf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, v, fq, fk))
+    vo = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
+    n = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    block = torch.arange(T, device=q.device) // W
+    sink = torch.arange(T, device=q.device) < sinks
+    first = (n // W - 1) * W
+    soft = (j <= n) & ((j >= first) | sink[None])
+    member = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)  # in the cache at the current block
+    cached = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)  # [n, j]: query n attends j exactly
+    for b in range(2, -(-T // W)):
+        old = (block <= b - 2) & ~sink
+        whole = (fkf * old[:, None]).transpose(-1, -2) @ vo
+        candidates = member | ((block == b - 2) & ~sink)
+        idx = choose(recall_errors(whole, fkf, vo), candidates, cache_budget)
+        member = torch.zeros_like(member).scatter_(-1, idx, candidates.gather(-1, idx))
+        cached[:, :, block == b] = member[:, :, None]
+    linear = (j < first) & ~sink[None] & ~cached
+    scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~(soft | cached), float("-inf"))
+    gate = window_gate.to(acc).view(1, -1, 1, 1)
+    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * linear
+    y = (weights @ vf) / weights.sum(-1, keepdim=True)
+    return y.transpose(1, 2).to(q.dtype)
