@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from supra.kernels import parallel_linear_attention, parallel_window_hybrid_attention, recurrent_delta_rule
+from supra.kernels.sparse_cache import parallel_cached_hybrid_attention
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from supra.layers import attention as attention_module
@@ -22,6 +23,8 @@ SPECS = {  # test name: conversion settings
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks": {"method": "lolcats", "sinks": 3},  # the first 3 tokens stay in the softmax window
     "lolcats-terrace": {"method": "lolcats", "window_kind": "terrace", "sinks": 2},  # blocks of W, with sinks
+    # + a sparse cache of 3 pairs per head beyond the window (LoLA); prompts run past window + budget
+    "lolcats-cache": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 3},
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
@@ -58,8 +61,11 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     def linear(q, k, v, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
-    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False):
+    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False,
+               cache_budget=0):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
+        if cache_budget:
+            return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget), None
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
@@ -193,6 +199,8 @@ def test_bad_spec_values_are_refused():
         linearize(model, LinearizeSpec(method="supra", softmax_layers=[2]))
     with pytest.raises(ValueError, match="unknown method"):
         linearize(model, LinearizeSpec(method="mamba"))
+    with pytest.raises(ValueError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
+        linearize(model, LinearizeSpec(method="lolcats", cache_budget=4))
 
 
 def test_per_token_decay_follows_packed_documents():

@@ -1,0 +1,117 @@
+"""The sparse global KV cache of the terrace hybrid (kernels/sparse_cache.py): the blocked form, prompt
+chunks and decode steps make the definition's choices and outputs; memory stays constant; the choice
+is deterministic; cache_budget=0 is the terrace. Model-level checks (three forms, left padding,
+restarts, packed documents) run through the "lolcats-cache" spec of test_layers.py and test_decode.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from supra.kernels import parallel_window_hybrid_attention, stack_states, window_hybrid_attention, window_hybrid_step
+from supra.kernels.sparse_cache import choose, parallel_cached_hybrid_attention
+from test_decode import random_hybrid_inputs
+from test_layers import relative_error
+
+WINDOW = 4
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def steps(state, inputs, lo: int, hi: int) -> tuple[list[torch.Tensor], object]:
+    outs = []
+    for t in range(lo, hi):
+        y, state = window_hybrid_step(*(x[:, t] for x in inputs[:5]), inputs[5], state)
+        outs.append(y.unsqueeze(1))
+    return outs, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sinks,budget", [(0, 1), (2, 3)])
+@pytest.mark.parametrize("prefill", [1, 5, WINDOW, 2 * WINDOW + 1])
+def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, budget, dtype):
+    """One blocked call, and a prompt in two chunks then steps over many blocks (far past window +
+    budget), equal the definition; the stepped state is the one a whole call leaves."""
+    torch.manual_seed(prefill)
+    chunk, T = 6, 15 * WINDOW + 3
+    inputs = random_hybrid_inputs(2, T, dtype=dtype)
+    q, k, v, fq, fk, gate = inputs
+    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, budget)
+    terrace = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=True)
+    assert relative_error(terrace, expected) > 1e-2  # the cache changes the outputs
+    one_call, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks,
+                                              terrace=True, cache_budget=budget)
+    assert relative_error(one_call, expected) < TOLERANCE[dtype]
+    outs, state = [], None
+    for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
+        out, state = window_hybrid_attention(*(x[:, lo:hi] for x in inputs[:5]), gate, WINDOW, state,
+                                             output_final_state=True, sinks=sinks, terrace=True, cache_budget=budget)
+        outs.append(out)
+    stepped, state = steps(state, inputs, prefill + chunk, T)
+    assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
+    assert torch.equal(state.cache_valid, whole.cache_valid) and torch.equal(state.phase, whole.phase)
+    assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
+    more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)  # the stepped state continues as the whole's
+    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=True,
+                                             cache_budget=budget)
+    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=True,
+                                             cache_budget=budget)
+    assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]
+
+
+def test_rows_at_different_places_in_their_blocks():
+    """Rows whose documents began at different times (left padding) decide at different steps."""
+    T, read, chunk = 9 * WINDOW, (5, 2 * WINDOW + 3), 6
+    inputs = random_hybrid_inputs(2, T)
+    q, k, v, fq, fk, gate = inputs
+    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 3)
+    rows = [window_hybrid_attention(*(x[b:b + 1, :read[b]] for x in inputs[:5]), gate, WINDOW,
+                                    output_final_state=True, sinks=2, terrace=True, cache_budget=3)[1]
+            for b in range(2)]
+    state = stack_states(rows)
+    assert state.phase.tolist() == [1, 3]
+
+    def rows_at(x: torch.Tensor, offset: int, length: int) -> torch.Tensor:  # row b from read[b] + offset
+        return torch.stack([x[b, read[b] + offset:read[b] + offset + length] for b in range(2)])
+
+    shifted = [rows_at(x, 0, T - read[1]) for x in inputs[:5]] + [gate]
+    out, state = window_hybrid_attention(*(x[:, :chunk] for x in shifted[:5]), gate, WINDOW, state,
+                                         output_final_state=True, sinks=2, terrace=True, cache_budget=3)
+    stepped, _ = steps(state, shifted, chunk, T - read[1])
+    assert relative_error(torch.cat([out] + stepped, 1), rows_at(expected, 0, T - read[1])) < 1e-10
+
+
+def test_decode_memory_is_constant_in_context():
+    """The state (ring, sinks, cache, linear state) has the same tensors and bytes at 300 and 900 tokens."""
+    inputs = random_hybrid_inputs(1, 900, dtype=torch.float32)
+    _, state = window_hybrid_attention(*(x[:, :2] for x in inputs[:5]), inputs[5], WINDOW, output_final_state=True,
+                                       sinks=2, terrace=True, cache_budget=8)
+
+    def footprint(s) -> list[tuple[tuple[int, ...], int]]:
+        return [(tuple(x.shape), x.untyped_storage().nbytes()) for x in s if isinstance(x, torch.Tensor)]
+
+    _, state = steps(state, inputs, 2, 300)
+    at_300 = footprint(state)
+    _, state = steps(state, inputs, 300, 900)
+    assert footprint(state) == at_300
+    assert bool(state.cache_valid.all())  # the cache is full, not empty
+
+
+def test_the_choice_is_deterministic_and_keeps_the_older_of_equal_errors():
+    errors = torch.tensor([[[0.5, 2.0, 2.0, 1.0, 2.0, 3.0]]])
+    valid = torch.tensor([[[True, True, True, True, True, False]]])
+    assert choose(errors, valid, 2).tolist() == [[[1, 2]]]  # 4 ties with them, and 5 is no token
+    inputs = random_hybrid_inputs(2, 7 * WINDOW)
+    twice = [window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, output_final_state=True, terrace=True,
+                                     cache_budget=3)[1] for _ in range(2)]
+    assert torch.equal(twice[0].cache_k, twice[1].cache_k) and torch.equal(twice[0].kv, twice[1].kv)
+
+
+def test_a_zero_budget_is_the_terrace():
+    q, k, v, fq, fk, gate = random_hybrid_inputs(2, 5 * WINDOW + 1)
+    assert torch.equal(parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 0),
+                       parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, terrace=True))
+    _, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, terrace=True)
+    assert state.cache_k is None
+    with pytest.raises(ValueError, match="cache of 0 pairs, the call asks for 2"):
+        window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, state, terrace=True, cache_budget=2)
+    with pytest.raises(ValueError, match="needs the terrace"):
+        window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, cache_budget=2)
