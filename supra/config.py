@@ -120,6 +120,7 @@ class RecipeConfig:
     window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
+    cache_budget: int = 0  # lolcats terrace: pairs per layer and head kept beyond the window (LoLA sparse cache)
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
     backend: str = "auto"
@@ -156,7 +157,7 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
-    "seed": count(0), "seq_len": count(1), "window": count(0), "sinks": count(0),
+    "seed": count(0), "seq_len": count(1), "window": count(0), "sinks": count(0), "cache_budget": count(0),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,

@@ -4,7 +4,7 @@
 attention sublayers to skip (`skip_layers`, or `n` chosen by `select`), then `linearize` with the
 config's method, or with `softmax_layers=auto:K` the hybrid whose K softmax layers are measured
 (softmax_select.py); on a model already converted (and trained), `softmax_layers` turns layers back
-into softmax attention. The layer swap itself is `layers/linearize.py`.
+into softmax attention, and `cache_budget` gives it a sparse cache. The layer swap itself is `layers/linearize.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError, linearize_spec
-from .layers.linearize import linearize, recorded_spec
+from .layers.linearize import linearize, recorded_spec, set_cache_budget
 from .models import SourceError
 from .skip import apply_skip, calibration_batches, select_and_skip
 from .softmax_select import choose_softmax_layers, parse_auto, restore_layers, restore_softmax_layers
@@ -44,6 +44,12 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
                               "convert the original model instead")
         select_and_skip(model, tokenizer, cfg)
         previous = recorded_spec(model)
+    if previous is not None and previous.method != "softmax" and cfg.cache_budget != previous.cache_budget:
+        try:  # the sparse cache is training-free: a trained model takes one as it is
+            set_cache_budget(model, cfg.cache_budget)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return model
     if previous is not None and previous.method != "softmax" and cfg.softmax_layers:
         # The method keys describe a conversion from softmax; on a converted model (whatever the
         # recipe's method) softmax_layers can only mean layers given back their softmax attention.

@@ -7,6 +7,7 @@ picks plausible argmaxes. These tests compare the logits of every step."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -76,13 +77,20 @@ def test_generate_on_a_converted_smollm2_feeds_one_token_per_step_and_matches_a_
     assert_generate_matches_full_forward(model, *prompts)
 
 
+# The exported sparse cache: terrace blocks of 16, sinks, 4 pairs per head; the long prompt runs past
+# window + budget, so the cache fills and evicts before and while decoding.
+CACHE_SPEC = {"window_kind": "terrace", "window": 16, "sinks": 2, "cache_budget": 4}
+
+
+@pytest.mark.parametrize("settings", [{}, CACHE_SPEC], ids=["lolcats", "lolcats-cache"])
 def test_generate_on_an_exported_smollm2_matches_a_full_forward(smollm2, smollm2_tokenizer, prompts, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, settings):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
-    model = trained_looking(linearize(copy.deepcopy(smollm2), LinearizeSpec(method="lolcats")))
+    model = trained_looking(linearize(copy.deepcopy(smollm2), LinearizeSpec(method="lolcats", **settings)))
     out = export(model, smollm2_tokenizer, tmp_path / "export", dtype="float32")
+    assert all(json.loads((out / "config.json").read_text())["supra"][k] == v for k, v in settings.items())
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     assert type(loaded).__name__ == "SupraForCausalLM"
     assert_generate_matches_full_forward(loaded, *prompts)

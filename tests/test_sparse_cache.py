@@ -115,3 +115,28 @@ def test_a_zero_budget_is_the_terrace():
         window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, state, terrace=True, cache_budget=2)
     with pytest.raises(ValueError, match="needs the terrace"):
         window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, cache_budget=2)
+
+
+def test_a_trained_model_takes_a_cache_budget_as_a_setting():
+    """`supra convert cache_budget=C` on a converted model sets the cache (LoLA needs no training): the
+    feature maps stay, the spec is recorded, and the forward is the definition's; other methods refuse."""
+    from supra.config import ConfigError, load_config
+    from supra.convert import convert_model
+    from supra.layers.linearize import recorded_spec
+    from test_layers import tiny_model, use_parallel_forms
+
+    model = tiny_model(2, window_kind="terrace", sinks=2)
+    maps = {n: p.clone() for n, p in model.named_parameters() if "feature_map" in n}
+    ids = torch.randint(0, 101, (2, 41))
+    with torch.no_grad():
+        before = model(ids).logits
+        convert_model(model, load_config(["cache_budget=3", "window_kind=terrace"]))
+        after = model(ids).logits
+    assert recorded_spec(model).cache_budget == 3
+    assert all(torch.equal(p, maps[n]) for n, p in model.named_parameters() if n in maps)
+    assert relative_error(after, before) > 1e-3
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        use_parallel_forms(patch)
+        assert relative_error(model(ids).logits, after) < 1e-10
+    with pytest.raises(ConfigError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
+        convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=3", "window_kind=terrace"]))

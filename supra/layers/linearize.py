@@ -163,6 +163,18 @@ def swap_attention(model: nn.Module, spec: LinearizeSpec, layers: Iterable[int])
             blocks[idx].self_attn = METHODS[spec.method](blocks[idx].self_attn, model.config, idx, spec)
 
 
+def set_cache_budget(model: nn.Module, budget: int) -> None:
+    """Give a converted model's layers a sparse cache of `budget` pairs (0: none) and record it. The cache
+    needs no training (LoLA), so it is a setting of a trained model, not a new conversion."""
+    spec = recorded_spec(model)
+    spec.cache_budget = budget
+    spec.validate()
+    for module in model.modules():
+        if isinstance(module, RecurrentAttention):
+            module.spec = spec
+    record_spec(model, spec)
+
+
 def new_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that conversion added (feature maps, window gates)."""
     names = []
