@@ -111,8 +111,8 @@ def cached_hybrid_attention(
         ring = new.new_zeros(B, H, 2 * W, new.shape[-1], dtype=acc) if ring is None else ring.to(acc)
         return torch.cat([ring, F.pad(new.to(acc), (0, 0, 0, 0, 0, back)).transpose(1, 2)], dim=2)
 
-    rings = (None,) * 4 if state is None else tuple(  # oldest first
-        x.roll(-state.next_slot, dims=x.dim() - 2) for x in (state.k, state.v[..., :-1], state.fk, state.valid[..., None]))
+    held = () if state is None else (state.k, state.v[..., :-1], state.fk, state.valid[..., None])
+    rings = (None,) * 4 if state is None else tuple(x.roll(-state.next_slot, dims=x.dim() - 2) for x in held)
     kx, vx, fkx = (places(x, r) for x, r in zip((k, v, fk), rings))
     vx = torch.cat([vx, torch.ones_like(vx[..., :1])], dim=-1)  # in every slot: a step writes only v
     sink_k, sink_v, sink_valid, arrival, is_sink = take_sinks(k, v, state, sinks, acc)

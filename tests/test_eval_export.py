@@ -119,43 +119,53 @@ def test_exports_load_without_supra_and_match(exports, smollm2_tokenizer):
 
 
 def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
-    """Every field of LinearizeSpec, set away from its default, comes back from a save (supra's
-    load_model, transformers' config) and from an export loaded with trust_remote_code."""
+    """Every field of LinearizeSpec, set away from its default in one of two specs (a sparse cache needs
+    the default method, lolcats), comes back from a save (supra's load_model, transformers' config) and
+    from an export loaded with trust_remote_code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from supra.factorize import factorize_model
     from supra.layers.factorized import FactorizeSpec
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
-    torch.manual_seed(0)
-    model = load_model("random", architecture={"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
-                                               "num_hidden_layers": 3, "num_attention_heads": 4,
-                                               "num_key_value_heads": 2, "vocab_size": 128}).eval()
-    factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[1], targets=["mlp.up_proj"]))
-    spec = LinearizeSpec(method="gla", decay="retnet", gate="learned", feature_map_init="identity", feature_dim=8,
-                         window=3, window_kind="terrace", window_mix="token", sinks=2, softmax_layers=[0], skip_layers=[2],
-                         backend="torch",
-                         factorized=recorded_spec(model).factorized,
-                         softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5}, "note": None})
-    defaults = LinearizeSpec()
-    unset = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) == getattr(defaults, f.name)]
-    assert not unset, f"give {unset} a non-default value here, so that their round trip is checked"
-    linearize(model, copy.deepcopy(spec))
-    assert recorded_spec(model) == spec
-    ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = model(ids).logits
-
-    model.save_pretrained(tmp_path / "saved")
-    assert recorded_spec(AutoConfig.from_pretrained(tmp_path / "saved")) == spec
-    reloaded = load_model(str(tmp_path / "saved")).eval()
-    exported = export(copy.deepcopy(model), None, tmp_path / "exported", dtype="float32")
-    remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
-    assert type(remote).__name__ == "SupraForCausalLM"
-    for loaded in (reloaded, remote):
-        assert recorded_spec(loaded) == spec
+    specs = []
+    for name in ("gla", "lolcats-cache"):
+        torch.manual_seed(0)
+        model = load_model("random", architecture={"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+                                                   "num_hidden_layers": 3, "num_attention_heads": 4,
+                                                   "num_key_value_heads": 2, "vocab_size": 128}).eval()
+        factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[1], targets=["mlp.up_proj"]))
+        if name == "gla":
+            spec = LinearizeSpec(method="gla", decay="retnet", gate="learned", feature_map_init="identity",
+                                 feature_dim=8, window=3, window_kind="terrace", window_mix="token", sinks=2,
+                                 softmax_layers=[0], skip_layers=[2], backend="torch",
+                                 factorized=recorded_spec(model).factorized,
+                                 softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5},
+                                                 "note": None})
+        else:
+            spec = LinearizeSpec(window=3, window_kind="terrace", sinks=1, cache_budget=2, backend="torch",
+                                 factorized=recorded_spec(model).factorized)
+        specs.append(spec)
+        linearize(model, copy.deepcopy(spec))
+        assert recorded_spec(model) == spec
+        ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
+            expected = model(ids).logits
+
+        model.save_pretrained(tmp_path / name / "saved")
+        assert recorded_spec(AutoConfig.from_pretrained(tmp_path / name / "saved")) == spec
+        reloaded = load_model(str(tmp_path / name / "saved")).eval()
+        exported = export(copy.deepcopy(model), None, tmp_path / name / "exported", dtype="float32")
+        remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
+        assert type(remote).__name__ == "SupraForCausalLM"
+        for loaded in (reloaded, remote):
+            assert recorded_spec(loaded) == spec
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
+    defaults = LinearizeSpec()
+    unset = [f.name for f in dataclasses.fields(defaults)
+             if all(getattr(spec, f.name) == getattr(defaults, f.name) for spec in specs)]
+    assert not unset, f"give {unset} a non-default value here, so that their round trip is checked"
 
 
 def test_a_record_from_another_version_still_loads():

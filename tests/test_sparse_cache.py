@@ -120,10 +120,11 @@ def test_a_zero_budget_is_the_terrace():
 def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     """`supra convert cache_budget=C` on a converted model sets the cache (LoLA needs no training): the
     feature maps stay, the spec is recorded, and the forward is the definition's; other methods refuse."""
+    from test_layers import tiny_model, use_parallel_forms
+
     from supra.config import ConfigError, load_config
     from supra.convert import convert_model
     from supra.layers.linearize import recorded_spec
-    from test_layers import tiny_model, use_parallel_forms
 
     model = tiny_model(2, window_kind="terrace", sinks=2)
     maps = {n: p.clone() for n, p in model.named_parameters() if "feature_map" in n}
