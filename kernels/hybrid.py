@@ -36,6 +36,10 @@ the same product as the softmax weights, and enter the linear state when they le
 block of W is folded into the state at a block's end). The blocked form (`terrace_hybrid_attention`)
 aligns its query blocks with the document's; rows at different places in their blocks, which a
 carried state can hold, run one at a time.
+
+With a sparse global cache (`cache_budget` > 0, terrace only; `sparse_cache.py`) the state also holds
+C pairs per head attended exactly; the step decides, when a row enters a block, which of the block
+leaving the window join the cache and which the linear state, and the blocked form is that module's.
 """
 
 from __future__ import annotations
