@@ -23,7 +23,8 @@ NAME = "sparse_cache"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained lolcats model with window_kind=terrace")
+    parser.add_argument("--model", required=True, help="a trained lolcats model with window_kind=terrace, or an "
+                        "original model, converted here by the recipe without training")
     parser.add_argument("--recipe", default="demo")
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 64, 256])
     parser.add_argument("--seq-len", type=int, default=2048, help="perplexity sequence length")
@@ -54,12 +55,16 @@ def main() -> None:
     from supra.config import load_config
     from supra.evaluate.passkey import passkey
     from supra.evaluate.perplexity import HeldoutPerplexity
-    from supra.layers.linearize import set_cache_budget
+    from supra.convert import convert_model
+    from supra.layers.linearize import recorded_spec, set_cache_budget
 
     args = parse_args()
     cfg = load_config([f"recipe={args.recipe}", f"model={args.model}", f"seq_len={args.seq_len}",
                        f"eval.max_tokens={args.heldout_tokens}"])
     model, tokenizer = load_model_and_tokenizer(cfg)
+    converted_here = recorded_spec(model) is None
+    if converted_here:
+        convert_model(model, cfg)
     model.eval()
     heldout = HeldoutPerplexity(cfg, tokenizer)
     rows = []
@@ -97,7 +102,7 @@ def main() -> None:
                 ax.legend(fontsize=6)
             fig.suptitle(f"sparse cache on {args.model} ({device})", fontsize=9)
 
-    write_results(args.name, args, {"rows": rows}, draw)
+    write_results(args.name, args, {"untrained_conversion": converted_here, "rows": rows}, draw)
 
 
 if __name__ == "__main__":
