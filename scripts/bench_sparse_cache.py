@@ -53,9 +53,9 @@ def state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 def main() -> None:
     from supra.commands.common import load_model_and_tokenizer
     from supra.config import load_config
+    from supra.convert import convert_model
     from supra.evaluate.passkey import passkey
     from supra.evaluate.perplexity import HeldoutPerplexity
-    from supra.convert import convert_model
     from supra.layers.linearize import recorded_spec, set_cache_budget
 
     args = parse_args()
