@@ -281,11 +281,15 @@ def window_hybrid_attention(
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(B, H, (nb + 1) * W, -1)
 
-        fk_old = flat(fkb)[:, :, :T]
-        if log_decay is not None:  # decayed to the newest token, place W + T - 1
-            fk_old = fk_old * powers(log_decay, W + T - 1 - torch.arange(T, device=q.device)).view(1, H, T, 1)
-            kv0 = kv0 * powers(log_decay, torch.tensor(T, device=q.device)).view(1, H, 1, 1)
-        kv = kv0 + fk_old.transpose(-1, -2) @ flat(vb)[:, :, :T]
+        if log_decay is None:
+            whole = T // W  # key blocks entirely before place T, then the rest
+            kv = (kv0 + (fkb[:, :, :whole].transpose(-1, -2) @ vb[:, :, :whole]).sum(2)
+                  + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
+        else:  # decayed to the newest token, place W + T - 1
+            fk_old = flat(fkb)[:, :, :T] * powers(log_decay, W + T - 1 - torch.arange(T, device=q.device)).view(
+                1, H, T, 1)
+            kv = (kv0 * powers(log_decay, torch.tensor(T, device=q.device)).view(1, H, 1, 1)
+                  + fk_old.transpose(-1, -2) @ flat(vb)[:, :, :T])
         final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
                                   for x in (kb, vb, fkb)),
                             valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), sink_k, sink_v, sink_valid,
