@@ -126,11 +126,10 @@ def linear_share(model: torch.nn.Module, length: int) -> torch.Tensor:
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         patch.setattr(attention_module, "window_hybrid_attention", record)
         model(torch.randint(0, 101, (1, length), generator=torch.Generator().manual_seed(0)))
-    (q, k, v, fq, fk, gate, window, *_), kwargs = calls[0]
-    settings = (window, kwargs["sinks"], kwargs["terrace"], kwargs["log_decay"])
-    both = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, *settings)
-    alone = parallel_window_hybrid_attention(q, k, v, torch.zeros_like(fq), fk, gate, *settings)
-    linear = parallel_window_hybrid_attention(q, k, v, fq, fk, torch.zeros_like(gate), *settings)
+    (q, k, v, fq, fk, gate, *rest), kwargs = calls[0]
+    both, alone, linear = (window_hybrid_attention(*x, *rest, **kwargs)[0] for x in (
+        (q, k, v, fq, fk, gate), (q, k, v, torch.zeros_like(fq), fk, gate),
+        (q, k, v, fq, fk, torch.zeros_like(gate))))  # 0 / 0 where no token is old yet: not looked at
     return (((both - alone) * (linear - alone)).sum(-1) / (linear - alone).square().sum(-1))[0].T
 
 
@@ -142,8 +141,8 @@ def test_the_state_stays_bounded_at_four_times_the_training_length():
     train = 256
     growth = {}
     for kind in ("none", "supra"):
-        model = tiny_model(4, state_decay=kind, window_kind="terrace", sinks=2, layers=1)
+        model = tiny_model(4, torch.float32, state_decay=kind, window_kind="terrace", sinks=2, layers=1)
         share = linear_share(model, 4 * train)
         odds = [(s / (1 - s)) for s in (share[:, train - 64:train].mean(1), share[:, -64:].mean(1))]
         growth[kind] = odds[1] / odds[0]
-    assert (growth["none"] > 3).all() and (growth["supra"] < 2).all() and (growth["supra"][:2] < 1.1).all(), growth
+    assert (growth["none"] > 3).all() and (growth["supra"] < 2).all() and (growth["supra"][:3] < 1.1).all(), growth
