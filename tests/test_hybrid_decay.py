@@ -137,7 +137,7 @@ def test_the_state_stays_bounded_at_four_times_the_training_length():
     """The linear part's weight against the window's, s / (1 - s) per head: undecayed it grows with the
     context (about 4x from the training length, here 256 tokens, to 4x it) and takes the shared
     denominator from the exact window; decayed it levels off (SUPRA's rates: the slowest head keeps
-    ~256 tokens and grows by half, the others stay flat)."""
+    ~256 tokens and grows by under 2x, the others stay flat)."""
     train = 256
     growth = {}
     for kind in ("none", "supra"):
