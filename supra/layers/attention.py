@@ -268,7 +268,8 @@ class T2RAttention(RecurrentAttention):
 
 class LolcatsAttention(RecurrentAttention):
     """LoLCATs: Hedgehog feature maps after RoPE; exact softmax over a sliding window and linear
-    attention for older tokens, one shared denominator, learnable per-head window gate."""
+    attention for older tokens, one shared denominator, learnable per-head window gate; with
+    spec.state_decay, the linear part decays per head (kernels/hybrid.py), fixed or learned."""
 
     new_parameter_prefixes = ("feature_map_q", "feature_map_k", "window_factor", "state_decay")
 
