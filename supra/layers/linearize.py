@@ -46,7 +46,8 @@ class LinearizeSpec:
     window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
-    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
+    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's);
+    # other methods ignore it, as lolcats ignores `gate`
     state_decay: str = "none"
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
@@ -69,9 +70,6 @@ class LinearizeSpec:
         if self.method in ("gla", "gdn") and self.gate == "learned" and self.decay == "none":
             raise ValueError("gate=learned starts at the fixed rates of `decay`, and decay=none has none; "
                              "use decay=supra or decay=retnet")
-        if self.state_decay != "none" and self.method != "lolcats":
-            raise ValueError(f"state_decay is for method=lolcats (supra, gla and gdn decay through `decay` and "
-                             f"`gate`), got state_decay={self.state_decay} with method={self.method}")
         if self.sinks < 0 or (self.sinks and not self.window):
             raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
                              f"with window={self.window}")
