@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpora", nargs="+", choices=("stdlib", "prose"), default=["stdlib", "prose"])
     parser.add_argument("--no-original", action="store_true",
                         help="skip the original model (its rows at the same settings are in an earlier result)")
+    parser.add_argument("--name", default=NAME, help="result file name (without .json)")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
@@ -109,7 +110,7 @@ def main() -> None:
                 ax.set_title(f"{corpus}, windows of {args.seq_len} tokens ({device})", fontsize=9)
                 ax.legend(fontsize=6)
 
-    write_results(NAME, args, {"rows": rows, "table": table}, draw)
+    write_results(args.name, args, {"rows": rows, "table": table}, draw)
 
 
 if __name__ == "__main__":
