@@ -45,6 +45,10 @@ class LinearizeSpec:
     window_kind: str = "sliding"  # sliding: the last W tokens | terrace: own block of W + the previous one
     window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
+    # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
+    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's);
+    # other methods ignore it, as lolcats ignores `gate`
+    state_decay: str = "none"
     # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the linear state
     # recalls worst (LoLA; kernels/sparse_cache.py); 0: none
     cache_budget: int = 0
@@ -59,7 +63,8 @@ class LinearizeSpec:
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
                    "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton"),
-                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token")}
+                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token"),
+                   "state_decay": ("none", "supra", "retnet", "learned")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
@@ -75,6 +80,9 @@ class LinearizeSpec:
             raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
                              f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
                              f"window_kind={self.window_kind}")
+        if self.cache_budget and self.state_decay != "none":
+            raise ValueError(f"a sparse cache (cache_budget={self.cache_budget}) does not compose with a decayed "
+                             f"linear state yet (state_decay={self.state_decay}); use one of them")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
