@@ -45,12 +45,10 @@ UPTRAIN = {
     "lolcats_transfer_cached": ["method=lolcats", stages(stage("attention_transfer", 128, cache_tokens=128, epochs=2))],
     "lolcats_transfer_blockwise": ["method=lolcats", "architecture.num_hidden_layers=3",
                                    stages(stage("attention_transfer", 128, block_layers=2))],
-    "supra_transfer_full_hybrid": ["method=supra", "softmax_layers=[1]",
-                                   stages(stage("attention_transfer", 128), stage("full", 128))],
-    "gdn_distill": ["method=gdn", stages(stage("distill", 128, train="new", ce_weight=0.5),
-                                         stage("distill", 128, train="lora"))],
-    "supra_factorized_lora": ["method=supra", "factorize.method=low_rank", "factorize.rank=4",
-                              stages(stage("lora", 128))],
+    "supra_factorized_hybrid_transfer_full": ["method=supra", "softmax_layers=[1]", "factorize.method=low_rank",
+                                              "factorize.rank=4",
+                                              stages(stage("attention_transfer", 128), stage("full", 128))],
+    "gdn_distill": ["method=gdn", stages(stage("distill", 128, train="lora", ce_weight=0.5))],
     "lolcats_auto_softmax": ["method=lolcats", "softmax_layers=auto:1", stages(stage("attention_transfer", 128))],
 }
 
@@ -105,13 +103,20 @@ CASES = {**{f"uptrain/{k}": (uptrain, v) for k, v in UPTRAIN.items()},
          "convert/restore_on_converted": (lambda tmp, _: restore(tmp), None)}
 
 
+# Their logged loss is now summed as the whole-model transfer's is (the layers' float32 MSEs summed,
+# then x1000) where it was summed per layer in float64: equal to rounding. Their weights, hence the
+# saved model's logits, are bit for bit the same.
+REPORTED_IN_FLOAT32 = {"uptrain/lolcats_transfer_blockwise", "uptrain/lolcats_transfer_cached"}
+
+
 @pytest.fixture(scope="module")
 def golden():
     recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     yield recorded
     if WRITE:
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        kept = {case: value for case, value in recorded.items() if case in CASES}
+        GOLDEN.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -121,4 +126,10 @@ def test_runs_reproduce_the_recorded_numbers(case, tmp_path, golden):
     got = make(tmp_path, overrides)
     if WRITE:
         golden[case] = got
-    assert got == golden[case]
+    expected = golden[case]
+    if case in REPORTED_IN_FLOAT32:
+        assert [loss[:2] for loss in got["losses"]] == [loss[:2] for loss in expected["losses"]]
+        assert [loss[2] for loss in got["losses"]] == pytest.approx([loss[2] for loss in expected["losses"]],
+                                                                     rel=1e-6)
+        got, expected = got["logits"], expected["logits"]
+    assert got == expected
