@@ -37,6 +37,12 @@ def teacher_only(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output
 
 
+def transfer_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Attention transfer's per-layer loss (LoLCATs stage 1): MSE of the layer's output to the softmax
+    output it replaces, in float32. The training loops scale it (supra.train.stages)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (B, T, H, D) with HF's cos/sin of shape (B, T, D) (rotate-half convention)."""
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
@@ -176,7 +182,7 @@ class RecurrentAttention(nn.Module):
             return teacher.reshape(B, T, -1).to(q.dtype)
         with torch.enable_grad():
             student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
-            return self.transfer(F.mse_loss(student.float(), teacher.float()), teacher.reshape(B, T, -1).to(q.dtype))
+            return self.transfer(transfer_mse(student, teacher), teacher.reshape(B, T, -1).to(q.dtype))
 
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,
