@@ -305,10 +305,10 @@ class LolcatsAttention(RecurrentAttention):
                                            backend=self.spec.backend, sinks=self.spec.sinks,
                                            terrace=self.spec.window_kind == "terrace")
 
-        return per_document(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
+        return per_document_rows(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 
 
-def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
+def per_document_rows(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
                  merge: Callable) -> tuple[torch.Tensor, Any]:
     """Run `op(*tensors, state)` separately on each document of each row when documents restart
     inside rows (packed training, left padding); one batched call otherwise."""

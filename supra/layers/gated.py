@@ -45,7 +45,7 @@ from .attention import (
     at_least_float32,
     documents_restart,
     pack_documents,
-    per_document,
+    per_document_rows,
     repeat_heads,
     restart_hybrid_rows,
     restarting_rows,
@@ -127,7 +127,7 @@ class GatedAttention(RecurrentAttention):
                                                          carried)
                 local = local.unsqueeze(1)
             else:
-                local, window_state = per_document(window, (q, k, v, none, none), carried, starts,
+                local, window_state = per_document_rows(window, (q, k, v, none, none), carried, starts,
                                                    stack_states)
             out = share * at_least_float32(local) + (1 - share) * at_least_float32(out)
         return out, (GatedState(window_state, recurrent_state) if want_state else None)

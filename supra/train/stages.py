@@ -1,4 +1,6 @@
-"""Uptraining stages as data: which parameters train, and the loss of one micro-batch.
+"""Uptraining stages as data: one registry of stage kinds (`STAGE_KINDS`), each owning its settings
+(validated by `check_stage`), which parameters train, the loss of one micro-batch, its FLOPs per
+token and parameter, and the loop that runs it (trainer.LOOPS).
 
 - attention_transfer (LoLCATs stage 1): base frozen; feature maps (+ window factors) learn to
   reproduce each layer's softmax output, MSE summed over layers, x1000, teacher-forced.
@@ -8,6 +10,9 @@
 - distill (RADLADS, hybrid-distillation): `train: lora | new | all`; KL divergence from the
   teacher's next-token distribution, optionally mixed with next-token loss (`ce_weight`). The teacher
   is the same model with softmax attention and no adapters (`teacher_mode`): no second copy.
+
+Adding a kind: its loss function and a `StageKind` entry here; settings only it reads are fields of
+`config.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
 """
 
 from __future__ import annotations
