@@ -7,8 +7,10 @@ tiny models (every conversion step: skip, select, linearize, restore, auto:K, fa
 recorded from the code before the model builder and the stage registry existed; every run here must
 reproduce them bit for bit (CPU, float32: the arithmetic is the same).
 
-To record them again after a change that is meant to alter the numbers:
-SUPRA_WRITE_GOLDEN=1 pytest tests/test_orchestration_equivalence.py
+Random initialisation and the layers' arithmetic belong to torch and transformers, so the numbers
+hold for the versions they were recorded with (kept beside them). To record them again, after a
+change meant to alter the numbers or a new lock: SUPRA_WRITE_GOLDEN=1 pytest on the commit before
+the change, then keep the file.
 """
 
 from __future__ import annotations
@@ -109,14 +111,20 @@ CASES = {**{f"uptrain/{k}": (uptrain, v) for k, v in UPTRAIN.items()},
 REPORTED_IN_FLOAT32 = {"uptrain/lolcats_transfer_blockwise", "uptrain/lolcats_transfer_cached"}
 
 
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 @pytest.fixture(scope="module")
 def golden():
-    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"versions": versions(), "cases": {}}
     yield recorded
     if WRITE:
         GOLDEN.parent.mkdir(exist_ok=True)
-        kept = {case: value for case, value in recorded.items() if case in CASES}
-        GOLDEN.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+        kept = {case: value for case, value in recorded["cases"].items() if case in CASES}
+        GOLDEN.write_text(json.dumps({"versions": versions(), "cases": kept}, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -125,11 +133,12 @@ def test_runs_reproduce_the_recorded_numbers(case, tmp_path, golden):
     torch.manual_seed(0)
     got = make(tmp_path, overrides)
     if WRITE:
-        golden[case] = got
-    expected = golden[case]
+        golden["cases"][case] = got
+    expected = golden["cases"][case]
+    where = f"recorded with {golden['versions']}, running {versions()}"
     if case in REPORTED_IN_FLOAT32:
-        assert [loss[:2] for loss in got["losses"]] == [loss[:2] for loss in expected["losses"]]
+        assert [loss[:2] for loss in got["losses"]] == [loss[:2] for loss in expected["losses"]], where
         assert [loss[2] for loss in got["losses"]] == pytest.approx([loss[2] for loss in expected["losses"]],
-                                                                     rel=1e-6)
+                                                                     rel=1e-6), where
         got, expected = got["logits"], expected["logits"]
-    assert got == expected
+    assert got == expected, where
