@@ -490,17 +490,22 @@ def triton_linear_attention(
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be (B, T, H, K) and v (B, T, H, V); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {B}")
     if log_decay is not None and log_decay.shape not in ((H,), (B, T, H)):
         raise ValueError(f"log_decay must be (H,)={H,} or (B, T, H)={B, T, H}; got {tuple(log_decay.shape)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot tiles), got {chunk_size}")
-    if q.dtype == torch.float64:
-        return chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                      cu_seqlens, chunk_size)
+    # The kernels take one dtype: mixed inputs (GLA in a bf16 model passes float32 feature maps beside
+    # bf16 values) run in the promoted one, as the torch form computes; the output is in q's dtype and
+    # each gradient comes back in its input's dtype.
+    out_dtype = q.dtype
+    act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(act), k.to(act), v.to(act)
+    if act == torch.float64:
+        o, final = chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                          cu_seqlens, chunk_size)
+        return o.to(out_dtype), final
     scale = K**-0.5 if scale is None else float(scale)
     if log_decay is not None:
         log_decay = log_decay.float()
@@ -508,4 +513,4 @@ def triton_linear_attention(
         initial_state = initial_state.float()
     o, final = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, initial_state,
                        cu_seqlens, scale, chunk_size)
-    return o, (final if output_final_state else None)
+    return o.to(out_dtype), (final if output_final_state else None)
