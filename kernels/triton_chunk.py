@@ -44,6 +44,9 @@ from .chunked import chunk_linear_attention
 # an element a kernel forgets to write then fails the comparison instead of passing by luck.
 POISON_OUTPUTS = os.environ.get("SUPRA_POISON_OUTPUTS", "") == "1"
 
+# tl.dot's input precision for float32 inputs (see _Layout); the interpreter computes every dot in float32.
+FLOAT32_PREC = "tf32x3"
+
 # Decay modes, a compile-time switch in the kernels.
 NO_DECAY, HEAD_DECAY, TOKEN_DECAY = 0, 1, 2
 
@@ -326,8 +329,10 @@ class _Layout:
         self.BV = max(16, min(64, triton.next_power_of_2(self.V)))
         self.NK, self.NV = triton.cdiv(self.K, self.BK), triton.cdiv(self.V, self.BV)
         self.decay = (NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY)
-        # float32 inputs get exact float32 products; tf32 would cost about three digits.
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        # float32 inputs: each product as three tf32 ones on the tensor cores (tf32x3: about float32's
+        # accuracy; one tf32 product would cost about three digits). 'ieee' dots ran on the CUDA cores, spilled,
+        # and needed more shared memory than an A100 has (scripts/compile_sweep.py).
+        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"
         self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         # Chunk states: float32 for float32 inputs, else the input dtype (half the traffic, like fla).
         self.state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype

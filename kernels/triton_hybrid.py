@@ -53,7 +53,7 @@ import triton.language as tl
 
 from .hybrid import HybridState, take_sinks, window_hybrid_attention
 from .reference import state_dtype
-from .triton_chunk import _dot, alloc
+from .triton_chunk import FLOAT32_PREC, _dot, alloc
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -410,7 +410,7 @@ class _Layout:
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # float32 in, float32 products out
+        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"  # as triton_chunk._Layout
         self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         self.scale = self.D**-0.5
 
