@@ -12,9 +12,13 @@
 # downloaded, SUPRA_SITE=<dir> first installs the wheels and packages carried in .whl/ (`make wheels`
 # puts fla's there) and supra itself into <dir>.
 #
-# `all` gives each part a wall-clock bound (`timeout`) and goes on past a part that fails or runs out;
-# its sizes are cut so that each part should finish well inside its bound on an H100 (estimate and
-# basis: notes in docs of issue 30; the bounds sum to 8 min 20 s, plus the install).
+# `all` gives each part a wall-clock bound (`timeout`) and goes on past a part that fails or runs out, so
+# its device time is at most the bounds' sum, 8 min 20 s, plus the SUPRA_SITE install (~30 s). Expected
+# per part on an H100 (not yet measured; from compile counts and FLOPs): kernel tests ~60-100 s, mostly
+# Triton JIT compiles of the tests' kernel variants; bench_kernels --quick ~120 s (compiles, fla's
+# autotuning, do_bench); throughput ~60 s (4-layer Llama-7B shape, 2 x 2 configs of 4 steps of 65k
+# tokens, ~0.6 s a step at 50% MFU); decode ~40 s (a 32k prefill and 8-token rounds); quality <= 80 s
+# (60 s of uptraining per method, then the evaluations). A part over its bound writes no result file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -64,10 +68,10 @@ case "${1:-}" in
     export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1
     fla_line
     part kernel-tests 120 "$PY" -m pytest -q --collect-only "${KERNEL_TESTS[@]}"
-    part bench-kernels 300 "$PY" scripts/bench_kernels.py --dry-run --quick "${out[@]}"
-    part throughput 300 "$PY" scripts/bench_uptrain.py --dry-run "${out[@]}"
-    part decode 300 "$PY" scripts/bench_decode.py --dry-run "${out[@]}"
-    part quality 600 "$PY" scripts/quality_per_token.py --dry-run ${OUT:+--work "$OUT/runs"} "${out[@]}" ;;
+    part bench-kernels 900 "$PY" scripts/bench_kernels.py --dry-run --quick "${out[@]}"
+    part throughput 600 "$PY" scripts/bench_uptrain.py --dry-run "${out[@]}"
+    part decode 600 "$PY" scripts/bench_decode.py --dry-run "${out[@]}"
+    part quality 900 "$PY" scripts/quality_per_token.py --dry-run ${OUT:+--work "$OUT/runs"} "${out[@]}" ;;
   kernels) "$PY" -P -m pytest -q "${KERNEL_TESTS[@]}" || echo "KERNEL TESTS FAILED (timings follow)"
            "$PY" scripts/bench_kernels.py "${out[@]}" ;;
   throughput) "$PY" scripts/bench_uptrain.py "${out[@]}" ;;

@@ -16,7 +16,7 @@ CAMPAIGN = Path(__file__).resolve().parent.parent / "scripts" / "gpu_campaign.sh
 
 def test_campaign_rehearsal(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(CAMPAIGN), "rehearse"], capture_output=True, text=True, env=env, timeout=1500)
+    done = subprocess.run(["bash", str(CAMPAIGN), "rehearse"], capture_output=True, text=True, env=env, timeout=3000)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "fla:" in done.stdout  # says whether fla is compared or skipped
 
