@@ -34,9 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from bench_quality import corpora
 from provenance import REPO, figure, write_results
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 NAME = "long_context"
 ORIGINAL = "smollm2-135m"
@@ -101,7 +104,7 @@ def label(path: str) -> str:
     return where.parent.name if where.name in ("model", "converted") else where.name
 
 
-def load(source: str, recipe: str, changes: dict[str, Any]):
+def load(source: str, recipe: str, changes: dict[str, Any]) -> tuple[nn.Module, PreTrainedTokenizerBase, Any]:
     """(model in eval mode, tokenizer, config) of a model source, with `changes` to its options."""
     from supra.commands.common import load_model_and_tokenizer
     from supra.config import load_config
@@ -117,7 +120,8 @@ def load(source: str, recipe: str, changes: dict[str, Any]):
     return model.eval(), tokenizer, cfg
 
 
-def heldout_streams(tokenizer, recipe: str, texts: dict[str, list[str]], tokens: int) -> dict[str, Any]:
+def heldout_streams(tokenizer: PreTrainedTokenizerBase, recipe: str, texts: dict[str, list[str]],
+                    tokens: int) -> dict[str, torch.Tensor]:
     """Each corpus's held-out token stream (tokens + 1 ids), formatted as `supra eval` formats it."""
     from supra.config import load_config
     from supra.evaluate.perplexity import HeldoutPerplexity
@@ -127,7 +131,8 @@ def heldout_streams(tokenizer, recipe: str, texts: dict[str, list[str]], tokens:
             for corpus, overrides in texts.items()}
 
 
-def perplexities(model, streams: dict[str, Any], lengths: list[int], tokens: list[int]) -> dict[str, dict]:
+def perplexities(model: nn.Module, streams: dict[str, torch.Tensor], lengths: list[int],
+                 tokens: list[int]) -> dict[str, dict]:
     """{corpus: {length: perplexity result (ppl, loss, by_position, ...)}} on the first tokens of each stream."""
     from supra.evaluate.perplexity import perplexity
 
@@ -136,7 +141,8 @@ def perplexities(model, streams: dict[str, Any], lengths: list[int], tokens: lis
             for corpus, stream in streams.items()}
 
 
-def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], keys: list[int], seed: int) -> dict:
+def passkey_grid(model: nn.Module, tokenizer: PreTrainedTokenizerBase, lengths: list[int], depths: list[float],
+                 keys: list[int], seed: int) -> dict:
     """supra.evaluate.passkey per length (each with its own number of keys), as one grid."""
     from supra.evaluate.passkey import passkey
 
@@ -153,7 +159,7 @@ def passkey_grid(model, tokenizer, lengths: list[int], depths: list[float], keys
     return grid
 
 
-def state_bytes(model, lengths: list[int]) -> dict[str, dict]:
+def state_bytes(model: nn.Module, lengths: list[int]) -> dict[str, dict]:
     """{length: {total, per_layer}}: the cache one sequence leaves after a prefill of `length` tokens."""
     from supra.evaluate.speed import cache_bytes_per_layer, prefill, random_prompt
 
@@ -168,8 +174,6 @@ def state_bytes(model, lengths: list[int]) -> dict[str, dict]:
 
 def measure(source: str, args: argparse.Namespace, texts: dict[str, list[str]], changes: dict[str, Any]) -> dict:
     """Every measurement of one model, with the CPU-minutes of each part."""
-    import torch
-
     from supra.layers.linearize import recorded_spec
     from supra.layers.switches import window_alone
 
@@ -180,6 +184,7 @@ def measure(source: str, args: argparse.Namespace, texts: dict[str, list[str]], 
         nonlocal mark
         now = time.process_time()
         cpu[part], mark = (now - mark) / 60, now
+        print(f"{source}: {part} done ({cpu[part]:.1f} CPU-min)", flush=True)
 
     model, tokenizer, cfg = load(source, args.recipe, changes)
     spec = recorded_spec(model)
