@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from bench_quality import corpora
 from provenance import REPO, figure, write_results
 
