@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -334,12 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
         except SourceError as err:
             raise SystemExit(f"bench_long_context: error: {err}") from None
     texts = corpora(args.work, args.corpora)
+    load_average = os.getloadavg()[0]  # the machine may be shared: CPU times are this process's own
     converted = [measure(source, args, texts, args.changes) for source in args.models]
     rows = [original_row(args, texts), *converted]
     add_ratios(rows)
     table = tables(rows, args)
     print("\n".join(table))
-    return write_results(args.name, args, {"rows": rows, "table": table},
+    machine = f"{os.cpu_count()} cores, load average {load_average:.1f} at the start; CPU times are process times"
+    return write_results(args.name, args, {"machine": machine, "rows": rows, "table": table},
                          lambda out, device: draw_figure(rows, args, out, device))
 
 

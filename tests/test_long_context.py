@@ -87,6 +87,7 @@ def test_bench_long_context_writes_its_json_on_a_tiny_model(tmp_path, monkeypatc
     bench_long_context.main([*arguments, "--models", str(converted), "--set", "window=8"])
     record = json.loads((tmp_path / "out" / "long_context.json").read_text())
     assert record["benchmark"] == "long_context" and record["git_sha"] and record["command"] and record["date"]
+    assert "load average" in record["machine"]
     original, student = record["rows"]
     assert (original["label"], original["method"], original["window_alone"]) == ("random", "softmax", None)
     assert student["method"] == "lolcats" and student["spec"]["window"] == 8 and student["changes"] == {"window": 8}
