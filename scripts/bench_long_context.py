@@ -319,10 +319,10 @@ def draw_figure(rows: list[dict], args: argparse.Namespace, out: Path, device: s
                         label=row["label"])
             ax.set_ylim(-0.05, 1.05)
             ax.set_xscale("log", base=2)
+            ax.legend(fontsize=6)
         ax.set_xlabel("passkey context length (tokens)")
         ax.set_ylabel("accuracy (mean over depths)")
         ax.set_title("passkey retrieval", fontsize=9)
-        ax.legend(fontsize=6)
 
 
 def main(argv: list[str] | None = None) -> dict:
