@@ -36,6 +36,16 @@ the same product as the softmax weights, and enter the linear state when they le
 block of W is folded into the state at a block's end). The blocked form (`terrace_hybrid_attention`)
 aligns its query blocks with the document's; rows at different places in their blocks, which a
 carried state can hold, run one at a time.
+
+`log_decay` (H,), log gamma_h <= 0 (default None: no decay) decays the linear part: old token j
+enters query n's numerator and denominator with weight gamma_h^(n-j) fq_n.fk_j; the window and sink
+softmax terms are not decayed. Undecayed, the linear sum grows with the context and, past the
+training length, takes the shared denominator from the exact window; decayed, it stays bounded. The
+state's kv then holds sum_j gamma^(t-j) fk_j [v_j, 1] for the newest token t: a step decays it by
+gamma, adds the token leaving the ring with gamma^R (R: the ring's length), and weights the
+terrace's ring-older linear terms by gamma^age. The blocked forms carry each block's state decayed to
+the place before its first query (no power of gamma above 1 is ever formed, so nothing overflows).
+The Triton kernels have no decay: a call with one runs the torch blocked form on CUDA too.
 """
 
 from __future__ import annotations
@@ -118,6 +128,38 @@ def ring_in_time_order(state: HybridState) -> tuple[torch.Tensor, ...]:
             state.valid.roll(-s, dims=1))
 
 
+def powers(log_decay: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """gamma_h^exponent as (H, *exponent.shape), for exponents >= 0."""
+    return (log_decay.view(-1, *(1,) * exponent.dim()) * exponent).exp()
+
+
+def entering_states(fkb: torch.Tensor, vb: torch.Tensor, kv0: torch.Tensor, nb: int,
+                    log_decay: torch.Tensor | None) -> torch.Tensor:
+    """The linear state entering each query block b (B, H, nb, F, E+1): kv0 (the state before key
+    block 0) plus key blocks c < b of fkb, vb (B, H, nb+1, W, .). Decayed, block b's state is taken
+    at the last place of key block b (the place before its first query), which kv0 must also be."""
+    if log_decay is None:
+        block_state = fkb[:, :, :nb].transpose(-1, -2) @ vb[:, :, :nb]
+        return kv0[:, :, None] + block_state.cumsum(2) - block_state
+    W = fkb.shape[3]
+    within = powers(log_decay, W - 1 - torch.arange(W, device=fkb.device)).view(1, -1, 1, W, 1)
+    block_state = (fkb[:, :, :nb] * within).transpose(-1, -2) @ vb[:, :, :nb]  # at each block's last place
+    b = torch.arange(nb, device=fkb.device)
+    lag = b[:, None] - b[None, :]
+    across = powers(log_decay, lag.clamp(min=0) * W) * (lag > 0)  # (H, nb, nb): block c's state at block b's
+    return (torch.einsum("hbc,zhcfe->zhbfe", across, block_state)
+            + powers(log_decay, b * W).view(1, -1, nb, 1, 1) * kv0[:, :, None])
+
+
+def decayed_queries(fqb: torch.Tensor, log_decay: torch.Tensor | None) -> torch.Tensor:
+    """fq of query blocks (B, H, nb, W, F), weighted for the states of `entering_states`: query r of a
+    block is r + 1 places after the state's."""
+    if log_decay is None:
+        return fqb
+    W = fqb.shape[3]
+    return fqb * powers(log_decay, torch.arange(1, W + 1, device=fqb.device)).view(1, -1, 1, W, 1)
+
+
 def window_hybrid_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -131,19 +173,22 @@ def window_hybrid_attention(
     backend: str = "auto",
     sinks: int = 0,
     terrace: bool = False,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
-    T >= 1. A state carried in keeps its own number of sink slots and window kind (`sinks` and
-    `terrace` then must match it).
+    T >= 1; log_decay (H,) <= 0 or None (the linear part's decay, module docstring). A state carried
+    in keeps its own number of sink slots and window kind (`sinks` and `terrace` then must match it),
+    and must come from calls with the same decay.
 
-    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`.
+    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
+    unless it has a decay, which they lack: then it runs the torch blocked form below.
     """
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
     if state is not None and state.terrace != terrace:
         raise ValueError(f"the state is {'a terrace' if state.terrace else 'a sliding window'}'s, the call asks "
                          f"for {'a terrace' if terrace else 'a sliding window'}")
-    if state is None and use_triton(backend, q.device):
+    if state is None and use_triton(backend, q.device) and log_decay is None:
         from .triton_hybrid import triton_window_hybrid_attention
 
         return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state,
@@ -155,14 +200,16 @@ def window_hybrid_attention(
         for start in range(0, T, segment):
             part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
             y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True,
-                                               sinks=sinks, terrace=terrace)
+                                               sinks=sinks, terrace=terrace, log_decay=log_decay)
             outs.append(y)
         return torch.cat(outs, dim=1), (state if output_final_state else None)
     if terrace:
-        return terrace_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks)
+        return terrace_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
+                                        log_decay)
     E = v.shape[-1]
     W = window
     acc = state_dtype(q.dtype)
+    log_decay = None if log_decay is None else log_decay.to(acc)
     P = 0 if state is None else W
     nb = -(-T // W)
     front, back = W - P, nb * W - T
@@ -210,16 +257,17 @@ def window_hybrid_attention(
     c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
     gate = window_gate.to(acc).view(1, H, 1, 1, 1)
     linear_prev = (fqb @ fkb[:, :, :-1].transpose(-1, -2)) * older  # fk is zero where no token is
+    if log_decay is not None:  # key s of the previous block is W + r - s places before query r
+        linear_prev = linear_prev * powers(log_decay, (W + r - s).clamp(max=2 * W - 1)).view(1, H, 1, W, W)
     out = ((gate * (scores_prev - c).exp() + linear_prev) @ vb[:, :, :-1]
            + (gate * (scores_own - c).exp()) @ vb[:, :, 1:])
     if sinks:
         out = out + (gate * (sink_scores - c).exp()) @ sink_v[:, :, None]
 
-    # Linear state entering query block b: everything in key blocks before b.
-    block_state = fkb.transpose(-1, -2) @ vb  # (B, H, nb+1, F, E+1)
-    kv0 = (torch.zeros_like(block_state[:, :, 0]) if state is None else state.kv.to(acc))
-    entering = kv0[:, :, None] + block_state[:, :, :nb].cumsum(2) - block_state[:, :, :nb]
-    out = out + fqb @ entering
+    # Linear state entering query block b: everything in key blocks before b (the carried state is
+    # at key block 0's last place, the newest cached token).
+    kv0 = (fkb.new_zeros(B, H, fkb.shape[-1], E + 1) if state is None else state.kv.to(acc))
+    out = out + decayed_queries(fqb, log_decay) @ entering_states(fkb, vb, kv0, nb, log_decay)
 
     num, den = out[..., :E], out[..., E:]
     query_valid = torch.arange(nb * W, device=q.device).view(nb, W) < T
@@ -233,9 +281,15 @@ def window_hybrid_attention(
         def flat(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(B, H, (nb + 1) * W, -1)
 
-        whole = T // W  # key blocks entirely before place T, already summed in block_state
-        kv = (kv0 + block_state[:, :, :whole].sum(2)
-              + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
+        if log_decay is None:
+            whole = T // W  # key blocks entirely before place T, then the rest
+            kv = (kv0 + (fkb[:, :, :whole].transpose(-1, -2) @ vb[:, :, :whole]).sum(2)
+                  + flat(fkb)[:, :, whole * W:T].transpose(-1, -2) @ flat(vb)[:, :, whole * W:T])
+        else:  # decayed to the newest token, place W + T - 1
+            fk_old = flat(fkb)[:, :, :T] * powers(log_decay, W + T - 1 - torch.arange(T, device=q.device)).view(
+                1, H, T, 1)
+            kv = (kv0 * powers(log_decay, torch.tensor(T, device=q.device)).view(1, H, 1, 1)
+                  + fk_old.transpose(-1, -2) @ flat(vb)[:, :, :T])
         final = HybridState(kv, *(flat(x)[:, :, T:T + W].clone(memory_format=torch.contiguous_format)
                                   for x in (kb, vb, fkb)),
                             valid.reshape(B, (nb + 1) * W)[:, T:T + W].clone(), sink_k, sink_v, sink_valid,
@@ -254,6 +308,7 @@ def terrace_hybrid_attention(
     state: HybridState | None,
     output_final_state: bool,
     sinks: int,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The blocked form of `window_hybrid_attention` with the terrace; query blocks are the document's
     blocks of W, so each sees its own and the previous key block exactly and the older ones linearly."""
@@ -262,10 +317,11 @@ def terrace_hybrid_attention(
     if state is not None and bool((state.phase != state.phase[0]).any()):
         # Rows at different places in their blocks have different block grids: one row at a time.
         rows = [terrace_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
-                                         state_row(state, b), output_final_state, sinks) for b in range(B)]
+                                         state_row(state, b), output_final_state, sinks, log_decay) for b in range(B)]
         return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
     E = v.shape[-1]
     acc = state_dtype(q.dtype)
+    log_decay = None if log_decay is None else log_decay.to(acc)
     p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
     nb = -(-(p + T) // W)
     back = nb * W - p - T
@@ -321,10 +377,15 @@ def terrace_hybrid_attention(
 
     kv_in = (torch.zeros(B, H, fk.shape[-1], E + 1, dtype=acc, device=q.device) if state is None
              else state.kv.to(acc))
-    kv0 = kv_in if state is None else kv_in + outer(fkx[:, :W - p], vx[:, :W - p])
-    block_state = fkb.transpose(-1, -2) @ vb  # (B, H, nb+1, F, E+1)
-    entering = kv0[:, :, None] + block_state[:, :, :nb].cumsum(2) - block_state[:, :, :nb]
-    out = out + fqb @ entering
+    if log_decay is None:
+        kv0 = kv_in if state is None else kv_in + outer(fkx[:, :W - p], vx[:, :W - p])
+    else:  # X's oldest W - p tokens join at key block 0's last place (X place 2W - p - 1); the carried
+        # kv_in (at X place 2W - 1, query i + 1 places later) on its own: moving it back would take gamma^-p
+        oldest = powers(log_decay, 2 * W - p - 1 - torch.arange(W - p, device=q.device))
+        kv0 = outer(fkx[:, :W - p] * oldest.T[None, :, :, None], vx[:, :W - p])
+        if state is not None:
+            out = out + (fqb * powers(log_decay, (place + 1).clamp(min=0)).view(1, H, nb, W, 1)) @ kv_in[:, :, None]
+    out = out + decayed_queries(fqb, log_decay) @ entering_states(fkb, vb, kv0, nb, log_decay)
 
     num, den = out[..., :E], out[..., E:]
     den = den + ((place < 0) | (place >= T)).view(1, 1, nb, W, 1)  # keeps padded rows finite
@@ -334,7 +395,11 @@ def terrace_hybrid_attention(
     if output_final_state:  # the ring is X's last 2W tokens, oldest first; the state holds all before
         ring = (x[:, T:T + 2 * W].transpose(1, 2).clone(memory_format=torch.contiguous_format)
                 for x in (kx, vx, fkx))
-        final = HybridState(kv_in + outer(fkx[:, :T], vx[:, :T]), *ring, valid[:, T:T + 2 * W].clone(), sink_k,
+        fk_old = fkx[:, :T]
+        if log_decay is not None:  # decayed to the newest token, X place 2W + T - 1
+            fk_old = fk_old * powers(log_decay, 2 * W + T - 1 - torch.arange(T, device=q.device)).T[None, :, :, None]
+            kv_in = kv_in * powers(log_decay, torch.tensor(T, device=q.device)).view(1, H, 1, 1)
+        final = HybridState(kv_in + outer(fk_old, vx[:, :T]), *ring, valid[:, T:T + 2 * W].clone(), sink_k,
                             sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True)
     return y.to(q.dtype), final
 
@@ -347,9 +412,11 @@ def window_hybrid_step(
     fk: torch.Tensor,
     window_gate: torch.Tensor,
     state: HybridState,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
     """One new token per row: q, k (B, H, D), v (B, H, V), fq, fk (B, H, F); the state's tensors
-    are updated in place (the returned state differs only in next_slot). Returns y (B, H, V)."""
+    are updated in place (the returned state differs only in next_slot). Returns y (B, H, V).
+    log_decay: the decay the state was made with (module docstring)."""
     B, H, D = q.shape
     E = v.shape[-1]
     Fd = fk.shape[-1]
@@ -358,7 +425,12 @@ def window_hybrid_step(
     ring = state.k.shape[2]
     acc = state.kv.dtype
     # The oldest token leaves the ring: into the linear state (zero fk if it is no token).
-    state.kv.view(B * H, Fd, E + 1).baddbmm_(state.fk[:, :, slot].reshape(B * H, Fd, 1),
+    leaving = state.fk[:, :, slot]
+    if log_decay is not None:  # the state moves to the new token's place; the leaving token is `ring` before it
+        log_decay = log_decay.to(acc)
+        state.kv.mul_(log_decay.exp().view(1, H, 1, 1))
+        leaving = leaving * (log_decay * ring).exp().view(1, H, 1)
+    state.kv.view(B * H, Fd, E + 1).baddbmm_(leaving.reshape(B * H, Fd, 1),
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))
     state.k[:, :, slot] = k
     state.v[:, :, slot, :E] = v
@@ -388,6 +460,8 @@ def window_hybrid_step(
     weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
     if state.terrace:
         linear = (state.fk @ fq.to(acc).unsqueeze(-1)).squeeze(-1) * ~inside[:, None]  # fk is 0 where no token
+        if log_decay is not None:
+            linear = linear * powers(log_decay, age)
         weights[..., S:] += linear
     out = (weights.unsqueeze(2) @ values).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
     y = out[..., :E] / out[..., E:]
@@ -404,6 +478,7 @@ def parallel_window_hybrid_attention(
     window: int = 64,
     sinks: int = 0,
     terrace: bool = False,
+    log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition with full T x T masks, for tests and for short sequences."""
     T, D = q.shape[1], q.shape[-1]
@@ -417,6 +492,9 @@ def parallel_window_hybrid_attention(
     older = (j < first) & ~sink
     scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~soft, float("-inf"))
     gate = window_gate.to(acc).view(1, -1, 1, 1)
-    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * older
+    linear = (fqf @ fkf.transpose(-1, -2)) * older
+    if log_decay is not None:
+        linear = linear * powers(log_decay.to(acc), (n - j).clamp(min=0))
+    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + linear
     y = (weights @ vf) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

@@ -37,6 +37,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--late-from", type=int, default=512,
                         help="'late' positions start here (the table's last column is their mean loss)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-quality", help="where the prose corpus is")
+    parser.add_argument("--corpora", nargs="+", choices=("stdlib", "prose"), default=["stdlib", "prose"])
+    parser.add_argument("--no-original", action="store_true",
+                        help="skip the original model (its rows at the same settings are in an earlier result)")
+    parser.add_argument("--name", default=NAME, help="result file name (without .json)")
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
 
@@ -53,10 +57,10 @@ def main() -> None:
     args = parse_args()
     if args.late_from >= args.seq_len:
         raise SystemExit(f"--late-from {args.late_from} must be below --seq-len {args.seq_len}")
-    texts = corpora(args.work)
+    texts = corpora(args.work, args.corpora)
     length = str(args.seq_len)
     rows = []
-    for path in [ORIGINAL, *args.models]:
+    for path in ([] if args.no_original else [ORIGINAL]) + args.models:
         model, tokenizer, _ = load(path, args.recipe, {})
         streams = heldout_streams(tokenizer, args.recipe, texts, args.heldout_tokens)
         with torch.no_grad():
@@ -96,7 +100,7 @@ def main() -> None:
                 ax.set_title(f"{corpus}, windows of {args.seq_len} tokens ({device})", fontsize=9)
                 ax.legend(fontsize=6)
 
-    write_results(NAME, args, {"rows": rows, "table": table}, draw)
+    write_results(args.name, args, {"rows": rows, "table": table}, draw)
 
 
 if __name__ == "__main__":

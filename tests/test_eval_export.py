@@ -26,7 +26,7 @@ ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_atte
             vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
 CASES = {  # name: (base architecture, conversion)
     "supra": ("llama", LinearizeSpec(method="supra")),
-    "lolcats": ("llama", LinearizeSpec(method="lolcats", window=8)),
+    "lolcats": ("llama", LinearizeSpec(method="lolcats", window=8, state_decay="learned")),
     "t2r": ("llama", LinearizeSpec(method="t2r")),
     "gla": ("llama", LinearizeSpec(method="gla", window=8, window_mix="token")),
     "qwen2-gdn-learned": ("qwen2", LinearizeSpec(method="gdn", gate="learned")),
@@ -133,7 +133,8 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
                                                "num_key_value_heads": 2, "vocab_size": 128}).eval()
     factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[1], targets=["mlp.up_proj"]))
     spec = LinearizeSpec(method="gla", decay="retnet", gate="learned", feature_map_init="identity", feature_dim=8,
-                         window=3, window_kind="terrace", window_mix="token", sinks=2, softmax_layers=[0], skip_layers=[2],
+                         window=3, window_kind="terrace", window_mix="token", sinks=2, state_decay="retnet",
+                         softmax_layers=[0], skip_layers=[2],
                          backend="torch",
                          factorized=recorded_spec(model).factorized,
                          softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5}, "note": None})

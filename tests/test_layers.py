@@ -22,6 +22,10 @@ SPECS = {  # test name: conversion settings
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks": {"method": "lolcats", "sinks": 3},  # the first 3 tokens stay in the softmax window
     "lolcats-terrace": {"method": "lolcats", "window_kind": "terrace", "sinks": 2},  # blocks of W, with sinks
+    # the linear part decayed: fixed rates on the sliding window, learned ones on the terrace
+    "lolcats-decay": {"method": "lolcats", "sinks": 2, "state_decay": "supra"},
+    "lolcats-terrace-learned-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2,
+                                      "state_decay": "learned"},
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
@@ -58,9 +62,10 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     def linear(q, k, v, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
-    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False):
+    def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False,
+               log_decay=None):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
-        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace), None
+        return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace, log_decay), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
         return recurrent_delta_rule(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens)

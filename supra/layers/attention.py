@@ -268,9 +268,10 @@ class T2RAttention(RecurrentAttention):
 
 class LolcatsAttention(RecurrentAttention):
     """LoLCATs: Hedgehog feature maps after RoPE; exact softmax over a sliding window and linear
-    attention for older tokens, one shared denominator, learnable per-head window gate."""
+    attention for older tokens, one shared denominator, learnable per-head window gate; with
+    spec.state_decay, the linear part decays per head (kernels/hybrid.py), fixed or learned."""
 
-    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "window_factor")
+    new_parameter_prefixes = ("feature_map_q", "feature_map_k", "window_factor", "state_decay")
 
     def __init__(self, attention: nn.Module, config: Any, layer_idx: int, spec: Any):
         super().__init__(attention, config, layer_idx, spec)
@@ -279,6 +280,23 @@ class LolcatsAttention(RecurrentAttention):
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, dim, **self.factory())
         # sigmoid(-2.197) = 0.1: the softmax window starts with a small weight, as in LoLCATs.
         self.window_factor = nn.Parameter(torch.full((self.num_heads,), -2.1972245773362196, **self.factory()))
+        # The linear part's decay (kernels/hybrid.py): fixed rates as plain floats (SupraAttention's
+        # reason), or learned as the logit of gamma, starting at SUPRA's rates.
+        kind = spec.state_decay
+        self.log_decay_values = log_decay_rates("supra" if kind == "learned" else kind, self.num_heads)
+        self._log_decay: torch.Tensor | None = None
+        self.state_decay = (nn.Parameter(torch.tensor(self.log_decay_values, dtype=torch.float64).exp().logit()
+                                         .to(**self.factory())) if kind == "learned" else None)
+
+    def log_decay(self, device: torch.device) -> torch.Tensor | None:
+        """The linear part's log gamma per head (H,), None without decay."""
+        if self.state_decay is not None:
+            return F.logsigmoid(self.state_decay.float())
+        if self.spec.state_decay == "none":
+            return None
+        if self._log_decay is None or self._log_decay.device != device:
+            self._log_decay = torch.tensor(self.log_decay_values, device=device, dtype=torch.float32)
+        return self._log_decay
 
     def mix(self, q, k, v, position_embeddings, state, starts, want_state):
         cos, sin = position_embeddings
@@ -287,17 +305,18 @@ class LolcatsAttention(RecurrentAttention):
         v = repeat_heads(v, self.groups)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         gate = torch.sigmoid(self.window_factor.float())
+        log_decay = self.log_decay(q.device)
         if stepping(q, state):
             restart = restarting_rows(starts)
             if restart is not None:
                 state = restart_hybrid_rows(state, restart)
-            out, state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], gate, state)
+            out, state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], gate, state, log_decay)
             return out.unsqueeze(1), state
 
         def hybrid(q, k, v, fq, fk, state):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
                                            backend=self.spec.backend, sinks=self.spec.sinks,
-                                           terrace=self.spec.window_kind == "terrace")
+                                           terrace=self.spec.window_kind == "terrace", log_decay=log_decay)
 
         return per_document(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 

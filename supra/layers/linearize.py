@@ -45,6 +45,10 @@ class LinearizeSpec:
     window_kind: str = "sliding"  # sliding: the last W tokens | terrace: own block of W + the previous one
     window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
+    # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
+    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's);
+    # other methods ignore it, as lolcats ignores `gate`
+    state_decay: str = "none"
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
@@ -56,7 +60,8 @@ class LinearizeSpec:
     def validate(self, num_layers: int | None = None) -> None:
         choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
                    "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton"),
-                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token")}
+                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token"),
+                   "state_decay": ("none", "supra", "retnet", "learned")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
