@@ -108,7 +108,7 @@ def respecify(model: nn.Module, changes: dict[str, Any]) -> LinearizeSpec:
                 rebuilt[idx].load_state_dict(old.state_dict())
             except RuntimeError as err:
                 raise ValueError(f"{', '.join(sorted(changes))} changes the weights of layer {idx}'s attention; "
-                                 f"convert and train with it instead ({str(err).splitlines()[0]})") from None
+                                 f"convert and train with it instead ({str(err).splitlines()[-1].strip()})") from None
     for idx, layer in rebuilt.items():
         blocks[idx].self_attn = layer
     record_spec(model, new)
