@@ -9,7 +9,7 @@ LOCK := requirements/lock.txt
 EXTRAS := triton,eval,wandb,dev,slurm
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test demo lint clean test-latest lock bench-quality
+.PHONY: install test demo lint clean test-latest lock bench-quality wheels
 
 install: $(STAMP)
 
@@ -59,6 +59,12 @@ lock: test-latest
 	cp $(LATEST_VENV)/lock.txt $(LOCK)
 	rm -rf $(LATEST_VENV)
 	@echo "$(LOCK) updated; 'make test' reinstalls from it. Commit it."
+
+# fla (ANCHORS.md section 4), the GPU campaign's reference kernels: its pure-Python wheels and einops,
+# downloaded into .whl/ (gitignored) to travel to a device machine that reaches no registry, where
+# `SUPRA_SITE=<dir> bash scripts/gpu_campaign.sh all` installs them (without them it skips fla, saying so).
+wheels: install
+	$(BIN)/python -m pip download -q --no-deps --dest .whl flash-linear-attention==0.6.0 fla-core==0.6.0 einops
 
 lint: install
 	$(BIN)/ruff check supra kernels tests scripts

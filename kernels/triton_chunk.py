@@ -44,6 +44,9 @@ from .chunked import chunk_linear_attention
 # an element a kernel forgets to write then fails the comparison instead of passing by luck.
 POISON_OUTPUTS = os.environ.get("SUPRA_POISON_OUTPUTS", "") == "1"
 
+# tl.dot's input precision for float32 inputs (see _Layout); the interpreter computes every dot in float32.
+FLOAT32_PREC = "tf32x3"
+
 # Decay modes, a compile-time switch in the kernels.
 NO_DECAY, HEAD_DECAY, TOKEN_DECAY = 0, 1, 2
 
@@ -326,8 +329,10 @@ class _Layout:
         self.BV = max(16, min(64, triton.next_power_of_2(self.V)))
         self.NK, self.NV = triton.cdiv(self.K, self.BK), triton.cdiv(self.V, self.BV)
         self.decay = (NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY)
-        # float32 inputs get exact float32 products; tf32 would cost about three digits.
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        # float32 inputs: each product as three tf32 ones on the tensor cores (tf32x3: about float32's
+        # accuracy; one tf32 product would cost about three digits). 'ieee' dots ran on the CUDA cores, spilled,
+        # and needed more shared memory than an A100 has (scripts/compile_sweep.py).
+        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"
         self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         # Chunk states: float32 for float32 inputs, else the input dtype (half the traffic, like fla).
         self.state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -490,17 +495,22 @@ def triton_linear_attention(
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be (B, T, H, K) and v (B, T, H, V); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch size {B}")
     if log_decay is not None and log_decay.shape not in ((H,), (B, T, H)):
         raise ValueError(f"log_decay must be (H,)={H,} or (B, T, H)={B, T, H}; got {tuple(log_decay.shape)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot tiles), got {chunk_size}")
-    if q.dtype == torch.float64:
-        return chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                      cu_seqlens, chunk_size)
+    # The kernels take one dtype: mixed inputs (GLA in a bf16 model passes float32 feature maps beside
+    # bf16 values) run in the promoted one, as the torch form computes; the output is in q's dtype and
+    # each gradient comes back in its input's dtype.
+    out_dtype = q.dtype
+    act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = q.to(act), k.to(act), v.to(act)
+    if act == torch.float64:
+        o, final = chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                          cu_seqlens, chunk_size)
+        return o.to(out_dtype), final
     scale = K**-0.5 if scale is None else float(scale)
     if log_decay is not None:
         log_decay = log_decay.float()
@@ -508,4 +518,4 @@ def triton_linear_attention(
         initial_state = initial_state.float()
     o, final = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, initial_state,
                        cu_seqlens, scale, chunk_size)
-    return o, (final if output_final_state else None)
+    return o.to(out_dtype), (final if output_final_state else None)

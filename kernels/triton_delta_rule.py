@@ -31,9 +31,10 @@ Backward: the chunk states are recomputed (W, U, S, Vn), then
                            the remaining dk, dbeta and dlog_decay (sums inside the chunk only).
 Grids: [chunks, H] for the per-chunk kernels, [NV, documents * H] for the two walks.
 
-What is exact: nothing beyond float32 arithmetic. float32 inputs use IEEE float32 products (no
-tf32); against the float64 recurrence the output, final state and every gradient agree to about
-2e-7 relative on the tests' shapes (they allow 1e-5). bf16 inputs keep W, U, Vn and the chunk
+What is exact: nothing beyond float32 arithmetic. float32 inputs take each product as three tf32
+ones (tf32x3, on the tensor cores: about float32's accuracy); against the float64 recurrence the
+output, final state and every gradient agree to about 2e-7 relative on the tests' shapes under the
+interpreter, which computes in float32 (they allow 1e-5). bf16 inputs keep W, U, Vn and the chunk
 states in bf16, as fla does (about 1e-2 relative). (I + A)^-1 is computed by forward substitution,
 one row per step: C steps on a C x C tile.
 """

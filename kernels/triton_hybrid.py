@@ -29,7 +29,8 @@ Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
                                    the key that holds the max.
   _dsinks_kernel   [B*H]          with sinks: dk, dv of the sink tile, over every query chunk.
   _dkv_kernel      [chunks, B*H]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus dhs[c]
-                                   (and the sink tile's share for the first S keys).
+                                   (and the sink tile's share for the first S keys); launched twice,
+                                   for dk and dfk, then for dv (shared memory at D = 128).
 
 Backward: with do' = do_n / z_n and delta_n = do_n.y_n / z_n, dL/dw_nj = do'_n.v_j - delta_n. c_n is no
 normaliser here (the linear part does not share it), so it has a gradient of its own,
@@ -52,7 +53,7 @@ import triton.language as tl
 
 from .hybrid import HybridState, take_sinks, window_hybrid_attention
 from .reference import state_dtype
-from .triton_chunk import _dot, alloc
+from .triton_chunk import FLOAT32_PREC, _dot, alloc
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -323,7 +324,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
                 do_ptr, dc_ptr, amax_ptr, dks_ptr, dvs_ptr, dk_ptr, dv_ptr, dfk_ptr,
                 scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
                 C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, DV: tl.constexpr):
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
@@ -334,6 +335,8 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
     vb = _rows(v_ptr, b, j, h, T, H, rv, V)
 
     # Tiles are transposed, [key, query]: these keys are "this chunk" for query chunk i, "previous" for i + 1.
+    # DV: this launch computes dv; otherwise dk and dfk. One program doing all three held more C x D tiles
+    # than an H100's shared memory at D = 128, C = 128 (256 KB); each half recomputes the scores s instead.
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BV], dtype=tl.float32)
     dfk = tl.zeros([C, BF], dtype=tl.float32)
@@ -341,46 +344,50 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
         n = (i + t) * C + tl.arange(0, C)
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
-        delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
         window, older = _masks(n[None, :], j[:, None], T, W, S, TERRACE)
         s = _dot(kb, _cols(q_ptr, b, n, h, T, H, rd, D), PREC, UPCAST) * scale
         e = tl.exp(tl.where(window, s - c[None, :], float("-inf")))
-        fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
-        a = tl.where(older, _dot(fkb, _cols(fq_ptr, b, n, h, T, H, rf, F), PREC, UPCAST), 0.0)
-        dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
-        dos_t = _cols(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[None, :]
-        dv += _dot((g * e + a).to(vb.dtype), dos.to(vb.dtype), PREC, UPCAST)
-        dw = _dot(vb, dos_t.to(vb.dtype), PREC, UPCAST) - delta[None, :]
-        # A sink past the window may hold the max: the sink tile (_dsinks_kernel) passes it on, not this one.
-        holds_max = window & (j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :])
-        ds = dw * g * e + tl.where(holds_max, _per_token(dc_ptr, b, n, h, T, H, 0.0)[None, :], 0.0)
-        qb = _rows(q_ptr, b, n, h, T, H, rd, D)
-        dk += _dot(ds.to(qb.dtype), qb, PREC, UPCAST)
-        dfk += _dot(tl.where(older, dw, 0.0).to(fqb.dtype), fqb, PREC, UPCAST)
+        if DV:
+            a = tl.where(older, _dot(fkb, _cols(fq_ptr, b, n, h, T, H, rf, F), PREC, UPCAST), 0.0)
+            dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
+            dv += _dot((g * e + a).to(vb.dtype), dos.to(vb.dtype), PREC, UPCAST)
+        else:
+            delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
+            dos_t = _cols(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[None, :]
+            dw = _dot(vb, dos_t.to(vb.dtype), PREC, UPCAST) - delta[None, :]
+            # A sink past the window may hold the max: the sink tile (_dsinks_kernel) passes it on, not this one.
+            holds_max = window & (j[:, None] == _per_token(amax_ptr, b, n, h, T, H, -1)[None, :])
+            ds = dw * g * e + tl.where(holds_max, _per_token(dc_ptr, b, n, h, T, H, 0.0)[None, :], 0.0)
+            qb = _rows(q_ptr, b, n, h, T, H, rd, D)
+            dk += _dot(ds.to(qb.dtype), qb, PREC, UPCAST)
+            fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
+            dfk += _dot(tl.where(older, dw, 0.0).to(fqb.dtype), fqb, PREC, UPCAST)
 
     # What the linear state carries to query chunks >= i + 2.
     base = bh.to(tl.int64) * NC + i
-    m_fv = (rf[:, None] < F) & (rv[None, :] < V)
-    dhs = tl.load(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=m_fv, other=0.0)
-    dhst = tl.load(dhs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
-                   other=0.0)
-    dhden = tl.load(dhden_ptr + base * F + rf, mask=rf < F, other=0.0)
     in_state = (j >= S)[:, None]  # sinks never enter the state
-    dv += _dot(tl.where(in_state, fkb, 0.0).to(fkb.dtype), dhs.to(fkb.dtype), PREC, UPCAST)
-    dfk += tl.where(in_state, _dot(vb.to(fkb.dtype), dhst.to(fkb.dtype), PREC, UPCAST) + dhden[None, :], 0.0)
-    if S > 0:  # what the sink tile gave the first S keys (float32, added before the one rounding)
-        sink_row = (j < S)[:, None]
-        dk += tl.load(dks_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BD + rd[None, :], mask=sink_row, other=0.0)
-        dv += tl.load(dvs_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BV + rv[None, :], mask=sink_row, other=0.0)
-
+    sink_row = (j < S)[:, None]
     live = j < T
     tok = (b * T + j).to(tl.int64) * H + h
-    tl.store(dk_ptr + tok[:, None] * D + rd[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
-             mask=live[:, None] & (rd[None, :] < D))
-    tl.store(dv_ptr + tok[:, None] * V + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=live[:, None] & (rv[None, :] < V))
-    tl.store(dfk_ptr + tok[:, None] * F + rf[None, :], dfk.to(dfk_ptr.dtype.element_ty),
-             mask=live[:, None] & (rf[None, :] < F))
+    if DV:
+        m_fv = (rf[:, None] < F) & (rv[None, :] < V)
+        dhs = tl.load(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=m_fv, other=0.0)
+        dv += _dot(tl.where(in_state, fkb, 0.0).to(fkb.dtype), dhs.to(fkb.dtype), PREC, UPCAST)
+        if S > 0:  # what the sink tile gave the first S keys (float32, added before the one rounding)
+            dv += tl.load(dvs_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BV + rv[None, :], mask=sink_row, other=0.0)
+        tl.store(dv_ptr + tok[:, None] * V + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=live[:, None] & (rv[None, :] < V))
+    else:
+        dhst = tl.load(dhs_ptr + base * F * V + rf[None, :] * V + rv[:, None],
+                       mask=(rv[:, None] < V) & (rf[None, :] < F), other=0.0)
+        dhden = tl.load(dhden_ptr + base * F + rf, mask=rf < F, other=0.0)
+        dfk += tl.where(in_state, _dot(vb.to(fkb.dtype), dhst.to(fkb.dtype), PREC, UPCAST) + dhden[None, :], 0.0)
+        if S > 0:
+            dk += tl.load(dks_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BD + rd[None, :], mask=sink_row, other=0.0)
+        tl.store(dk_ptr + tok[:, None] * D + rd[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+                 mask=live[:, None] & (rd[None, :] < D))
+        tl.store(dfk_ptr + tok[:, None] * F + rf[None, :], dfk.to(dfk_ptr.dtype.element_ty),
+                 mask=live[:, None] & (rf[None, :] < F))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +410,7 @@ class _Layout:
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
-        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"  # float32 in, float32 products out
+        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"  # as triton_chunk._Layout
         self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
         self.scale = self.D**-0.5
 
@@ -453,15 +460,18 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_
     dg = alloc((lay.B, lay.H, lay.NC), torch.float32, dev)  # per chunk; summed below
     _dq_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, hs, hden, m, z, delta, do, dq, dfq, dc, amax, dg,
                              lay.scale, lay.T, **lay.chunk_meta())
-    # The sinks' gradient from the queries past the window, in float32 for the chunk kernel to add.
+    # The sinks' gradient from the queries past the window, in float32 for the chunk kernel to add. One
+    # pipeline stage: its loop loads four C x D tiles a step, and buffering them three deep needed 273 KB
+    # of shared memory at D = 128 (scripts/compile_sweep.py), over an H100's 227 KB.
     dks, dvs = (torch.zeros(BH, lay.BS, x, dtype=torch.float32, device=dev) for x in (lay.BD, lay.BV))
     if lay.S:
         _dsinks_kernel[(BH,)](q, k, v, gate, m, z, delta, do, dc, amax, dks, dvs, lay.scale, lay.T, H=lay.H,
                               D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, TERRACE=lay.terrace, C=lay.C,
-                              BD=lay.BD, BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast)
+                              BD=lay.BD, BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast, num_stages=1)
     dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
-    _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk, dv, dfk,
-                              lay.scale, lay.T, **lay.chunk_meta())
+    for part in (False, True):  # dk and dfk, then dv (see the kernel)
+        _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk, dv,
+                                  dfk, lay.scale, lay.T, DV=part, **lay.chunk_meta())
     return dq, dk, dv, dfq, dfk, dg.sum((0, 2))
 
 

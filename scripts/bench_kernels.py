@@ -31,6 +31,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cost_model import (
+    decode_step,
+    delta_rule_bytes,
+    delta_rule_flops,
+    hybrid_bytes,
+    hybrid_flops,
+    linear_bytes,
+    linear_flops,
+    roofline,
+    sdpa_bytes,
+    sdpa_flops,
+)
 from provenance import device_slug, provenance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,75 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=32768, help="B*T for the Llama-7B shapes")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--skip-sdpa", action="store_true", help="leave out the FlashAttention columns")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes (T = 2k, 8k, 32k; one of fla's, one decode, one hybrid, two delta rule): "
+                             "the GPU campaign's `all`, about a third of the timings")
     return parser.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------
-# Cost models (per call): FLOPs and bytes moved to and from HBM by our kernels
-# ----------------------------------------------------------------------------------------------
-
-
-def linear_flops(B: int, T: int, H: int, K: int, V: int, C: int, backward: bool) -> float:
-    """Chunked linear attention as our kernels compute it (full C x C tiles, masks not skipped).
-
-    Forward per token and head: state update 2KV, read of the state 2KV, scores 2CK, scores.v 2CV.
-    Backward: recomputed states 2KV, dstates 2KV, dv 2CK+2KV+2CV, dq/dk 4KV+4CV+4CK.
-    """
-    fwd = 4 * K * V + 2 * C * (K + V)
-    bwd = 10 * K * V + 6 * C * (K + V)
-    return B * T * H * (fwd + (bwd if backward else 0))
-
-
-def linear_bytes(B: int, T: int, H: int, K: int, V: int, C: int, elem: int, backward: bool) -> float:
-    """HBM traffic of our kernels, counting every block load (no L2 reuse assumed)."""
-    BK, BV = min(64, K), min(64, V)
-    NK, NV = math.ceil(K / BK), math.ceil(V / BV)
-    tok = B * T * H
-    states = B * math.ceil(T / C) * H * K * V * elem  # one pass over the chunk states, stored in bf16
-    fwd_states = tok * (K * NV + V * NK) * elem + states  # read k, v; write h
-    fwd_output = tok * (2 * K * NV + 2 * V) * elem + states  # read q, k, v, h; write o
-    if not backward:
-        return fwd_states + fwd_output
-    dstates = tok * (K * NV + V * NK) * elem + states  # read q, do; write dh
-    dv = tok * (2 * K * NV + 2 * V) * elem + states  # read k, q, dh, do; write dv
-    dqdk = tok * (4 * V * NK + 4 * K) * elem + 2 * states  # read do, v twice; q, k; h, dh; write dq, dk
-    return fwd_states + fwd_output + fwd_states + dstates + dv + dqdk
-
-
-def hybrid_flops(B: int, T: int, H: int, D: int, F: int, V: int, C: int, backward: bool) -> float:
-    """The fused hybrid as our kernels compute it (two full C x C tiles per query chunk, masks not skipped).
-
-    Forward per token and head: scores 4CD, feature products 4CF, weights.v 4CV, state read and
-    update 4FV. Backward: states and dstates 4FV; dq kernel 8CD+4CF+4CV+2FV; dkv kernel 8CD+8CF+8CV+4FV.
-    """
-    fwd = 4 * C * (D + F + V) + 4 * F * V
-    bwd = 16 * C * D + 12 * C * F + 12 * C * V + 10 * F * V
-    return B * T * H * (fwd + (bwd if backward else 0))
-
-
-def hybrid_bytes(B: int, T: int, H: int, D: int, F: int, V: int, C: int, elem: int, backward: bool) -> float:
-    """HBM traffic of our hybrid kernels, counting every tile load (keys twice: two query chunks read them).
-
-    Features are float32 (4 bytes), activations `elem` bytes, states float32 once per chunk.
-    """
-    tok, states = B * T * H, B * math.ceil(T / C) * H * F * (V + 1) * 4
-    walk = tok * (4 * F + elem * V) + states  # read fk, v; write the states
-    fwd = walk + tok * (elem * (3 * D + 3 * V) + 4 * 3 * F + 8) + states  # q, k x2, v x2, o; fq, fk x2; c, z
-    if not backward:
-        return fwd
-    dstates = tok * (4 * F + elem * V + 8) + states
-    dq = tok * (elem * (4 * D + 3 * V) + 4 * 4 * F + 20) + states  # + do, dq, dfq, per-token scalars
-    dkv = tok * (elem * (5 * D + 6 * V) + 4 * 4 * F + 32) + states
-    return fwd + walk + dstates + dq + dkv
-
-
-def sdpa_flops(B: int, T: int, H: int, D: int, backward: bool) -> float:
-    fwd = 2 * B * H * T * T * D  # two T x T x D products, half of them masked by causality
-    return fwd * (3.5 if backward else 1.0)  # FlashAttention's convention: backward = 2.5 x forward
-
-
-def sdpa_bytes(B: int, T: int, H: int, D: int, elem: int, backward: bool) -> float:
-    return B * T * H * D * elem * (9 if backward else 4)  # q, k, v, o (+ do, dq, dk, dv, o again)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,7 +278,8 @@ def time_shape(family: str, B: int, T: int, H: int, D: int, device, fla, timer: 
                 flops = linear_flops(B, T, H, D, D, chunk_size, backward)
                 nbytes = linear_bytes(B, T, H, D, D, chunk_size, 2, backward)
             rows.append({"family": family, "B": B, "T": T, "H": H, "D": D, "method": name, "pass": pass_name,
-                         "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+                         "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6,
+                         **roofline(flops, nbytes, ms)})
     return rows
 
 
@@ -346,12 +294,12 @@ def time_decode(B: int, H: int, D: int, device, fla, timer: Timer) -> list[dict]
     if fla is not None:
         methods["fla"] = lambda: fla["recurrent"](q=q[:, None], k=k[:, None], v=v[:, None], g_gamma=g,
                                                   scale=D**-0.5, initial_state=state, output_final_state=True)
-    nbytes = B * H * (2 * D * D * 4 + 4 * D * 2)  # the float32 state read and written once; q, k, v, o
+    flops, nbytes = decode_step(B, H, D, D)
     rows = []
     for name, fn in methods.items():
         ms = timer(fn)
         rows.append({"family": "decode", "B": B, "T": 1, "H": H, "D": D, "method": name, "pass": "step",
-                     "ms": ms, "tflops": 4 * B * H * D * D / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+                     "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6, **roofline(flops, nbytes, ms)})
     return rows
 
 
@@ -461,7 +409,8 @@ def time_hybrid(B: int, T: int, H: int, D: int, window: int, device, fla, timer:
             else:  # the torch form does the same arithmetic, in more passes
                 flops = hybrid_flops(B, T, H, D, D, D, C, backward)
                 nbytes = hybrid_bytes(B, T, H, D, D, D, C, 2, backward)
-            rows.append({**lead, "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6, "bytes": nbytes})
+            rows.append({**lead, "ms": ms, "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6,
+                         **roofline(flops, nbytes, ms)})
     return rows
 
 
@@ -600,6 +549,11 @@ def delta_rule_block(device, timer: Timer, shapes: list[tuple[int, int, int, int
 
                 row["fwd_ms"] = timer(forward)
                 row["fwd_bwd_ms"] = timer(forward_backward, grad_to_none=leaves)
+                elem = 4 if dtype == torch.float32 else 2
+                for key, backward in (("fwd", False), ("fwd_bwd", True)):
+                    cost = roofline(delta_rule_flops(B, T, H, D, D, chunk_size, backward),
+                                    delta_rule_bytes(B, T, H, D, D, chunk_size, elem, backward), row[f"{key}_ms"])
+                    row |= {f"{key}_{k}": v for k, v in cost.items()}
             except Exception as error:  # memory, or an fla version with another API: report, keep going
                 row["error"] = f"{type(error).__name__}: {error}"[:200]
             shape_rows.append(row)
@@ -646,6 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         decode_shapes = [(1, 32, 128), (32, 32, 128)]
         hybrid_window, hybrid_check, hybrid_hd = 64, (2, 1000, 4, 128), (32, 128)
         hybrid_shapes = [(max(1, args.tokens // t), t) for t in (1024, 4096, 16384)]
+        if args.quick:
+            llama = [(max(1, args.tokens // t), t) for t in (2048, 8192, 32768)]
+            fla_shapes, decode_shapes = [(4, 4096)], [(32, 32, 128)]
+            hybrid_shapes = [(max(1, args.tokens // 4096), 4096)]
 
     print(f"device: {device_name}; fla: {'yes' if fla else 'no'}; chunk size {chunk}")
     print("\n== correctness (relative RMS error, bf16 kernels) ==")
@@ -672,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     print("\n== gated delta rule (method=gdn) ==")
     delta_rows = delta_rule_block(device, timer, [(1, 20, 1, 16)] if args.dry_run else
-                                  [(2, 1000, 4, 128)] + [(1, t, 16, 128) for t in (2048, 4096, 8192)], chunk)
+                                  [(2, 1000, 4, 128)] + [(1, t, 16, 128) for t in
+                                                         ((4096,) if args.quick else (2048, 4096, 8192))], chunk)
 
     nominal = next((bw for key, bw in NOMINAL_HBM.items() if key in device_name), None)
     measured = measure_bandwidth(device, timer, (1 << 30) if cuda else (1 << 22))

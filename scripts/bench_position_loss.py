@@ -4,10 +4,12 @@ A student with a sliding-window softmax (LoLCATs' 64 tokens, the terrace's 65-12
 older tokens only through its linear state. Scored in windows longer than that (default 2,048
 tokens), the original model's loss keeps falling deeper into the window, while a window alone
 flattens once the window is full. So the loss at late positions separates a state that carries
-context from one that does not, which the whole-window perplexity of the quality benchmark (seq_len
-512, most tokens near the window) cannot. Gated students (gla/gdn with a window) are also scored with
-their window alone (mix share forced to 1): a student below its own window-only curve at late
-positions uses its state.
+context from one that does not. Every student with a window is also scored with its window alone
+(`supra.layers.switches.window_alone`): a student below its own window-only curve at late positions
+uses its state.
+
+One window length and the loss curve only: bench_long_context.py measures the same (its functions
+are called here) at several lengths, with passkey retrieval, state bytes and CPU time.
 
     python scripts/bench_position_loss.py --models runs/bench-quality/demo/model \
         runs/bench-quality/demo-gdn/model runs/bench-quality/demo-gdn-token/model
@@ -19,13 +21,11 @@ import argparse
 from pathlib import Path
 
 import torch
-
+from bench_long_context import ORIGINAL, heldout_streams, label, load, perplexities
 from bench_quality import corpora
-from bench_window_share import forced_share
 from provenance import REPO, figure, write_results
 
 NAME = "position_loss"
-ORIGINAL = "smollm2-135m"
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,36 +51,26 @@ def late_loss(result: dict, late_from: int) -> float:
     return sum(n * loss for n, loss in late) / sum(n for n, _ in late)
 
 
-def label(path: str) -> str:
-    """runs/x/demo/model -> demo; runs/x/y-restore2/converted -> y-restore2; runs/x/gdn-untrained -> itself."""
-    where = Path(path)
-    return where.parent.name if where.name in ("model", "converted") else where.name
-
-
 def main() -> None:
-    from supra.commands.common import load_model_and_tokenizer
-    from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
+    from supra.layers.switches import window_alone
 
     args = parse_args()
     if args.late_from >= args.seq_len:
         raise SystemExit(f"--late-from {args.late_from} must be below --seq-len {args.seq_len}")
-    texts = {name: overrides for name, overrides in corpora(args.work).items() if name in args.corpora}
+    texts = corpora(args.work, args.corpora)
+    length = str(args.seq_len)
     rows = []
     for path in ([] if args.no_original else [ORIGINAL]) + args.models:
-        model = None
-        for corpus, overrides in texts.items():
-            cfg = load_config([f"recipe={args.recipe}", f"model={path}", f"seq_len={args.seq_len}",
-                               f"eval.max_tokens={args.heldout_tokens}", *overrides])
-            if model is None:  # one load per model; the corpora differ in their data keys only
-                model, tokenizer = load_model_and_tokenizer(cfg)
-                model.eval()
-            heldout = HeldoutPerplexity(cfg, tokenizer)
-            for variant, share in (("as trained", None), ("window only", 1.0)):
-                with torch.no_grad(), forced_share(model, share, {}) as gated:
-                    if share is not None and not gated:
-                        break  # not a gated student with a window: nothing to force
-                    result = heldout(model)
+        model, tokenizer, _ = load(path, args.recipe, {})
+        streams = heldout_streams(tokenizer, args.recipe, texts, args.heldout_tokens)
+        with torch.no_grad():
+            scores = {"as trained": perplexities(model, streams, [args.seq_len], [args.heldout_tokens])}
+            with window_alone(model) as switched:
+                if switched:  # a student with a window
+                    scores["window only"] = perplexities(model, streams, [args.seq_len], [args.heldout_tokens])
+        for corpus in texts:
+            for variant, by_corpus in scores.items():
+                result = by_corpus[corpus][length]
                 rows.append({"model": path, "variant": variant, "corpus": corpus, "ppl": result["ppl"],
                              "late_loss": late_loss(result, args.late_from), "by_position": result["by_position"]})
                 print(f"{path} {variant} {corpus}: ppl {result['ppl']:.3f}, loss from {args.late_from}: "

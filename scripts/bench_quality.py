@@ -152,10 +152,12 @@ def prose_corpus(work: Path) -> Path:
     return path
 
 
-def corpora(work: Path) -> dict[str, list[str]]:
+def corpora(work: Path, names: list[str] | tuple[str, ...] = ("stdlib", "prose")) -> dict[str, list[str]]:
+    """The config overrides that select each named corpus's held-out text."""
     # prose: every document is new to the model; heldout_fraction only picks enough of them to score
-    return {"stdlib": ["data.source=stdlib"],
-            "prose": [f"data.source={prose_corpus(work)}", "data.heldout_fraction=0.9"]}
+    choices = {"stdlib": lambda: ["data.source=stdlib"],
+               "prose": lambda: [f"data.source={prose_corpus(work)}", "data.heldout_fraction=0.9"]}
+    return {name: choices[name]() for name in names}
 
 
 def original_scores(args: argparse.Namespace, texts: dict[str, list[str]]) -> dict[str, dict]:

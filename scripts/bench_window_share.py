@@ -12,11 +12,9 @@ student is a sliding-window model and its state carries nothing the benchmark se
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from bench_quality import corpora
 from provenance import REPO, figure, write_results
 
@@ -33,35 +31,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@contextmanager
-def forced_share(model: torch.nn.Module, share: float | None, seen: dict[int, list[float]]):
-    """Every gated layer's window share replaced by `share` (None: as trained); the shares used are
-    appended to seen[layer]."""
-    from supra.layers.gated import GatedAttention
-
-    layers = [m for m in model.modules() if isinstance(m, GatedAttention) and m.window_mix is not None]
-    originals = [layer.window_share for layer in layers]
-
-    def patched(layer, original):
-        def window_share(q):
-            value = original(q) if share is None else torch.full((1, 1), share, device=q.device)
-            seen.setdefault(layer.layer_idx, []).append(value.float().mean().item())
-            return value
-        return window_share
-
-    for layer, original in zip(layers, originals):
-        layer.window_share = patched(layer, original)
-    try:
-        yield len(layers)
-    finally:
-        for layer in layers:
-            del layer.window_share
-
-
 def main() -> None:
     from supra.commands.common import load_model_and_tokenizer
     from supra.config import load_config
     from supra.evaluate.perplexity import HeldoutPerplexity
+    from supra.layers.switches import forced_window_share
 
     args = parse_args()
     texts = corpora(args.work)
@@ -76,7 +50,7 @@ def main() -> None:
             heldout = HeldoutPerplexity(cfg, tokenizer)
             for which, share in (("trained", None), ("window_only", 1.0), ("recurrent_only", 0.0)):
                 seen: dict[int, list[float]] = {}
-                with torch.no_grad(), forced_share(model, share, seen) as gated:
+                with torch.no_grad(), forced_window_share(model, share, seen) as gated:
                     if not gated:
                         raise SystemExit(f"{path} has no gated layer with a window (method=gla or gdn, window > 0)")
                     row[f"ppl_{corpus}_{which}"] = heldout(model)["ppl"]

@@ -22,6 +22,7 @@ from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ra
 from .layers.factorized import FactorizeSpec
 from .layers.linearize import LinearizeSpec
 from .softmax_select import parse_auto
+from .train.stages import STAGE_KINDS, check_stage
 
 
 class ConfigError(UserError):
@@ -32,7 +33,7 @@ class ConfigError(UserError):
 class StageConfig:
     """One uptraining stage: which parameters train, on which loss, for how many tokens."""
 
-    name: str = "full"  # attention_transfer | lora | full | distill
+    name: str = "full"  # a kind of supra.train.stages.STAGE_KINDS: attention_transfer | lora | full | distill
     tokens: int = 1_000_000  # uptraining tokens of this stage
     lr: float = 3e-5
     min_lr: float = 1e-5  # cosine floor
@@ -178,7 +179,6 @@ RANGES: dict[str, Range] = {
     "factorize.layers.*": count(0), "factorize.tt_cores": count(2), "factorize.tt_shapes.*.*": count(1),
 }
 
-STAGE_NAMES = ("attention_transfer", "lora", "full", "distill")
 LOGGERS = ("rich", "wandb", "none")
 
 
@@ -284,31 +284,22 @@ def validate(cfg: DictConfig) -> None:
     _one_of("train.logger", cfg.train.logger, LOGGERS)
     _one_of("train.param_dtype", cfg.train.param_dtype, tuple(DTYPES))
     if not cfg.train.stages:
-        raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_NAMES)})")
+        raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_KINDS)})")
     for stage in cfg.train.stages:
-        _one_of("stage name", stage.name, STAGE_NAMES)
+        try:
+            check_stage(stage, StageConfig)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if len(stage.betas) != 2:
             raise ConfigError(f"stage {stage.name}: betas must be two numbers [beta1, beta2], got {list(stage.betas)}")
         if stage.min_lr > stage.lr:
             raise ConfigError(f"stage {stage.name}: min_lr ({stage.min_lr}) must be at most lr ({stage.lr})")
-        if stage.block_layers and stage.name != "attention_transfer":
-            raise ConfigError(f"stage {stage.name}: block_layers is for attention_transfer only")
-        _check_cache_and_distill(stage)
     try:
         as_data_config(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
     if cfg.train.batch_tokens < cfg.seq_len:
         raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
-
-
-def _check_cache_and_distill(stage: DictConfig) -> None:
-    from .models import DTYPES
-
-    if stage.cache_tokens and (stage.name != "attention_transfer" or stage.block_layers):
-        raise ConfigError(f"stage {stage.name}: cache_tokens is for attention_transfer without block_layers")
-    _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
-    _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
 
 
 def run_dir(cfg: DictConfig, default: str) -> Path:

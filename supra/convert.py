@@ -1,104 +1,51 @@
-"""Conversion as a library: what `supra convert`, `supra uptrain` and the scripts call.
+"""A recipe's model build: its conversion keys read into a `build.BuildPlan`, once.
 
-`convert_model(model, cfg, tokenizer)` applies a config's conversion keys to a loaded model: the
-attention sublayers to skip (`skip_layers`, or `n` chosen by `select`), then `linearize` with the
-config's method, or with `softmax_layers=auto:K` the hybrid whose K softmax layers are measured
-(softmax_select.py); on a model already converted (and trained), `softmax_layers` turns layers back
-into softmax attention, and `cache_budget` gives it a sparse cache. The layer swap itself is `layers/linearize.py`.
+The steps themselves (skip, linearize or restore, softmax layers chosen by measurement, factorize,
+LoRA) are `supra/build.py`, which takes the typed plan; this module is the one place that knows
+which recipe keys feed which step, and where the calibration text comes from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from .config import ConfigError, linearize_spec
-from .layers.linearize import linearize, recorded_spec, set_cache_budget
-from .models import SourceError
-from .skip import apply_skip, calibration_batches, select_and_skip
-from .softmax_select import choose_softmax_layers, parse_auto, restore_layers, restore_softmax_layers
+from .build import BuildPlan, Calibration, build_model
+from .config import factorize_spec, linearize_spec
+from .layers.factorized import FactorizeSpec
+from .softmax_select import parse_auto
+from .train.stages import LoraSpec
+
+
+def build_plan(cfg: DictConfig, factorize: bool = False, lora: bool = False) -> BuildPlan:
+    """The recipe's conversion (skip, method, softmax layers); with `factorize`, its `factorize`
+    section (uptrain: after conversion, before the stages); with `lora`, the adapters of its first
+    stage that trains them."""
+    return BuildPlan(conversion=linearize_spec(cfg), softmax_auto=parse_auto(cfg.softmax_layers), n=cfg.n,
+                     select=cfg.select, factorize=factorize_spec(cfg) if factorize else FactorizeSpec(),
+                     lora=LoraSpec.of_stages(list(cfg.train.stages)) if lora else None, source=cfg.model)
+
+
+def student_plan(plan: BuildPlan) -> BuildPlan:
+    """What uptrain's stages train: with softmax_layers=auto:K every layer converted (the K softmax
+    layers are chosen on the trained student, after the stages)."""
+    return replace(plan, softmax_auto=None)
+
+
+def calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None) -> Calibration | None:
+    """The recipe's calibration text (`calibration_tokens` of training text), when a tokenizer is at hand."""
+    from .skip import calibration_batches  # supra.skip imports the data pipeline
+
+    if tokenizer is None:
+        return None
+    return lambda: calibration_batches(tokenizer, cfg, cfg.eval.batch_size)
 
 
 def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None,
                   report: Callable[[str], None] | None = None) -> nn.Module:
-    """Linearize per the config. A model that was only skipped (method=softmax) keeps its skips;
-    one already linearized is refused, since converting twice would stack feature maps, unless
-    method=softmax asks for no conversion: then it stays as it is (its record too), or
-    `softmax_layers` asks for some of its layers back as softmax attention (a list, or auto:K
-    measured on it as a trained student: `_restore_softmax`).
-
-    With `n > 0` the config also asks for n attention sublayers removed by `select`; they are chosen
-    on the softmax model, before conversion (as `supra skip` would), which needs the tokenizer for
-    the calibration text. So does `softmax_layers=auto:K` (supra/softmax_select.py), measured on the
-    converted model; the choice is recorded in the spec (`recorded_spec(model).softmax_choice`)."""
-    previous = recorded_spec(model)
-    if cfg.n > 0:
-        if tokenizer is None:
-            raise ConfigError(f"n={cfg.n} (skip by select={cfg.select}) needs calibration text here; "
-                              "run `supra skip` first and convert its output")
-        if previous is not None and previous.method != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
-                              "convert the original model instead")
-        select_and_skip(model, tokenizer, cfg)
-        previous = recorded_spec(model)
-    if previous is not None and previous.method != "softmax" and cfg.cache_budget != previous.cache_budget:
-        try:  # the sparse cache is training-free: a trained model takes one as it is
-            set_cache_budget(model, cfg.cache_budget)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return model
-    if previous is not None and previous.method != "softmax" and cfg.softmax_layers:
-        # The method keys describe a conversion from softmax; on a converted model (whatever the
-        # recipe's method) softmax_layers can only mean layers given back their softmax attention.
-        return _restore_softmax(model, cfg, tokenizer, report)
-    spec = linearize_spec(cfg)
-    if previous is not None:
-        if previous.method != "softmax" and spec.method != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
-                              "convert the original model instead")
-        if previous.method != "softmax":  # method=softmax: it stays converted (e.g. to be healed)
-            return apply_skip(model, list(spec.skip_layers))
-        spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.skip_layers))
-        spec.factorized = previous.factorized
-    try:
-        auto = parse_auto(cfg.softmax_layers)
-        if auto is None:
-            return linearize(model, spec)
-        if tokenizer is None:
-            raise _no_calibration_text(cfg)
-        choice = choose_softmax_layers(model, spec, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
-    except ValueError as err:  # e.g. a layer index the model does not have
-        raise ConfigError(str(err)) from None
-    # Recorded in cfg too, so that a second conversion in this process (uptrain's final merge)
-    # rebuilds the same hybrid without measuring.
-    cfg.softmax_layers = choice["chosen"]
-    return model
-
-
-def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None,
-                     report: Callable[[str], None] | None) -> nn.Module:
-    """softmax_layers on a model that is already converted: those layers become softmax attention
-    again; with auto:K, the K whose restoration lowers the KL to the model's teacher most
-    (softmax_select.restore_softmax_layers: the measure of a trained student)."""
-    auto = parse_auto(cfg.softmax_layers)
-    if cfg.skip_layers:
-        apply_skip(model, list(cfg.skip_layers))
-    if auto is not None and tokenizer is None:
-        raise _no_calibration_text(cfg)
-    try:
-        if auto is None:
-            restore_layers(model, list(cfg.softmax_layers))
-            return model
-        restore_softmax_layers(model, auto, calibration_batches(tokenizer, cfg, cfg.eval.batch_size), report)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    cfg.softmax_layers = recorded_spec(model).softmax_layers  # a second conversion (uptrain's merge) measures nothing
-    return model
-
-
-def _no_calibration_text(cfg: DictConfig) -> ConfigError:
-    return ConfigError(f"softmax_layers={cfg.softmax_layers} measures layers on calibration text here; "
-                       "run `supra convert` with it first and use its output")
+    """The recipe's conversion of `model` (what `supra convert` does before saving)."""
+    return build_model(model, build_plan(cfg), calibration(cfg, tokenizer), report)[0]

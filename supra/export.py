@@ -51,7 +51,7 @@ def code_files() -> dict[str, str]:
     for package, init_name in ((layers, None), (kernels, "kernels")):
         for path in sorted(Path(package.__file__).parent.glob("*.py")):
             name = init_name if path.name == "__init__.py" else path.stem
-            if name is None:  # layers/__init__.py only re-exports; the flat copy does not need it
+            if name is None:  # layers/__init__.py is empty: the flat copy has no package to mark
                 continue
             if name in sources or f"{CODE_PREFIX}{name}.py" == MODELING:
                 raise ExportError(f"cannot export: {path} and {sources.get(name, MODELING)} would both be "

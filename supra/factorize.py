@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from .config import ConfigError, factorize_spec
+from .config import ConfigError
 from .layers.factorized import (
     FACTORIZED,
     FactorizeSpec,
@@ -202,17 +200,6 @@ def factorize_model(model: nn.Module, spec: FactorizeSpec,
         report.append(Factorized(name, layout, dense, kept, float(dropped.norm() / scale.clamp_min(1e-30))))
     record(model, layouts)
     return report
-
-
-def factorize_from_config(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> list[Factorized]:
-    """The recipe's `factorize` section applied (nothing when factorize.method=none)."""
-    from .skip import calibration_batches  # supra.skip imports the data pipeline; only needed here
-
-    spec = factorize_spec(cfg)
-    if spec.method == "none":
-        return []
-    batches = calibration_batches(tokenizer, cfg, cfg.eval.batch_size) if spec.activation_aware else None
-    return factorize_model(model, spec, batches)
 
 
 def record(model: nn.Module, layouts: dict[str, dict]) -> None:

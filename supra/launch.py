@@ -209,11 +209,10 @@ def export_torch_distributed_env() -> None:
 
 
 def _stop_signal() -> int | None:
-    """The signal that stopped training: the trainer's StopSignal handlers stay installed after it."""
+    """The signal that stopped training (None when training ran to its end, or did not run here)."""
     from .train.trainer import StopSignal
 
-    owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
-    return owner.received if isinstance(owner, StopSignal) else None
+    return StopSignal.latest.received if StopSignal.latest is not None else None
 
 
 # ---- before Hydra --------------------------------------------------------------------------------

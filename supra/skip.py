@@ -1,6 +1,6 @@
 """Attention-sublayer skipping: score each attention sublayer, choose some, remove them.
 
-Two ways to choose (ANCHORS section 3):
+Two ways to choose:
 
 - `similarity` (LLM-Drop, arXiv 2406.15786): run calibration text through the model and, for each
   decoder layer, average over tokens the cosine similarity between the residual stream entering the
@@ -15,7 +15,7 @@ whether it was an original (method=softmax) or a converted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,30 +149,31 @@ class SkipResult:
     skip_layers: list[int]  # all skipped layers of the model afterwards
 
 
-def select_and_skip(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> SkipResult:
-    """Remove `cfg.skip_layers`, then `cfg.n` more sublayers chosen by `cfg.select`.
+def select_and_skip(model: nn.Module, skip_layers: Sequence[int], softmax_layers: Sequence[int], n: int,
+                    select: str, calibration: Callable[[], list[torch.Tensor]]) -> SkipResult:
+    """Remove `skip_layers`, then `n` more sublayers chosen by `select` (on `calibration` text).
 
-    Layers in `cfg.softmax_layers` are never chosen: a hybrid recipe keeps them as softmax, and a
-    layer cannot be both. Similarity is scored on the model with `cfg.skip_layers` already removed,
+    Layers in `softmax_layers` are never chosen: a hybrid recipe keeps them as softmax, and a
+    layer cannot be both. Similarity is scored on the model with `skip_layers` already removed,
     so the scores describe the model the choice is made for.
     """
     num_layers = len(decoder_layers(model))
-    fixed = sorted(set(cfg.skip_layers))
+    fixed = sorted(set(skip_layers))
     try:
         LinearizeSpec(method="softmax", skip_layers=fixed).validate(num_layers)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if fixed:
         apply_skip(model, fixed)
-    candidates = [idx for idx in skip_candidates(model) if idx not in set(cfg.softmax_layers)]
+    candidates = [idx for idx in skip_candidates(model) if idx not in set(softmax_layers)]
     # check n before the calibration forward passes, so a bad n fails at once
-    choose_layers(None, num_layers, "last", cfg.n, candidates)
+    choose_layers(None, num_layers, "last", n, candidates)
     scores = None
-    if cfg.select == "similarity" and cfg.n > 0:
+    if select == "similarity" and n > 0:
         was_training = model.training
         model.eval()
-        scores = attention_similarity(model, calibration_batches(tokenizer, cfg, cfg.eval.batch_size))
+        scores = attention_similarity(model, calibration())
         model.train(was_training)
-    chosen = choose_layers(scores, num_layers, cfg.select, cfg.n, candidates)
+    chosen = choose_layers(scores, num_layers, select, n, candidates)
     apply_skip(model, chosen)
     return SkipResult(scores, candidates, sorted(set(fixed) | set(chosen)), recorded_spec(model).skip_layers)

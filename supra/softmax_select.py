@@ -1,6 +1,7 @@
 """`softmax_layers=auto:K`: which K layers a hybrid keeps as softmax attention, chosen by measurement.
 
-fla-org/hybrid-distillation (ANCHORS section 8) ranks layers by how much restoring each one alone to
+fla-org/hybrid-distillation ("Distilling to Hybrid Attention Models via KL-Guided Layer Selection",
+ICLR 2026) ranks layers by how much restoring each one alone to
 softmax lowers the distillation loss. On a trained student (`supra uptrain ... softmax_layers=auto:K`
 after its stages, or `supra convert model=RUN/model softmax_layers=auto:K`) the measure is its own:
 the KL divergence of the next-token distribution from the model's teacher (every layer computing the

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from supra.cli import main
 from supra.config import ConfigError, load_config
+from supra.convert import calibration
 from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import (
     LinearizeSpec,
@@ -142,7 +143,8 @@ def test_skipping_a_converted_model_keeps_its_recurrent_layers(llama):
 
 def test_select_and_skip_never_picks_kept_softmax_or_skipped_layers(llama, smollm2_tokenizer):
     cfg = load_config([*TINY4, "n=2", "select=last", "softmax_layers=[3]", "skip_layers=[0]"])
-    result = select_and_skip(llama, smollm2_tokenizer, cfg)
+    result = select_and_skip(llama, cfg.skip_layers, cfg.softmax_layers, cfg.n, cfg.select,
+                             calibration(cfg, smollm2_tokenizer))
     assert result.candidates == [1, 2] and result.chosen == [0, 1, 2] and result.skip_layers == [0, 1, 2]
     assert result.scores is None
 

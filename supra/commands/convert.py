@@ -5,10 +5,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from rich.table import Table
 
+from ..build import build_model
 from ..config import run_dir, save_snapshot
-from ..convert import convert_model
+from ..convert import build_plan, calibration
 from ..errors import check_output_dir
-from ..layers.linearize import recorded_spec
 from ..models import count_parameters, save_model
 from .common import console, load_model_and_tokenizer, write_softmax_choice
 
@@ -17,10 +17,9 @@ def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, f"runs/{cfg.recipe or 'model'}-{cfg.method}")
     check_output_dir(out, cfg.overwrite)
     model, tokenizer = load_model_and_tokenizer(cfg)
-    convert_model(model, cfg, tokenizer, console.print)
+    model, spec = build_model(model, build_plan(cfg), calibration(cfg, tokenizer), console.print)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "convert")
-    spec = recorded_spec(model)
     if spec.softmax_choice is not None:
         write_softmax_choice(out, cfg, spec.softmax_choice)
     counts = count_parameters(model)

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from ..config import ConfigError, factorize_spec, run_dir, save_snapshot
-from ..factorize import factorize_from_config
+from ..convert import calibration
+from ..factorize import factorize_model
 from ..models import SourceError, count_parameters, save_model
 from .common import console, load_model_and_tokenizer
 
@@ -39,7 +40,7 @@ def run(cfg: DictConfig) -> int:
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
     before = count_parameters(model)["total"]
-    report = factorize_from_config(model, cfg, tokenizer)
+    report = factorize_model(model, spec, calibration(cfg, tokenizer)() if spec.activation_aware else None)
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "factorize")
     after = count_parameters(model)["total"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.table import Table
 
-from ..config import ConfigError, run_dir, save_snapshot
+from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
+from ..convert import calibration
 from ..errors import check_output_dir
 from ..layers.linearize import decoder_layers, recorded_spec
 from ..models import save_model
@@ -38,7 +39,8 @@ def run(cfg: DictConfig) -> int:
         raise ConfigError(f"nothing to skip: set n=K with K in 1..{available}, or skip_layers=[...]")
     recorded = recorded_spec(model)
     before = set(recorded.skip_layers) if recorded is not None else set()
-    result = select_and_skip(model, tokenizer, cfg)
+    softmax = linearize_spec(cfg).softmax_layers  # auto:K: none chosen yet
+    result = select_and_skip(model, cfg.skip_layers, softmax, cfg.n, cfg.select, calibration(cfg, tokenizer))
     save_model(model, tokenizer, out, cfg.overwrite)
     save_snapshot(cfg, out, "skip")
     report = {"model": cfg.model, "select": cfg.select, "n": cfg.n, "calibration_tokens": cfg.calibration_tokens,

@@ -13,6 +13,7 @@ writes softmax_layers.json. A rerun after a stop during the measurement starts a
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,12 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..config import ConfigError, factorize_spec, run_dir
-from ..convert import convert_model
+from ..build import BuildPlan, build_model, check_softmax_k, lora_step
+from ..config import ConfigError, run_dir
+from ..convert import build_plan, calibration, student_plan
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
-from ..factorize import apply_record, factorize_from_config, plan_layouts
-from ..layers.linearize import recorded_spec
 from ..models import (
     SourceError,
     count_parameters,
@@ -36,10 +36,10 @@ from ..models import (
     save_model,
 )
 from ..skip import calibration_batches
-from ..softmax_select import check_k, converted_layers, parse_auto, restore_softmax_layers
+from ..softmax_select import parse_auto, restore_softmax_layers
 from ..train.parallel import World, init_world, parallelize, shutdown_world
-from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
-from ..train.stages import add_lora, merge_lora
+from ..train.plan import memory_per_gpu_gb, plan_stages, trainable_parameters
+from ..train.stages import STAGE_KINDS, fold_lora
 from ..train.trainer import train
 from .common import (
     console,
@@ -89,26 +89,26 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     evaluate = cfg.train.eval_baselines and world.is_main
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer)
-    convert_model(model, _student_config(cfg), tokenizer)
+    plan = student_plan(build_plan(cfg, factorize=True, lora=True))
+    # Built without its adapters first: the converted model's perplexity and size are measured
+    # before them; the LoRA step then runs alone (B = 0: the adapters change nothing yet).
+    model, spec = build_model(model, replace(plan, lora=None), calibration(cfg, tokenizer))
     if restore is not None:  # a K that cannot be met stops the run now, not after training
-        try:
-            check_k(restore, len(converted_layers(model)))
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    factorize_from_config(model, cfg, tokenizer)
+        check_softmax_k(model, restore)
     if evaluate:
         _heldout_ppl(cfg, run, "converted", model, tokenizer)
     counts = count_parameters(model)
-    model = add_lora(model, list(cfg.train.stages))
+    model = lora_step(model, plan, None)
     model = parallelize(model, world, cfg.train.param_dtype, cfg.train.activation_checkpointing, cfg.train.compile)
     model.train()
     code = train(cfg, run, model, tokenizer, world, counts["total"])
     if code:
         return code
+    rebuild = plan.resolved(spec)
     if restore is not None:
-        _save_final(cfg, model, tokenizer, student, world)
+        _save_final(cfg, model, rebuild, tokenizer, student, world)
         return _restore_and_report(cfg, run, student, restore, tokenizer, world)
-    _save_final(cfg, model, tokenizer, final, world)
+    _save_final(cfg, model, rebuild, tokenizer, final, world)
     if world.is_main:
         trained = load_model(str(final), cfg.dtype, device=world.device).eval()
         _heldout_ppl(cfg, run, "uptrained", trained, tokenizer)
@@ -153,16 +153,6 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
     console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
 
 
-def _student_config(cfg: DictConfig) -> DictConfig:
-    """The conversion the stages train: with softmax_layers=auto:K, every layer converted (the K
-    softmax layers are chosen after training, by `_restore_and_report`)."""
-    if parse_auto(cfg.softmax_layers) is None:
-        return cfg
-    student = cfg.copy()
-    student.softmax_layers = []
-    return student
-
-
 def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, tokenizer, world: World) -> int:
     """softmax_layers=auto:K after the stages: the trained student's K layers whose restoration
     lowers its KL to its teacher most become softmax attention again (measured on the calibration
@@ -183,11 +173,12 @@ def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, token
     return 0
 
 
-def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world: World) -> None:
+def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, tokenizer, final: Path, world: World) -> None:
     """LoRA merged, float weights, one HF directory. Under FSDP the full state is gathered to rank 0
-    and loaded into an unsharded copy, since sharded modules cannot be merged or saved as they are."""
+    and loaded into an unsharded copy (built by `rebuild`: the first build with its measurements'
+    results), since sharded modules cannot be merged or saved as they are."""
     if not world.distributed:
-        save_model(merge_lora(model), tokenizer, final, overwrite=False)
+        save_model(fold_lora(model), tokenizer, final, overwrite=False)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -196,12 +187,9 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         local = cfg.copy()
         local.device = "cpu"
         plain, _ = load_model_and_tokenizer(local)
-        convert_model(plain, _student_config(local), tokenizer)
-        spec = recorded_spec(model)
-        apply_record(plain, spec.factorized if spec is not None else {})
-        plain = add_lora(plain, list(cfg.train.stages))
+        plain, _ = build_model(plain, rebuild)
         plain.load_state_dict(state)
-        save_model(merge_lora(plain), tokenizer, final, overwrite=False)
+        save_model(fold_lora(plain), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
 
 
@@ -243,13 +231,12 @@ def dry_run(cfg: DictConfig) -> int:
                               f"{str(err).splitlines()[0]}") from None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    if cfg.n > 0:  # which sublayers `select` drops needs real weights; any n of them cost the same
-        cfg = cfg.copy()
+    build = student_plan(build_plan(cfg, factorize=True))
+    if build.n > 0:  # which sublayers `select` drops needs real weights; any n of them cost the same
         layers = model.config.num_hidden_layers
-        cfg.skip_layers, cfg.n = list(range(layers - cfg.n, layers)), 0
-    convert_model(model, cfg)
-    if cfg.factorize.method != "none":  # the layouts need only shapes: empty factorized layers on meta
-        apply_record(model, plan_layouts(model, factorize_spec(cfg)))
+        skip = sorted(set(build.conversion.skip_layers) | set(range(layers - build.n, layers)))
+        build = replace(build, n=0, conversion=replace(build.conversion, skip_layers=skip))
+    model, spec = build_model(model, build)  # on meta, factorization plans its layouts only
     counts = count_parameters(model)
     plans = plan_stages(cfg, world_size)
     table = Table(title=f"dry run: {cfg.recipe or cfg.model} on {world_size} GPUs")
@@ -259,7 +246,7 @@ def dry_run(cfg: DictConfig) -> int:
     total_hours = 0.0
     for stage, plan in zip(cfg.train.stages, plans):
         trainable = trainable_parameters(model, stage)
-        flops = plan.tokens * FLOPS_PER_PARAM[stage.name] * counts["total"]
+        flops = plan.tokens * STAGE_KINDS[stage.name].flops_per_param * counts["total"]
         hours = flops / (world_size * cfg.train.gpu_tflops * 1e12 * cfg.train.expected_mfu) / 3600
         total_hours += hours
         memory = memory_per_gpu_gb(model, cfg, world_size, trainable)
@@ -268,7 +255,7 @@ def dry_run(cfg: DictConfig) -> int:
                       f"{cfg.train.micro_batch_size} x {plan.accumulation}", f"{trainable / 1e9:.3f}B",
                       f"{memory:.1f} GB{warn}", f"{hours:,.1f} h")
     console.print(f"parameters: total {counts['total'] / 1e9:.3f}B, new {counts['new'] / 1e9:.3f}B "
-                  f"({cfg.method}, {len(cfg.softmax_layers)} softmax layers, {len(cfg.skip_layers)} skipped)")
+                  f"({spec.method}, {len(spec.softmax_layers)} softmax layers, {len(spec.skip_layers)} skipped)")
     console.print(table)
     console.print(f"estimated wall time {total_hours:,.1f} h at {cfg.train.expected_mfu:.0%} MFU of "
                   f"{cfg.train.gpu_tflops:.0f} TFLOP/s per GPU; memory assumes FSDP2 over {world_size} GPUs "

@@ -75,15 +75,20 @@ class HeldoutPerplexity:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.stream: torch.Tensor | None = None
 
-    def __call__(self, model: nn.Module) -> dict:
+    def tokens(self) -> torch.Tensor:
+        """The held-out token stream (eval.max_tokens + 1 ids), tokenized on first use."""
         if self.stream is None:
             # Formatted as training formats it (chat templates), so a document cut in two between
             # training and held-out text is cut in the same text.
             documents = iter_documents(self.cfg.data, "heldout", self.tokenizer)
             self.stream = heldout_stream(self.tokenizer, documents, self.cfg.eval.max_tokens)
+        return self.stream
+
+    def __call__(self, model: nn.Module) -> dict:
+        stream = self.tokens()
         was_training = model.training
         model.eval()
         try:
-            return perplexity(model, self.stream, self.cfg.seq_len, self.cfg.eval.batch_size)
+            return perplexity(model, stream, self.cfg.seq_len, self.cfg.eval.batch_size)
         finally:
             model.train(was_training)

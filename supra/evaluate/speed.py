@@ -34,15 +34,15 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
+def cache_bytes_per_layer(cache: Any) -> list[int]:
+    """What one cache holds per layer: a recurrent state (a slot with `.state`) or softmax keys/values."""
+    return [tensor_bytes(slot.state) if hasattr(slot, "state")
+            else tensor_bytes(getattr(slot, "keys", None)) + tensor_bytes(getattr(slot, "values", None))
+            for slot in getattr(cache, "layers", [])]
+
+
 def cache_bytes(cache: Any) -> int:
-    """What one cache holds: recurrent states (a slot with `.state`) and softmax keys/values."""
-    total = 0
-    for slot in getattr(cache, "layers", []):
-        if hasattr(slot, "state"):
-            total += tensor_bytes(slot.state)
-        else:
-            total += tensor_bytes(getattr(slot, "keys", None)) + tensor_bytes(getattr(slot, "values", None))
-    return total
+    return sum(cache_bytes_per_layer(cache))
 
 
 def rss_bytes() -> int:

@@ -37,6 +37,12 @@ def teacher_only(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output
 
 
+def transfer_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Attention transfer's per-layer loss (LoLCATs stage 1): MSE of the layer's output to the softmax
+    output it replaces, in float32. The training loops scale it (supra.train.stages)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (B, T, H, D) with HF's cos/sin of shape (B, T, D) (rotate-half convention)."""
     cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
@@ -176,7 +182,7 @@ class RecurrentAttention(nn.Module):
             return teacher.reshape(B, T, -1).to(q.dtype)
         with torch.enable_grad():
             student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
-            return self.transfer(F.mse_loss(student.float(), teacher.float()), teacher.reshape(B, T, -1).to(q.dtype))
+            return self.transfer(transfer_mse(student, teacher), teacher.reshape(B, T, -1).to(q.dtype))
 
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,
@@ -319,10 +325,10 @@ class LolcatsAttention(RecurrentAttention):
                                            terrace=self.spec.window_kind == "terrace", log_decay=log_decay,
                                            cache_budget=self.spec.cache_budget)
 
-        return per_document(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
+        return per_document_rows(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 
 
-def per_document(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
+def per_document_rows(op: Callable, tensors: tuple[torch.Tensor, ...], state: Any, starts: torch.Tensor | None,
                  merge: Callable) -> tuple[torch.Tensor, Any]:
     """Run `op(*tensors, state)` separately on each document of each row when documents restart
     inside rows (packed training, left padding); one batched call otherwise."""

@@ -1,4 +1,5 @@
-"""Feature maps phi and decay rates for the recurrent attention layers (see ANCHORS sections 1-2)."""
+"""Feature maps phi and decay rates for the recurrent attention layers (SUPRA, arXiv 2405.06640;
+LoLCATs, arXiv 2410.10254)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Gated students: a decay that depends on the token (GLA) and the gated delta rule (GDN).
 
 Both reuse the pretrained q/k/v/o. The per-token, per-head log decay comes from one of two gates
-(`spec.gate`, ANCHORS section 8):
-  key:     Liger's parameter-free gate: log a_t = logsigmoid(mean of the key head k_t) / 16, built
+(`spec.gate`):
+  key:     Liger's parameter-free gate (arXiv 2503.01496): log a_t = logsigmoid(mean of the key head k_t) / 16, built
            from the pretrained key projection (Liger pools the key; our kernels take one decay per
            head, so the pool is over the whole head).
   learned: log a_t = logsigmoid(x_t W + b), with W = 0 and b = logit of the fixed per-head rates of
@@ -45,7 +45,7 @@ from .attention import (
     at_least_float32,
     documents_restart,
     pack_documents,
-    per_document,
+    per_document_rows,
     repeat_heads,
     restart_hybrid_rows,
     restarting_rows,
@@ -127,7 +127,7 @@ class GatedAttention(RecurrentAttention):
                                                          carried)
                 local = local.unsqueeze(1)
             else:
-                local, window_state = per_document(window, (q, k, v, none, none), carried, starts,
+                local, window_state = per_document_rows(window, (q, k, v, none, none), carried, starts,
                                                    stack_states)
             out = share * at_least_float32(local) + (1 - share) * at_least_float32(out)
         return out, (GatedState(window_state, recurrent_state) if want_state else None)

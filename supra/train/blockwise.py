@@ -14,7 +14,6 @@ finished). A stopped run resumes at the first unfinished block, from that block'
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +26,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError
-from ..layers.attention import RecurrentAttention, teacher_only
+from ..layers.attention import RecurrentAttention
 from ..layers.linearize import decoder_layers
+from .optim import optimizer_step
 from .plan import StagePlan
-from .stages import TRANSFER_LOSS_SCALE, transfer_losses
+from .stages import reported_transfer_loss, teacher_layers, transfer_losses
 
 # Called after every optimizer step with (loss, grad_norm, optimizer, seconds); True means stop now.
 StepDone = Callable[[float, float, torch.optim.Optimizer, float], bool]
@@ -69,9 +69,8 @@ def transfer_blockwise(model: nn.Module, loader: Any, stage: DictConfig, plan: S
         with on_device(block, device):
             for step in range(plan.steps):
                 started = time.perf_counter()
-                loss, grad_norm = _block_step(block, inputs, batches, step, plan, optimizer, grad_clip, model, device)
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    scheduler.step()
+                loss, grad_norm = _block_step(block, inputs, batches, step, plan, optimizer, scheduler, grad_clip,
+                                              model, device)
                 if step_done(loss, grad_norm, optimizer, time.perf_counter() - started):
                     return True
         trained = {name: p.detach().cpu() for name, p in block.named_parameters() if p.requires_grad}
@@ -102,7 +101,7 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _block_step(block: nn.ModuleList, inputs: Path, batches: list[dict], step: int, plan: StagePlan,
-                optimizer: torch.optim.Optimizer, grad_clip: float, model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float, model: nn.Module,
                 device: torch.device) -> tuple[float, float]:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -111,13 +110,8 @@ def _block_step(block: nn.ModuleList, inputs: Path, batches: list[dict], step: i
         hidden = torch.load(inputs / f"{micro}.pt").to(device)
         with transfer_losses(layers, 1.0 / plan.accumulation, layerwise=True) as losses, torch.no_grad():
             _run_block(model, block, hidden, batches[micro]["position_ids"].to(device))
-        total += torch.stack(losses).sum().item() * TRANSFER_LOSS_SCALE / plan.accumulation
-    params = [p for p in block.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    if math.isfinite(total) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm
+        total += reported_transfer_loss(losses).item() / plan.accumulation
+    return total, optimizer_step(block, optimizer, scheduler, total, grad_clip)
 
 
 def _run_block(model: nn.Module, block: nn.ModuleList, hidden: torch.Tensor,
@@ -155,20 +149,14 @@ def _block_inputs(home: Path, b: int, model: nn.Module, layers: nn.ModuleList, b
     target.mkdir(parents=True)
     previous = block_module(layers, blocks[b - 1]) if b > 0 else model.get_input_embeddings()
     recurrent = [m for m in previous.modules() if isinstance(m, RecurrentAttention)]
-    with on_device(previous, device), torch.no_grad():
-        for layer in recurrent:
-            layer.transfer = teacher_only
-        try:
-            for i, batch in enumerate(batches):
-                if b == 0:
-                    hidden = previous(batch["input_ids"].to(device))
-                else:
-                    hidden = _run_block(model, previous, torch.load(source / f"{i}.pt").to(device),
-                                        batch["position_ids"].to(device))
-                torch.save(hidden.cpu(), target / f"{i}.pt")
-        finally:
-            for layer in recurrent:
-                layer.transfer = None
+    with on_device(previous, device), torch.no_grad(), teacher_layers(recurrent):
+        for i, batch in enumerate(batches):
+            if b == 0:
+                hidden = previous(batch["input_ids"].to(device))
+            else:
+                hidden = _run_block(model, previous, torch.load(source / f"{i}.pt").to(device),
+                                    batch["position_ids"].to(device))
+            torch.save(hidden.cpu(), target / f"{i}.pt")
     (target / "done").touch()
     return target
 

@@ -18,11 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers.attention import RecurrentAttention, document_starts
-from .stages import TRANSFER_LOSS_SCALE, recurrent_layers, teacher_layers
+from ..layers.attention import RecurrentAttention, document_starts, transfer_mse
+from .stages import recurrent_layers, reported_transfer_loss, scaled_transfer_loss, teacher_layers
 
 
 @dataclass
@@ -53,25 +52,25 @@ def build_cache(model: nn.Module, batches: list[dict[str, torch.Tensor]], dtype:
 
 
 def cached_micro_loss(model: nn.Module, item: CachedBatch, loss_scale: float, device: torch.device) -> float:
-    """Backpropagate each layer's transfer loss (MSE x TRANSFER_LOSS_SCALE x loss_scale) on one cached
-    micro-batch, one layer's graph at a time; returns the summed loss. Same loss and gradient as
+    """Backpropagate each layer's transfer loss (`stages.scaled_transfer_loss`) on one cached
+    micro-batch, one layer's graph at a time; returns the loss as reported. Same loss and gradient as
     `stages.micro_batch_loss` on the batch the cache was made from."""
     layers = recurrent_layers(model)
     position_ids = item.position_ids.to(device)
     weight = next(layers[0].parameters())
     probe = torch.empty(0, dtype=weight.dtype, device=device)
     position_embeddings = model.get_decoder().rotary_emb(probe, position_ids)
-    total = 0.0
+    losses = []
     for layer, (q, k, v, teacher) in zip(layers, item.layers):
         B, T = q.shape[:2]
         q, k, v, teacher = (x.to(device, weight.dtype) for x in (q, k, v, teacher))
         shape = (B, T, -1, layer.head_dim)
         student, _ = layer.mix(q.view(shape), k.view(shape), v.view(shape), position_embeddings, None,
                                document_starts(position_ids, B), want_state=False)
-        loss = F.mse_loss(student.float(), teacher.view(shape).float())
-        (loss * TRANSFER_LOSS_SCALE * loss_scale).backward()
-        total += loss.item() * TRANSFER_LOSS_SCALE
-    return total
+        loss = transfer_mse(student, teacher.view(shape))
+        scaled_transfer_loss(loss, loss_scale).backward()
+        losses.append(loss.detach())
+    return reported_transfer_loss(losses).item()
 
 
 def epoch_order(count: int, seed: int, chunk: int, epoch: int) -> list[int]:
@@ -83,7 +82,7 @@ def epoch_order(count: int, seed: int, chunk: int, epoch: int) -> list[int]:
     return torch.randperm(count, generator=generator).tolist()
 
 
-def cache_bytes(cache: list[CachedBatch]) -> int:
+def teacher_cache_bytes(cache: list[CachedBatch]) -> int:
     return sum(x.numel() * x.element_size() for item in cache for layer in item.layers for x in layer)
 
 

@@ -9,12 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..layers.linearize import new_parameter_names
-from .stages import trained_set
-
-# Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
-# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward;
-# distillation adds the teacher's forward to a LoRA-like step (an upper bound for train=new).
-FLOPS_PER_PARAM = {"full": 6.0, "lora": 4.0, "attention_transfer": 2.0, "distill": 6.0}
+from .stages import stage_loop, trained_set
 
 
 @dataclass
@@ -41,7 +36,7 @@ def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
     plans = []
     for stage in cfg.train.stages:
         steps = math.ceil(stage.tokens / tokens_per_step)
-        if stage.cache_tokens:  # whole chunks of cached steps, each trained `epochs` times
+        if stage_loop(stage) == "cached":  # whole chunks of cached steps, each trained `epochs` times
             chunk_steps = max(1, round(stage.cache_tokens / tokens_per_step))
             chunks = math.ceil(steps / chunk_steps)
             plans.append(StagePlan(stage.name, chunks * chunk_steps * stage.epochs, accumulation, tokens_per_step,

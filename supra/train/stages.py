@@ -1,4 +1,6 @@
-"""Uptraining stages as data: which parameters train, and the loss of one micro-batch.
+"""Uptraining stages as data: one registry of stage kinds (`STAGE_KINDS`), each owning its settings
+(validated by `check_stage`), which parameters train, the loss of one micro-batch, its FLOPs per
+token and parameter, and the loop that runs it (trainer.LOOPS).
 
 - attention_transfer (LoLCATs stage 1): base frozen; feature maps (+ window factors) learn to
   reproduce each layer's softmax output, MSE summed over layers, x1000, teacher-forced.
@@ -8,12 +10,17 @@
 - distill (RADLADS, hybrid-distillation): `train: lora | new | all`; KL divergence from the
   teacher's next-token distribution, optionally mixed with next-token loss (`ce_weight`). The teacher
   is the same model with softmax attention and no adapters (`teacher_mode`): no second copy.
+
+Adding a kind: its loss function and a `StageKind` entry here; settings only it reads are fields of
+`config.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,33 +35,43 @@ from ..layers.linearize import new_parameter_names
 TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
 
 
-def add_lora(model: nn.Module, stages: list[DictConfig]) -> nn.Module:
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of the first stage that trains LoRA (peft's r, alpha, dropout, target names)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+    @classmethod
+    def of_stages(cls, stages: list[DictConfig]) -> LoraSpec | None:
+        stage = next((s for s in stages if trained_set(s) == "lora"), None)
+        if stage is None:
+            return None
+        return cls(stage.lora_r, stage.lora_alpha, stage.lora_dropout, tuple(stage.lora_targets))
+
+
+def add_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     """Wrap the model with LoRA adapters up front when a stage trains them. B starts at zero, so
     the adapters change nothing until their stage, and the module tree (which FSDP shards once)
     stays the same for the whole run."""
-    lora = next((s for s in stages if trains_lora(s)), None)
-    if lora is None:
-        return model
     from peft import LoraConfig, get_peft_model
 
-    targets = list(lora.lora_targets)
+    targets = list(lora.targets)
     if any(isinstance(m, FACTORIZED) for m in model.modules()):  # peft cannot wrap those; their factors
         targets = [name for name, m in model.named_modules()  # train in the lora stage instead
                    if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
         if not targets:
             return model
-    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                        target_modules=targets, bias="none")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        bias="none")
     return get_peft_model(model, config)
-
-
-def trains_lora(stage: DictConfig) -> bool:
-    return stage.name == "lora" or (stage.name == "distill" and stage.train == "lora")
 
 
 def trained_set(stage: DictConfig) -> str:
     """new (feature maps, window factors), lora (adapters) or all, for every stage."""
-    return {"attention_transfer": "new", "lora": "lora", "full": "all"}.get(stage.name) or stage.train
+    return STAGE_KINDS[stage.name].trains(stage)
 
 
 def set_trainable(model: nn.Module, stage: DictConfig) -> None:
@@ -73,7 +90,7 @@ def set_trainable(model: nn.Module, stage: DictConfig) -> None:
         param.requires_grad_(trainable(name))
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def fold_lora(model: nn.Module) -> nn.Module:
     """Plain weights for saving and export: W + (alpha / r) B A folded in."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
@@ -84,22 +101,31 @@ def recurrent_layers(model: nn.Module) -> list[RecurrentAttention]:
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
                      layerwise: bool) -> torch.Tensor:
-    """Backpropagate the loss of one micro-batch (scaled by loss_scale); returns it, detached.
+    """Backpropagate the loss of one micro-batch (scaled by loss_scale); returns it, detached."""
+    return STAGE_KINDS[stage.name].loss(model, batch, stage, loss_scale, layerwise)
 
-    Attention transfer needs no LM head (logits for one position only). With `layerwise`, each
+
+def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+                          layerwise: bool) -> torch.Tensor:
+    loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                 use_cache=False).loss
+    (loss * loss_scale).backward()
+    return loss.detach()
+
+
+def distill_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+                       layerwise: bool) -> torch.Tensor:
+    loss = distill_loss(model, batch, stage.ce_weight)
+    (loss * loss_scale).backward()
+    return loss.detach()
+
+
+def transfer_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+                        layerwise: bool) -> torch.Tensor:
+    """Attention transfer needs no LM head (logits for one position only). With `layerwise`, each
     layer's backward runs as soon as its loss exists, so one layer's graph is alive at a time;
     under FSDP, whose gradient-reduction hooks expect one backward per forward, the layer losses
     are summed and backpropagated together."""
-    if stage.name == "distill":
-        loss = distill_loss(model, batch, stage.ce_weight)
-        (loss * loss_scale).backward()
-        return loss.detach()
-    if stage.name != "attention_transfer":
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     labels=batch["labels"], use_cache=False).loss
-        (loss * loss_scale).backward()
-        return loss.detach()
-
     with transfer_losses(recurrent_layers(model), loss_scale, layerwise) as losses:
         with torch.set_grad_enabled(not layerwise):
             # Through the root module (FSDP's hooks live there); logits for one position only.
@@ -107,7 +133,7 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: Di
                            logits_to_keep=1).logits
     if not layerwise:
         (logits.float().sum() * 0).backward()  # reaches every AttachLoss through the residual stream
-    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
+    return reported_transfer_loss(losses)
 
 
 @contextmanager
@@ -156,7 +182,7 @@ def transfer_losses(layers: list[RecurrentAttention], loss_scale: float, layerwi
 
     def collect(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         losses.append(loss.detach())
-        scaled = loss * TRANSFER_LOSS_SCALE * loss_scale
+        scaled = scaled_transfer_loss(loss, loss_scale)
         if layerwise:
             scaled.backward()
             return output
@@ -185,3 +211,79 @@ class AttachLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape, dtype, device = ctx.loss_meta
         return grad_output, torch.ones(shape, dtype=dtype, device=device)
+
+
+def scaled_transfer_loss(mse: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    """What a layer's attention-transfer MSE contributes to the gradient (LoLCATs' x1000, times the
+    micro-batch's share `loss_scale`): the whole-model, cached and block-wise loops all use it."""
+    return mse * TRANSFER_LOSS_SCALE * loss_scale
+
+
+def reported_transfer_loss(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The transfer loss of one micro-batch as logged: the layers' MSEs summed, x1000."""
+    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
+
+
+def _one_of(what: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _check_transfer(stage: DictConfig) -> None:
+    from ..models import DTYPES
+
+    if stage.cache_tokens and stage.block_layers:
+        raise ValueError(f"stage {stage.name}: cache_tokens is for attention_transfer without block_layers")
+    _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
+
+
+def _check_distill(stage: DictConfig) -> None:
+    _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
+
+
+def _transfer_loop(stage: DictConfig) -> str:
+    return "blockwise" if stage.block_layers else "cached" if stage.cache_tokens else "plain"
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """Everything one kind of stage decides: the settings only it reads (`fields`, checked by
+    `check`), which parameters train (new | lora | all), the loss of a micro-batch, the training
+    FLOPs per token and parameter (plan.py: the dry run and MFU) and the loop that runs it
+    (trainer.py: plain, cached or blockwise)."""
+
+    trains: Callable[[DictConfig], str]
+    loss: Callable[..., torch.Tensor]
+    flops_per_param: float
+    fields: tuple[str, ...] = ()
+    check: Callable[[DictConfig], None] = lambda stage: None
+    loop: Callable[[DictConfig], str] = lambda stage: "plain"
+
+
+# Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
+# gradients (about 2 of the 4); attention transfer runs the forward and only the maps' backward;
+# distillation adds the teacher's forward to a LoRA-like step (an upper bound for train=new).
+STAGE_KINDS: dict[str, StageKind] = {
+    "attention_transfer": StageKind(lambda stage: "new", transfer_micro_loss, 2.0,
+                                    ("block_layers", "cache_tokens", "epochs", "cache_dtype"), _check_transfer,
+                                    _transfer_loop),
+    "lora": StageKind(lambda stage: "lora", next_token_micro_loss, 4.0),
+    "full": StageKind(lambda stage: "all", next_token_micro_loss, 6.0),
+    "distill": StageKind(lambda stage: stage.train, distill_micro_loss, 6.0, ("train", "ce_weight"), _check_distill),
+}
+
+
+def check_stage(stage: DictConfig, defaults: Any) -> None:
+    """ValueError naming what is wrong: an unknown kind, a setting another kind owns changed from its
+    default (`defaults`: the schema's StageConfig), or the kind's own check."""
+    _one_of("stage name", stage.name, tuple(STAGE_KINDS))
+    kind = STAGE_KINDS[stage.name]
+    for other, owner in STAGE_KINDS.items():
+        for name in owner.fields:
+            if other != stage.name and name not in kind.fields and stage[name] != getattr(defaults, name):
+                raise ValueError(f"stage {stage.name}: {name} is for {other} only")
+    kind.check(stage)
+
+
+def stage_loop(stage: DictConfig) -> str:
+    return STAGE_KINDS[stage.name].loop(stage)

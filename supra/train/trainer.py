@@ -26,7 +26,7 @@ from ..evaluate.perplexity import HeldoutPerplexity
 from ..layers.linearize import decoder_layers
 from ..models import torch_dtype
 from .blockwise import block_ranges, check_blockwise, finished_blocks, remove_stage_cache, transfer_blockwise
-from .cached import build_cache, cache_bytes, cached_micro_loss, chunk_position, epoch_order
+from .cached import build_cache, cached_micro_loss, chunk_position, epoch_order, teacher_cache_bytes
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -35,10 +35,11 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .optim import make_optimizer, optimizer_step
 from .parallel import World, all_reduce_max, all_reduce_mean
-from .plan import FLOPS_PER_PARAM, StagePlan, plan_stages
+from .plan import StagePlan, plan_stages
 from .progress import ProgressLog
-from .stages import micro_batch_loss, set_trainable
+from .stages import STAGE_KINDS, micro_batch_loss, set_trainable, stage_loop
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: scripts/slurm/uptrain.sbatch requeues the job on it
 
@@ -53,34 +54,19 @@ class StopSignal:
     SIGUSR2 is submitit's time-limit/preemption signal: taking it here (over submitit's own handler,
     which would requeue at once, mid-step) lets the ranks write their checkpoint first; supra/launch.py
     then hands the signal on to submitit, which requeues the job. The handlers stay installed after
-    train() returns, and supra/launch.py reads `received` from them."""
+    train() returns; supra/launch.py reads `StopSignal.latest.received` (the latest train()'s)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    latest: StopSignal | None = None
 
     def __init__(self) -> None:
         self.received: int | None = None
+        StopSignal.latest = self
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine down to floor (= min_lr / lr) at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: nn.Module, stage: DictConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
-    floor = stage.min_lr / stage.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, stage.warmup_steps, steps, floor))
-    return optimizer, scheduler
 
 
 class Counters:
@@ -142,8 +128,6 @@ class StageRun:
                    data_state: dict | None = None) -> bool:
         """Schedule, count, evaluate and checkpoint after the stage's step `stage_step` (1-based);
         True when a stop signal arrived (the checkpoint is written)."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.scheduler.step()
         stopping = self.counters.step_done(self.stage, self.plan, loss, grad_norm, self.optimizer, elapsed)
         last = stage_step == self.plan.steps
         every = self.train_cfg.eval_every
@@ -208,8 +192,7 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
             if stage_step < plan.steps:
                 stage_run = StageRun(run, index, stage, plan, model, optimizer, scheduler, loader, cfg.train, world,
                                      counters, heldout, precision)
-                strategy = (_blockwise_stage if stage.block_layers else
-                            _cached_transfer_stage if stage.cache_tokens else _plain_stage)
+                strategy = LOOPS[stage_loop(stage)]
                 counters.log.message(f"stage {index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
                                      f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank)"
                                      f"{_strategy_note(stage)}")
@@ -238,7 +221,7 @@ def _plain_stage(s: StageRun, stage_step: int, seed: int) -> bool:
     while stage_step < s.plan.steps:
         started = time.perf_counter()
         loss, grad_norm = train_step(s.model, batches, s.optimizer, s.stage, s.plan, s.train_cfg.grad_clip, s.world,
-                                     s.precision)
+                                     s.precision, s.scheduler)
         stage_step += 1
         if s.after_step(stage_step, loss, grad_norm, time.perf_counter() - started):
             return True
@@ -262,7 +245,8 @@ def _cached_transfer_stage(s: StageRun, stage_step: int, seed: int) -> bool:
                 cache = build_cache(s.model, drawn, dtype, s.world.device)
             cached_chunk = chunk
             s.counters.log.message(f"chunk {chunk + 1}: teacher cache of {micro_per_chunk} micro-batches "
-                                   f"({cache_bytes(cache) / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f} s")
+                                   f"({teacher_cache_bytes(cache) / 2**30:.2f} GiB) in "
+                                   f"{time.perf_counter() - started:.0f} s")
         order = epoch_order(micro_per_chunk, seed, chunk, epoch)
         micro = order[step * s.plan.accumulation:(step + 1) * s.plan.accumulation]
         started = time.perf_counter()
@@ -270,7 +254,7 @@ def _cached_transfer_stage(s: StageRun, stage_step: int, seed: int) -> bool:
         with s.precision():
             loss = sum(cached_micro_loss(s.model, cache[i], 1.0 / len(micro), s.world.device) for i in micro)
         loss /= len(micro)
-        grad_norm = _clip_and_step(s.model, s.optimizer, loss, s.train_cfg.grad_clip)
+        grad_norm = optimizer_step(s.model, s.optimizer, s.scheduler, loss, s.train_cfg.grad_clip)
         stage_step += 1
         # Inside a chunk, a rerun must rebuild its cache: resume from the chunk's first batch.
         inside = stage_step % (s.plan.chunk_steps * s.plan.epochs) != 0
@@ -293,8 +277,12 @@ def _blockwise_stage(s: StageRun, stage_step: int, seed: int) -> bool:
     return False
 
 
+# The loop that runs each kind of stage (StageKind.loop chooses): True when stopped by a signal.
+LOOPS = {"plain": _plain_stage, "cached": _cached_transfer_stage, "blockwise": _blockwise_stage}
+
+
 def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: DictConfig, plan: StagePlan,
-               grad_clip: float, world: World, precision: Any) -> tuple[float, float]:
+               grad_clip: float, world: World, precision: Any, scheduler: Any | None = None) -> tuple[float, float]:
     """One optimizer step over `plan.accumulation` micro-batches; a non-finite step is not applied."""
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float64)
@@ -308,17 +296,7 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stag
         with precision():
             total += micro_batch_loss(model, batch, stage, 1.0 / plan.accumulation, layerwise).double().cpu()
     loss = all_reduce_mean(total / plan.accumulation, world)
-    return loss, _clip_and_step(model, optimizer, loss, grad_clip)
-
-
-def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: float, grad_clip: float) -> float:
-    """Clip the accumulated gradients, step when loss and gradient are finite; returns the gradient norm."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return loss, optimizer_step(model, optimizer, scheduler, loss, grad_clip)
 
 
 def compute_precision(train_cfg: DictConfig, weights_dtype: torch.dtype, world: World) -> Any:
@@ -335,7 +313,7 @@ def _record(step: int, stage: str, loss: float, grad_norm: float, optimizer: tor
     tokens_per_s = plan.tokens_per_step / elapsed
     mfu = None
     if world.device.type == "cuda":
-        achieved = tokens_per_s * FLOPS_PER_PARAM[stage] * flops_params
+        achieved = tokens_per_s * STAGE_KINDS[stage].flops_per_param * flops_params
         mfu = achieved / (train_cfg.gpu_tflops * 1e12 * world.world_size)
     return {"step": step, "stage": stage, "loss": loss, "grad_norm": grad_norm,
             "lr": optimizer.param_groups[0]["lr"], "tokens": tokens, "tokens_per_s": tokens_per_s,
