@@ -49,7 +49,13 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C anywhere, e.g. in the seconds torch takes to import
+        return fail("interrupted", code=130)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -84,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in PATH_ERRNOS or err.filename is None:
             raise
         return fail(f"{err.filename}: {err.strerror}")
-    except KeyboardInterrupt:
-        return fail("interrupted", code=130)
     except BrokenPipeError:  # `supra ... | head`: the reader left; that is not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0

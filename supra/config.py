@@ -184,7 +184,27 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("supra.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+def is_recipe_file(recipe: str) -> bool:
+    """`recipe=` names a YAML file (litgpt/flame style) rather than a shipped recipe."""
+    return recipe.endswith((".yaml", ".yml")) or "/" in recipe or Path(recipe).expanduser().is_file()
+
+
 def recipe_text(name: str) -> str:
+    """A shipped recipe's YAML, or a recipe file's; ConfigError when there is neither."""
+    if is_recipe_file(name):
+        path = Path(name).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"recipe file {name} not found; give a path to a YAML file or one of the shipped "
+                              f"recipes: {', '.join(recipe_names())}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"recipe {name} is a directory; give a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe file {name} is not UTF-8 text") from None
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"unknown recipe {name!r}; valid recipes: {', '.join(names)}, or a path to a YAML file")
     return resources.files("supra.recipes").joinpath(f"{name}.yaml").read_text()
 
 
@@ -202,11 +222,8 @@ def load_config(overrides: list[str]) -> DictConfig:
     cfg = OmegaConf.structured(RecipeConfig)
     recipe = values.pop("recipe", None)
     if recipe is not None:
-        names = recipe_names()
-        if recipe not in names:
-            raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(names)}")
-        cfg = _merge(cfg, _parse_recipe(recipe), f"recipe {recipe}")
-        cfg.recipe = recipe
+        cfg = _merge(cfg, _parse_recipe(str(recipe)), f"recipe {recipe}")
+        cfg.recipe = str(recipe)
     for key, value in values.items():
         try:
             OmegaConf.update(cfg, key, value, merge=isinstance(value, (dict, list)))
@@ -219,13 +236,30 @@ def load_config(overrides: list[str]) -> DictConfig:
             rule = DATA_RANGES.get(path[5:]) if path.startswith("data.") else RANGES.get(path)
             valid = f"; valid: {rule}" if rule else ""
             raise ConfigError(f"bad value for {key}: {_first_line(err)}{valid}") from None
+    if "method" in values:
+        _drop_recipe_options(cfg, set(values))
     validate(cfg)
     return cfg
 
 
-def _parse_recipe(name: str) -> DictConfig:
+def _drop_recipe_options(cfg: DictConfig, given: set[str]) -> None:
+    """A recipe's options for its own method do not follow a method= override (`recipe=demo
+    method=supra`): those the new method ignores go back to their defaults. Options given on the
+    command line stay, and validate() refuses them if they would do nothing."""
     try:
-        recipe = OmegaConf.create(recipe_text(name))
+        unused = linearize_spec(cfg).unused_options()
+    except (ValueError, TypeError):  # a bad value: validate() says which
+        return
+    defaults = RecipeConfig()
+    for name in unused:
+        if name not in given:
+            cfg[name] = getattr(defaults, name)
+
+
+def _parse_recipe(name: str) -> DictConfig:
+    text = recipe_text(name)
+    try:
+        recipe = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come from yaml, not OmegaConf
         raise ConfigError(f"recipe {name} is not valid YAML: {_first_line(err)}") from None
     if not isinstance(recipe, DictConfig):
@@ -296,8 +330,6 @@ def validate(cfg: DictConfig) -> None:
         as_data_config(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
-    if cfg.train.batch_tokens < cfg.seq_len:
-        raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
 
 
 def _check_cache_and_distill(stage: DictConfig) -> None:
@@ -307,6 +339,17 @@ def _check_cache_and_distill(stage: DictConfig) -> None:
         raise ConfigError(f"stage {stage.name}: cache_tokens is for attention_transfer without block_layers")
     _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
     _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
+
+
+def check_batch_tokens(cfg: DictConfig) -> None:
+    """Training only: an optimizer step holds at least one row of seq_len tokens."""
+    if cfg.train.batch_tokens < cfg.seq_len:
+        raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
+
+
+def recipe_label(cfg: DictConfig) -> str:
+    """The recipe's name for default output folders: a shipped name, or a recipe file's stem."""
+    return Path(cfg.recipe).stem if cfg.recipe else ""
 
 
 def run_dir(cfg: DictConfig, default: str) -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError, linearize_spec
-from .layers.linearize import linearize, recorded_spec
+from .layers.linearize import LinearizeSpec, linearize, recorded_spec
 from .models import SourceError
 from .skip import apply_skip, calibration_batches, select_and_skip
 from .softmax_select import choose_softmax_layers, parse_auto, restore_layers, restore_softmax_layers
@@ -35,13 +35,11 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     the calibration text. So does `softmax_layers=auto:K` (supra/softmax_select.py), measured on the
     converted model; the choice is recorded in the spec (`recorded_spec(model).softmax_choice`)."""
     previous = recorded_spec(model)
+    check_convertible(previous, cfg)
     if cfg.n > 0:
         if tokenizer is None:
             raise ConfigError(f"n={cfg.n} (skip by select={cfg.select}) needs calibration text here; "
                               "run `supra skip` first and convert its output")
-        if previous is not None and previous.method != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
-                              "convert the original model instead")
         select_and_skip(model, tokenizer, cfg)
         previous = recorded_spec(model)
     if previous is not None and previous.method != "softmax" and cfg.softmax_layers:
@@ -50,9 +48,6 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
         return _restore_softmax(model, cfg, tokenizer, report)
     spec = linearize_spec(cfg)
     if previous is not None:
-        if previous.method != "softmax" and spec.method != "softmax":
-            raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); "
-                              "convert the original model instead")
         if previous.method != "softmax":  # method=softmax: it stays converted (e.g. to be healed)
             return apply_skip(model, list(spec.skip_layers))
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.skip_layers))
@@ -70,6 +65,20 @@ def convert_model(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokeni
     # rebuilds the same hybrid without measuring.
     cfg.softmax_layers = choice["chosen"]
     return model
+
+
+def check_convertible(previous: LinearizeSpec | None, cfg: DictConfig) -> None:
+    """Refuse to convert a model that is already converted (`previous`: its recorded spec); commands
+    call this before writing anything. softmax_layers on it gives layers back their softmax attention,
+    and method=softmax keeps it as it is (to train it further)."""
+    if previous is None or previous.method == "softmax":
+        return
+    if cfg.n > 0:
+        raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); skip layers of the "
+                          "original model (n=...) before converting it, or pass n=0")
+    if cfg.method != "softmax" and not cfg.softmax_layers:
+        raise SourceError(f"model {cfg.model} is already converted (method={previous.method}); pass method=softmax "
+                          "to keep training it as it is, or convert the original model instead")
 
 
 def _restore_softmax(model: nn.Module, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None,

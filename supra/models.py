@@ -15,6 +15,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from .errors import UserError, check_output_dir
 from .layers.factorized import factor_parameter_names
-from .layers.linearize import check_supported, linearize, new_parameter_names, recorded_spec
+from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names, recorded_spec
 
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,20 @@ def resolve_source(source: str) -> tuple[str, dict]:
         raise SourceError(f"model not found: {source!r} (expected smollm2-135m, random, a .gguf file, "
                           "a local model directory, or a hub id like org/name)")
     return source, {}  # a hub id
+
+
+def source_spec(source: str) -> LinearizeSpec | None:
+    """The conversion a local model source records (None: an original, or a source whose config is
+    not on disk yet), read from its config alone, so commands can check it before writing anything."""
+    if source == "random":
+        return None
+    where, extra = resolve_source(source)
+    if extra or not Path(where).is_dir():  # a GGUF file is an original; a hub id has no config here yet
+        return None
+    try:
+        return recorded_spec(AutoConfig.from_pretrained(where))
+    except (OSError, ValueError) as err:
+        raise _unloadable("model", source, err) from None
 
 
 def _unloadable(what: str, source: str, err: Exception) -> SourceError:
@@ -211,16 +226,63 @@ def resolve_device(name: str) -> torch.device:
 
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Path, overwrite: bool) -> None:
     """Write an HF directory atomically: into a temp sibling, then renamed; an existing `out` is
-    replaced only with overwrite=true, and only once the new copy is complete."""
+    replaced only with overwrite=true, and only once the new copy is complete. Interrupted (Ctrl-C,
+    an error), the temp sibling is removed: a 7B model's weights must not stay hidden beside `out`."""
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    publish_directory(tmp, out)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with_umask_permissions(tmp)
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def with_umask_permissions(directory: Path) -> None:
+    """Give every file the permissions the umask allows (0644 under umask 022): safetensors writes its
+    weights 0600, which other members of a team cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
+# `.<out>.tmp-<pid>`, `.<out>.export-<pid>`, `.<out>.old-<pid>` and their nestings: what writing `out` stages
+STAGING = re.compile(r"\.+(?P<name>.+?)\.(?P<kind>tmp|export|old)-(?P<pid>\d+)(\.tmp-\d+)?")
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove what an earlier writer of `out` left when it was killed (its process is gone); an old
+    `out` moved aside and not yet replaced is moved back."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".*{out.name}.*-*"):
+        match = STAGING.fullmatch(path.name)
+        if match is None or match["name"] != out.name or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def publish_directory(staging: Path, out: Path) -> None:

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..config import ConfigError, factorize_spec, run_dir
-from ..convert import convert_model
+from ..config import ConfigError, check_batch_tokens, factorize_spec, recipe_label, run_dir
+from ..convert import check_convertible, convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, factorize_from_config, plan_layouts
@@ -34,11 +34,13 @@ from ..models import (
     resolve_device,
     resolve_source,
     save_model,
+    source_spec,
 )
 from ..skip import calibration_batches
 from ..softmax_select import check_k, converted_layers, parse_auto, restore_softmax_layers
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
+from ..train.checkpoint import checkpoint_root
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
 from .common import (
@@ -51,21 +53,28 @@ from .common import (
 )
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
+# `out` names the run folder, which is what stays the same (however it is spelled, or after a move);
+# `overwrite` is about replacing output directories, and a run is resumed, not replaced.
 RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",
-                     "train.checkpoint_every", "train.keep_checkpoints", "eval")
+                     "train.checkpoint_every", "train.keep_checkpoints", "eval", "out", "overwrite", "step")
 
 
 def run(cfg: DictConfig) -> int:
     if cfg.train.dry_run:
         return dry_run(cfg)
-    run = run_dir(cfg, f"runs/{cfg.recipe or 'uptrain'}")
-    _check_same_run(cfg, run)
+    check_batch_tokens(cfg)
+    run = run_dir(cfg, f"runs/{recipe_label(cfg) or 'uptrain'}")
+    fresh = _check_same_run(cfg, run)
     read_json_record(run / "eval.json")  # damaged: stop now, not after training
+    _check_run_folder(run)
     # Mistakes in device=, model=, tokenizer= and data= are reported before anything is written.
     resolve_device(cfg.device)
     for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
         resolve_source(source)
+    check_convertible(source_spec(cfg.model), cfg)
     iter_documents(cfg.data)
+    if fresh:
+        _forget_untrained_attempt(run)
     world = init_world(cfg.device)
     try:
         return _uptrain(cfg, run, world)
@@ -125,16 +134,50 @@ def _on(cfg: DictConfig, world: World) -> DictConfig:
     return local
 
 
-def _check_same_run(cfg: DictConfig, run: Path) -> None:
-    """Rerunning resumes; a different recipe in the same directory would mix two runs."""
+# What an earlier attempt writes before its first trained step: records of that attempt only.
+UNTRAINED_RECORDS = ("uptrain.config.yaml", "eval.json", "metrics.jsonl")
+
+
+def _check_same_run(cfg: DictConfig, run: Path) -> bool:
+    """Rerunning resumes; a different recipe in the same directory would mix two runs. An attempt
+    that stopped before its first checkpoint (a mistake found after the snapshot was written) has
+    nothing to protect: True when the run starts afresh and such records are to be replaced."""
     snapshot = run / "uptrain.config.yaml"
     if not snapshot.exists():
-        return
+        return False
     before, now = read_yaml_record(snapshot), OmegaConf.to_container(cfg)
     changed = [k for k in _diff(before, now) if not k.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
-                          "same settings to resume, or choose another out=")
+    if not changed:
+        return False
+    if not has_trained(run):
+        return True
+    raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
+                      "same settings to resume, or choose another out=")
+
+
+def has_trained(run: Path) -> bool:
+    """Whether a run directory holds anything training made: a checkpoint, finished blocks, a model."""
+    return (any(checkpoint_root(run).glob("step-*")) or (run / "blocks").exists()
+            or (run / "student").exists() or (run / "model").exists())
+
+
+def _check_run_folder(run: Path) -> None:
+    """A run goes into a new or empty folder, or resumes one; a model or any other folder stays untouched."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"output path {run} is a file, not a directory; choose another out=")
+    if not run.is_dir() or (run / "uptrain.config.yaml").exists() or not any(run.iterdir()):
+        return
+    what = ("a model directory (it holds config.json)" if (run / "config.json").exists()
+            else "not a supra run (it has no uptrain.config.yaml)")
+    raise ConfigError(f"out={run} is {what}; uptrain writes a run into a new or empty directory, or resumes one "
+                      "there: choose another out=")
+
+
+def _forget_untrained_attempt(run: Path) -> None:
+    """The records of an earlier attempt with other settings that never trained a step (its baseline
+    perplexities were of another model): the corrected command starts the run afresh."""
+    for name in UNTRAINED_RECORDS:
+        (run / name).unlink(missing_ok=True)
 
 
 def _diff(a: object, b: object, prefix: str = "") -> list[str]:
