@@ -110,6 +110,8 @@ class RecipeConfig:
     seq_len: int = 512
     out: str | None = None  # run directory; each command has a default under runs/
     overwrite: bool = False  # convert/export: replace an existing output directory
+    step: int | None = None  # eval/export of a run directory: this checkpoint step (default: its final model,
+    # or the newest checkpoint of an unfinished run)
     # conversion (see supra.layers.linearize.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
@@ -156,7 +158,7 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
-    "seed": count(0), "seq_len": count(1), "window": count(0), "sinks": count(0),
+    "seed": count(0), "step": count(0, optional=True), "seq_len": count(1), "window": count(0), "sinks": count(0),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,

@@ -105,12 +105,24 @@ def resolve_source(source: str) -> tuple[str, dict]:
         if (path / "model" / "config.json").exists():  # a supra run directory: its final model
             return str(path / "model"), {}
         if not (path / "config.json").exists():
-            raise SourceError(f"{source} is a directory without config.json; expected a Hugging Face model directory")
+            raise SourceError(f"{source} is {_describe(path)}; expected a Hugging Face model directory")
         return str(path), {}
     if source.startswith((".", "/", "~")) or path.suffix or source.count("/") != 1:
         raise SourceError(f"model not found: {source!r} (expected smollm2-135m, random, a .gguf file, "
                           "a local model directory, or a hub id like org/name)")
     return source, {}  # a hub id
+
+
+def _describe(directory: Path) -> str:
+    """What a directory that holds no model is, for the message that refuses it."""
+    if (directory / "uptrain.config.yaml").exists():
+        return ("a supra run without its final model yet (model/); supra eval and supra export take it as it is, "
+                "from its newest checkpoint or step=N")
+    if (directory / "eval.json").exists():
+        return "a supra eval output folder (eval.json), not a model"
+    if not any(directory.iterdir()):
+        return "an empty directory"
+    return "a directory without config.json"
 
 
 def source_spec(source: str) -> LinearizeSpec | None:

@@ -22,14 +22,33 @@ console = Console()
 
 
 def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The model of `cfg.model` on `cfg.device`, seeded so random init is reproducible."""
+    """The model of `cfg.model` on `cfg.device`, seeded so random init is reproducible; a run
+    directory gives its checkpoint `cfg.step` (or its newest one while it has no final model)."""
     torch.manual_seed(cfg.seed)
+    run = checkpoint_run(cfg)
+    if run is not None:
+        from .uptrain import model_at_checkpoint  # uptrain builds on this module
+
+        return model_at_checkpoint(run, cfg.get("step"), resolve_device(cfg.device))
     if cfg.model == "random" and not cfg.tokenizer:
         raise SourceError("model=random needs tokenizer=<a model source> (e.g. tokenizer=smollm2-135m)")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     architecture = dict(cfg.architecture) if cfg.architecture else None
     model = load_model(cfg.model, cfg.dtype, architecture, "meta" if meta else resolve_device(cfg.device), meta)
     return model, tokenizer
+
+
+def checkpoint_run(cfg: DictConfig) -> Path | None:
+    """The run directory whose checkpoint `cfg` asks for: model=RUN with step=N, or a run without
+    its final model yet. A step= on anything else is a mistake."""
+    path = Path(cfg.model).expanduser()
+    is_run = path.is_dir() and (path / "uptrain.config.yaml").exists()
+    if cfg.get("step") is not None and not is_run:
+        raise UserError(f"step={cfg.step} picks a checkpoint of a supra run directory; {cfg.model} is not one "
+                        "(it has no uptrain.config.yaml)")
+    if is_run and (cfg.get("step") is not None or not (path / "model" / "config.json").exists()):
+        return path
+    return None
 
 
 def damaged_record(path: Path, problem: str) -> UserError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -24,6 +25,7 @@ from ..evaluate import plots
 from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
+from ..layers.linearize import LinearizeSpec, recorded_spec
 from ..models import load_model, resolve_device
 from .common import console, load_model_and_tokenizer, read_json_record, update_json
 
@@ -118,11 +120,21 @@ def task_function(name: str) -> Task:
 
 
 def default_out(cfg: DictConfig) -> str:
-    """Beside a supra model directory; otherwise runs/eval-<model name>."""
+    """runs/eval/<model name>[-step-N]: never inside the model's folder (an export about to be uploaded)."""
     path = Path(cfg.model).expanduser()
-    if path.is_dir() and any(path.glob("*.config.yaml")):
-        return str(path)
-    return "runs/eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", path.name or cfg.model)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name or cfg.model)
+    return f"runs/eval/{name}" + (f"-step-{cfg.step}" if cfg.step is not None else "")
+
+
+def as_evaluated(cfg: DictConfig, model: nn.Module) -> DictConfig:
+    """The config with the conversion the model really has (its config.json's supra record; an
+    original is method=softmax), not the defaults of the conversion keys, which eval does not use."""
+    spec = recorded_spec(model) or LinearizeSpec(method="softmax")
+    record = cfg.copy()
+    for name, value in asdict(spec).items():
+        if name in record and name != "backend":  # backend: how this eval ran, which the config says
+            record[name] = value
+    return record
 
 
 def run(cfg: DictConfig) -> int:
@@ -131,7 +143,7 @@ def run(cfg: DictConfig) -> int:
     read_json_record(out / "eval.json")  # results of earlier tasks are kept: a damaged file stops us first
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
-    save_snapshot(cfg, out, "eval")
+    save_snapshot(as_evaluated(cfg, model), out, "eval")
     table = Table(title=f"supra eval: {cfg.model}")
     table.add_column("task")
     table.add_column("metric")

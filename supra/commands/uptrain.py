@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..config import ConfigError, check_batch_tokens, factorize_spec, recipe_label, run_dir
+from ..config import ConfigError, RecipeConfig, check_batch_tokens, factorize_spec, recipe_label, run_dir
 from ..convert import check_convertible, convert_model
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
@@ -39,8 +39,8 @@ from ..models import (
 from ..skip import calibration_batches
 from ..softmax_select import check_k, converted_layers, parse_auto, restore_softmax_layers
 from ..train.parallel import World, init_world, parallelize, shutdown_world
+from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
-from ..train.checkpoint import checkpoint_root
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
 from .common import (
@@ -246,6 +246,39 @@ def _save_final(cfg: DictConfig, model: nn.Module, tokenizer, final: Path, world
         plain.load_state_dict(state)
         save_model(merge_lora(plain), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
+
+
+def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tuple[nn.Module, object]:
+    """A run's saved step as a model (what flame's checkpoint conversion gives): the run's own
+    conversion rebuilt from its config snapshot, the step's weights loaded, LoRA merged. `step`
+    None: the newest complete checkpoint. With softmax_layers=auto:K this is the trained student."""
+    snapshot = read_yaml_record(run / "uptrain.config.yaml")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), snapshot)
+    except Exception as err:  # a snapshot of another supra version
+        raise ConfigError(f"{run / 'uptrain.config.yaml'} does not fit this supra's settings: "
+                          f"{str(err).splitlines()[0]}") from None
+    steps = checkpoint_steps(run)
+    if step is None:
+        path = latest_checkpoint(run)
+        if path is None:
+            raise SourceError(f"{run} is a supra run that has no checkpoint yet (one is written every "
+                              f"{cfg.train.checkpoint_every} steps); rerun uptrain on it, or wait for its first")
+    else:
+        path = checkpoint_root(run) / f"step-{step:08d}"
+        if step not in steps:
+            raise SourceError(f"{run} has no checkpoint of step {step}; its checkpoints: "
+                              f"{', '.join(map(str, steps)) or 'none yet'}")
+    local = cfg.copy()
+    local.device = "cpu"
+    model, tokenizer = load_model_and_tokenizer(local)
+    convert_model(model, _student_config(local), tokenizer)
+    if local.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
+        apply_record(model, plan_layouts(model, factorize_spec(local)))
+    model = add_lora(model, list(local.train.stages))
+    load_model_weights(path, model)
+    console.print(f"model: {run}, checkpoint {path.name}")
+    return merge_lora(model).to(device), tokenizer
 
 
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
