@@ -125,18 +125,30 @@ def _describe(directory: Path) -> str:
     return "a directory without config.json"
 
 
-def source_spec(source: str) -> LinearizeSpec | None:
-    """The conversion a local model source records (None: an original, or a source whose config is
-    not on disk yet), read from its config alone, so commands can check it before writing anything."""
+def source_config(source: str, architecture: dict[str, Any] | None = None) -> Any | None:
+    """A model source's transformers config, read without its weights (None: a GGUF file or a hub
+    id, whose config is not on disk yet), so commands can check it before writing anything."""
     if source == "random":
-        return None
+        if not architecture or "model_type" not in architecture:
+            return None  # load_model says what is missing
+        arch = dict(architecture)
+        try:
+            return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        except ValueError as err:
+            raise SourceError(f"bad architecture: {str(err).splitlines()[0]}") from None
     where, extra = resolve_source(source)
-    if extra or not Path(where).is_dir():  # a GGUF file is an original; a hub id has no config here yet
+    if extra or not Path(where).is_dir():
         return None
     try:
-        return recorded_spec(AutoConfig.from_pretrained(where))
+        return AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as err:
         raise _unloadable("model", source, err) from None
+
+
+def source_spec(source: str) -> LinearizeSpec | None:
+    """The conversion a local model source records (None: an original, or no config on disk yet)."""
+    config = source_config(source) if source != "random" else None
+    return recorded_spec(config) if config is not None else None
 
 
 def _unloadable(what: str, source: str, err: Exception) -> SourceError:

@@ -167,6 +167,30 @@ def test_ctrl_c_during_uptrain_writes_a_checkpoint_and_says_how_to_resume(tmp_pa
     assert steps(run) == [1, 2, 3]
 
 
+# -------------------------------------------------------------------------------------- 4. memory
+
+@pytest.mark.parametrize("command, args, message", [
+    ("eval", ["seq_len=1000000", "eval.max_tokens=1000000"],
+     "held-out perplexity needs about 552.2 GiB for the activations of 1 x 1,000,000 tokens"),
+    ("eval", ["tasks=[passkey]", "eval.passkey_lengths=[2000000]"], "lower eval.passkey_lengths"),
+    ("uptrain", ["seq_len=1000000", "train.batch_tokens=2000000"], "training needs about"),
+])
+def test_a_job_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, command, args, message):
+    out = tmp_path / "out"
+    assert main([command, *FAST, *args, f"out={out}"]) == 2
+    line = one_error_line(capsys)
+    assert message in line and "train.batch_tokens" not in line, line
+    assert not out.exists()
+
+
+def test_a_sequence_past_the_trained_positions_is_said_in_one_line(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval", *FAST, "seq_len=2100", "eval.max_tokens=2100", f"out={tmp_path / 'eval'}"]) == 0
+    said = [r.getMessage() for r in caplog.records if "max_position_embeddings" in r.getMessage()]
+    assert said == ["warning: 2,100 tokens is past the model's max_position_embeddings (2,048); positions beyond "
+                    "it were never trained, so expect quality to fall there"]
+
+
 # ------------------------------------------------------------------------ 5. checkpoints as models
 
 def test_an_unfinished_run_is_evaluated_and_exported_from_its_checkpoints(tmp_path, capsys):

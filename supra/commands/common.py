@@ -4,6 +4,7 @@ back the records a run directory holds (a damaged one stops the command before i
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,62 @@ def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Mo
     architecture = dict(cfg.architecture) if cfg.architecture else None
     model = load_model(cfg.model, cfg.dtype, architecture, "meta" if meta else resolve_device(cfg.device), meta)
     return model, tokenizer
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes a command may still use, where) on the device: free accelerator memory, or the RAM the
+    kernel reports available; None where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    return None
+
+
+def activation_bytes(config: Any, rows: int, tokens: int, training: bool) -> int:
+    """A rough floor on the activations of one forward (and backward) over rows x tokens: float32
+    logits over the vocabulary three times (logits, their float copy, the loss's softmax) and, per
+    token, a layer's hidden states and MLP (every layer's, kept for the backward, when training)."""
+    hidden = getattr(config, "hidden_size", 0)
+    mlp = getattr(config, "intermediate_size", 4 * hidden)
+    layers = getattr(config, "num_hidden_layers", 1) if training else 1
+    per_token = 3 * getattr(config, "vocab_size", 0) + layers * (2 * mlp + 8 * hidden)
+    return rows * tokens * per_token * 4
+
+
+def check_memory(config: Any, device: torch.device, forwards: list[tuple[str, int, int, str, bool]]) -> None:
+    """Refuse, in one line, a command whose largest forward cannot fit, before it writes anything or
+    runs out of memory mid-way; warn once when seq_len runs past the positions the model was trained
+    on. forwards: (what, rows, tokens, the keys that set rows and tokens as the user writes them,
+    whether it trains)."""
+    if config is None:
+        return
+    available = available_memory(device)
+    for what, rows, tokens, keys, training in forwards:
+        need = activation_bytes(config, rows, tokens, training)
+        if available is not None and need > available[0]:
+            free, where = available
+            raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB for the activations of {rows} x {tokens:,} "
+                            f"tokens, more than the {free / 2**30:,.1f} GiB {where}; lower {keys}")
+    longest = max((tokens for _, _, tokens, _, _ in forwards), default=0)
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained and longest > trained:
+        logging.getLogger("supra").warning(
+            f"warning: {longest:,} tokens is past the model's max_position_embeddings ({trained:,}); positions "
+            "beyond it were never trained, so expect quality to fall there")
+
+
+def perplexity_forward(cfg: DictConfig) -> tuple[str, int, int, str, bool]:
+    """The largest forward of the held-out perplexity (supra.evaluate.perplexity), for check_memory."""
+    tokens = min(cfg.seq_len, cfg.eval.max_tokens)
+    rows = min(cfg.eval.batch_size, max(1, cfg.eval.max_tokens // cfg.seq_len))
+    return "held-out perplexity", rows, tokens, "seq_len, eval.batch_size or eval.max_tokens", False
 
 
 def checkpoint_run(cfg: DictConfig) -> Path | None:

@@ -27,7 +27,7 @@ from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
 from ..layers.linearize import LinearizeSpec, recorded_spec
 from ..models import load_model, resolve_device
-from .common import console, load_model_and_tokenizer, read_json_record, update_json
+from .common import check_memory, console, load_model_and_tokenizer, perplexity_forward, read_json_record, update_json
 
 Rows = list[tuple[str, str]]
 Task = Callable[[nn.Module, PreTrainedTokenizerBase, DictConfig, Path], tuple[dict, Rows]]
@@ -137,12 +137,26 @@ def as_evaluated(cfg: DictConfig, model: nn.Module) -> DictConfig:
     return record
 
 
+def _forwards(cfg: DictConfig) -> list[tuple[str, int, int, str, bool]]:
+    """The largest forward of each task asked for (lm-eval sizes its own), for check_memory."""
+    forwards = []
+    for name in cfg.tasks:
+        if name == "ppl":
+            forwards.append(perplexity_forward(cfg))
+        elif name == "passkey":
+            forwards.append(("passkey", 1, max(cfg.eval.passkey_lengths), "eval.passkey_lengths", False))
+        elif name == "speed":
+            forwards.append(("speed", 1, max(cfg.eval.speed_lengths), "eval.speed_lengths", False))
+    return forwards
+
+
 def run(cfg: DictConfig) -> int:
     functions = [(name, task_function(name)) for name in cfg.tasks]  # refuse bad names before loading
     out = run_dir(cfg, default_out(cfg))
     read_json_record(out / "eval.json")  # results of earlier tasks are kept: a damaged file stops us first
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
+    check_memory(model.config, next(model.parameters()).device, _forwards(cfg))
     save_snapshot(as_evaluated(cfg, model), out, "eval")
     table = Table(title=f"supra eval: {cfg.model}")
     table.add_column("task")

@@ -34,6 +34,7 @@ from ..models import (
     resolve_device,
     resolve_source,
     save_model,
+    source_config,
     source_spec,
 )
 from ..skip import calibration_batches
@@ -44,8 +45,10 @@ from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, traina
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
 from .common import (
+    check_memory,
     console,
     load_model_and_tokenizer,
+    perplexity_forward,
     read_json_record,
     read_yaml_record,
     update_json,
@@ -72,6 +75,9 @@ def run(cfg: DictConfig) -> int:
     for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
         resolve_source(source)
     check_convertible(source_spec(cfg.model), cfg)
+    check_memory(source_config(cfg.model, cfg.architecture and dict(cfg.architecture)), resolve_device(cfg.device),
+                 [("training", cfg.train.micro_batch_size, cfg.seq_len, "train.micro_batch_size or seq_len", True),
+                  perplexity_forward(cfg)])
     iter_documents(cfg.data)
     if fresh:
         _forget_untrained_attempt(run)
