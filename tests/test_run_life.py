@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -246,7 +247,7 @@ def test_options_that_do_nothing_are_refused(tmp_path, capsys, args, message):
 def test_a_recipes_own_options_do_not_follow_a_method_override(capsys):
     assert main(["convert", "recipe=demo", "method=supra", "--help"]) == 0  # demo: terrace window, 4 sinks
     text = capsys.readouterr().out
-    assert "\nsinks: 0\n" in text and "\nwindow_kind: sliding\n" in text
+    assert re.search(r"^sinks: 0  # ", text, re.M) and re.search(r"^window_kind: sliding  # ", text, re.M)
 
 
 # ------------------------------------------------------------------- 7. weights others can read
@@ -274,6 +275,35 @@ def test_a_recipe_prints_as_valid_yaml_and_runs_from_a_path(tmp_path, capsys):
     mine.write_text(printed.replace("seq_len: ", "seq_len: 77 #", 1) if "seq_len: " in printed
                     else printed + "seq_len: 77\n")
     assert main(["convert", f"recipe={mine}", "--help"]) == 0
-    assert "\nseq_len: 77\n" in capsys.readouterr().out
+    assert re.search(r"^seq_len: 77  # ", capsys.readouterr().out, re.M)
     assert main(["convert", f"recipe={tmp_path / 'missing.yaml'}"]) == 2
     assert "recipe file" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ 10. help
+
+def test_help_describes_every_key_and_puts_the_commands_own_first(capsys):
+    from supra.config import key_help
+    from supra.layers.linearize import METHOD_NAMES
+
+    assert all(len(text) > 8 for text in key_help().values())
+    assert main(["factorize", "--help"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[2].startswith("model: ") and "factorize.ratio: null  # " in text
+    assert text.index("factorize.ratio") < text.index("# other keys:") < text.index("\ntrain.batch_tokens: ")
+    assert yaml.safe_load(text)["train.batch_tokens"] == 16384  # the help reads as YAML
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in METHOD_NAMES if name != "softmax") and "factorize.ratio=F" in usage
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("supra ")
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["convert", "--model", "X"], "write model=X instead of --model X"),
+    (["eval", "--seq_len=5"], "write seq_len=5 instead of --seq_len=5"),
+    (["convert", "--overwrite"], "write overwrite=VALUE instead of --overwrite"),
+])
+def test_an_option_gets_a_key_value_hint(capsys, args, hint):
+    assert main(args) == 2
+    assert hint in one_error_line(capsys)
