@@ -163,12 +163,14 @@ def command_help(command: str, values: dict) -> str:
         value = yaml.safe_dump(flat[key], default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
         return f"{key}: {value}  # {described.get(key, '')}".rstrip(" #")
 
-    stage_keys = [f"#   {k[len('train.stages.*.'):]}: {v}" for k, v in described.items() if k.startswith("train.stages.*.")]
+    stage = "train.stages.*."
+    stage_keys = [f"#   {k[len(stage):]}: {v}" for k, v in described.items() if k.startswith(stage)]
     own_keys = [line(k) for k in flat if own(k)]
     other_keys = [line(k) for k in flat if not own(k)]
     if own("train.stages"):
         own_keys += ["# a stage's keys (train.stages=[{name: lora, tokens: 1000000, lr: 1e-4}, ...]):", *stage_keys]
-    return "\n".join([f"# supra {command}: {COMMANDS[command]}", f"# keys of supra {command}, with their current values:",
+    return "\n".join([f"# supra {command}: {COMMANDS[command]}",
+                      f"# keys of supra {command}, with their current values:",
                       *own_keys, "", "# other keys:", *other_keys])
 
 

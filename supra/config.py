@@ -43,7 +43,8 @@ class StageConfig:
     lora_r: int = 8  # lora/distill: adapter rank
     lora_alpha: int = 16  # lora/distill: adapter scale (alpha / r)
     lora_dropout: float = 0.0  # lora/distill: dropout on the adapters' input
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules given adapters
+    # lora/distill: the modules given adapters
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # attention_transfer only: > 0 trains blocks of this many decoder layers one after another from
     # inputs cached on disk, one block on the accelerator at a time (models that do not fit at once)
     block_layers: int = 0
@@ -58,7 +59,8 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])  # run in order; a stage's keys: train.stages.*
+    # run in order; a stage's keys: train.stages.*
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     batch_tokens: int = 16384  # tokens per optimizer step, all ranks together
     micro_batch_size: int = 1  # rows per forward on one rank; accumulation is derived
     grad_clip: float = 1.0  # gradient norm clipped to this
@@ -86,7 +88,8 @@ class EvalConfig:
     max_tokens: int = 32768  # perplexity: tokens scored at most
     batch_size: int = 4  # rows per forward (perplexity, lm-eval)
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # passkey: context lengths
-    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # passkey: where the key sits
+    # passkey: where the key sits (0: the start, 1: the end)
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     passkey_trials: int = 5  # passkey: keys per length and depth
     speed_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # speed: context lengths
     speed_decode_tokens: int = 32  # speed: tokens decoded per length

@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib.util
 import json
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,7 +113,28 @@ def resolve_source(source: str) -> tuple[str, dict]:
     if source.startswith((".", "/", "~")) or path.suffix or source.count("/") != 1:
         raise SourceError(f"model not found: {source!r} (expected smollm2-135m, random, a .gguf file, "
                           "a local model directory, or a hub id like org/name)")
+    check_hub_reachable(source)
     return source, {}  # a hub id
+
+
+@functools.cache
+def check_hub_reachable(repo_id: str) -> None:
+    """A hub id that is not in the local cache needs the network: say so at once, in one line, rather
+    than after transformers' retries (50 s) with an error that blames the tokenizer."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: transformers loads it offline
+    where = f"model {repo_id!r} is a Hugging Face hub id that is not in the local cache"
+    if constants.HF_HUB_OFFLINE:
+        raise SourceError(f"{where}, and HF_HUB_OFFLINE is set: download it where there is network "
+                          "(huggingface-cli download), or give a local model directory")
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise SourceError(f"{where}, and {host} cannot be reached (offline? {err.strerror or err}): download it "
+                          "where there is network, or give a local model directory") from None
 
 
 def _describe(directory: Path) -> str:

@@ -22,7 +22,8 @@ import yaml
 
 from supra.cli import main
 
-FAST = ["recipe=tiny", "train.eval_baselines=false", "train.sample_tokens=0", "train.logger=none", "eval.max_tokens=128"]
+FAST = ["recipe=tiny", "train.eval_baselines=false", "train.sample_tokens=0", "train.logger=none",
+        "eval.max_tokens=128"]
 ONE_STAGE = "train.stages=[{name: full, tokens: 768, lr: 1e-3}]"  # 3 steps of 256 tokens
 
 
@@ -307,3 +308,30 @@ def test_help_describes_every_key_and_puts_the_commands_own_first(capsys):
 def test_an_option_gets_a_key_value_hint(capsys, args, hint):
     assert main(args) == 2
     assert hint in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------- 11. offline
+
+def test_the_slurm_launcher_off_a_cluster_is_one_line(tmp_path, monkeypatch, capsys):
+    from supra import launch
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    monkeypatch.chdir(tmp_path)
+    assert launch.main(["--multirun", "hydra/launcher=submitit_slurm", "command=uptrain", "recipe=tiny"]) == 2
+    assert "this machine has no sbatch or srun (not a SLURM login node)" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ 12. piped logs
+
+def test_a_piped_dry_run_is_whole_and_in_readable_units(capsys):
+    assert main(["uptrain", "recipe=tiny", "train.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "0.0 h" not in out, out  # capsys is a pipe, as SLURM's log is
+    assert re.search(r"estimated wall time [\d.]+ (s|min) ", out), out
+
+
+def test_eval_says_each_task_as_it_goes(tmp_path, capsys):
+    assert main(["eval", *FAST, "eval.max_tokens=64", f"out={tmp_path / 'eval'}"]) == 0
+    out = capsys.readouterr().out
+    assert "task 1/1 ppl: running" in out and re.search(r"task 1/1 ppl: done in \d+ s", out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import UserError
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
 
-console = Console()
+# Piped into a file (SLURM, CI), rich would lay tables out for 80 columns and cut values short
+# (`2,097,1...`); a log has no width, so tables get the room they need there.
+console = Console(width=None if sys.stdout.isatty() else 1000)
 
 
 def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:

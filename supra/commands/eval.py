@@ -10,6 +10,7 @@ passkey and speed on a second model too (e.g. the original), for comparison.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, run_dir, save_snapshot
+from ..errors import UserError
 from ..evaluate import plots
 from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import HeldoutPerplexity
@@ -45,10 +47,27 @@ def lm_eval_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Dict
                  names: list[str]) -> tuple[dict, Rows]:
     from ..evaluate.lm_eval_task import run_lm_eval, summarize
 
-    results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
-                          limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
-                          batch_size=cfg.eval.batch_size)
+    try:
+        results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
+                              limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
+                              batch_size=cfg.eval.batch_size)
+    except Exception as err:
+        if not _offline(err):
+            raise
+        raise UserError(f"lm-eval task(s) {', '.join(names)} need their datasets from the Hugging Face hub, which "
+                        "cannot be reached (offline?): pre-fetch them into HF_HOME where there is network and set "
+                        "HF_DATASETS_OFFLINE=1, or give local task YAMLs with eval.lm_eval_include_path") from None
     return summarize(results)
+
+
+def _offline(err: BaseException | None) -> bool:
+    """Whether an error, or one it came from, is the network's (no connection, DNS, offline mode)."""
+    while err is not None:
+        if isinstance(err, (ConnectionError, socket.gaierror, TimeoutError)) or "offline" in str(err).lower() \
+                or type(err).__name__ in ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def passkey_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
@@ -163,10 +182,12 @@ def run(cfg: DictConfig) -> int:
     table.add_column("metric")
     table.add_column("value", justify="right")
     results = {}
-    for name, function in functions:
+    for i, (name, function) in enumerate(functions, 1):
+        console.print(f"task {i}/{len(functions)} {name}: running", highlight=False)  # a long task is not silence
         start = time.perf_counter()
         result, rows = function(model, tokenizer, cfg, out)
         result["seconds"] = round(time.perf_counter() - start, 2)
+        console.print(f"task {i}/{len(functions)} {name}: done in {result['seconds']:.0f} s", highlight=False)
         results[name] = {"model": cfg.model, **result}
         for metric, value in rows:
             table.add_row(name, metric, value)

@@ -39,8 +39,8 @@ from ..models import (
 )
 from ..skip import calibration_batches
 from ..softmax_select import check_k, converted_layers, parse_auto, restore_softmax_layers
-from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
+from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import FLOPS_PER_PARAM, memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import add_lora, merge_lora
 from ..train.trainer import train
@@ -309,6 +309,15 @@ def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
     console.print(f"run directory: {run} (model/, metrics.jsonl, eval.json)")
 
 
+def duration(hours: float) -> str:
+    """Hours as a person reads them: 12.3 h, 4.5 min, 20 s (a tiny job is not `0.0 h`)."""
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours * 3600:.1f} s"
+
+
 def dry_run(cfg: DictConfig) -> int:
     """Plan the job on the meta device: no weights, no download when the recipe has an architecture."""
     world_size = cfg.train.world_size or int(os.environ.get("WORLD_SIZE", "8"))
@@ -348,11 +357,11 @@ def dry_run(cfg: DictConfig) -> int:
         warn = " (!)" if memory > cfg.train.gpu_memory_gb else ""
         table.add_row(stage.name, f"{plan.tokens / 1e9:.3f}B", f"{plan.steps:,}", f"{plan.tokens_per_step:,}",
                       f"{cfg.train.micro_batch_size} x {plan.accumulation}", f"{trainable / 1e9:.3f}B",
-                      f"{memory:.1f} GB{warn}", f"{hours:,.1f} h")
+                      f"{memory:.1f} GB{warn}", duration(hours))
     console.print(f"parameters: total {counts['total'] / 1e9:.3f}B, new {counts['new'] / 1e9:.3f}B "
                   f"({cfg.method}, {len(cfg.softmax_layers)} softmax layers, {len(cfg.skip_layers)} skipped)")
     console.print(table)
-    console.print(f"estimated wall time {total_hours:,.1f} h at {cfg.train.expected_mfu:.0%} MFU of "
+    console.print(f"estimated wall time {duration(total_hours)} at {cfg.train.expected_mfu:.0%} MFU of "
                   f"{cfg.train.gpu_tflops:.0f} TFLOP/s per GPU; memory assumes FSDP2 over {world_size} GPUs "
                   f"(train.world_size=N to change)")
     return 0
