@@ -13,87 +13,46 @@ rule (`delta_rule.py`, `delta_rule` here) follows the rule too: `triton_delta_ru
 runs, its chunked WY form in torch elsewhere; its decode step is torch on every device.
 """
 
-from __future__ import annotations
+# The checkout's root holds this folder as `kernels/`, and Python puts the current directory first on
+# sys.path (`python -c`, `python -m pytest`, a notebook started there), so `import kernels` would find
+# it before Hugging Face's `kernels` package, which transformers >= 5.25 imports on every model import.
+# Imported under that top-level name, this file defines nothing and hands the name over: to the next
+# `kernels` on the path, or, with none, to an empty module with no file (what a folder without
+# __init__.py imports as, and what transformers takes for "not installed"). supra imports this
+# package as `supra.kernels` only.
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+    import types
 
-import torch
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout])
+    # The import statement returns whatever sys.modules holds once this file has run.
+    sys.modules["kernels"] = types.ModuleType("kernels") if _spec is None else importlib.util.module_from_spec(_spec)
+    if _spec is not None:
+        _spec.loader.exec_module(sys.modules["kernels"])
+else:
+    from .backend import BACKENDS, use_triton
+    from .chunked import chunk_linear_attention
+    from .delta_rule import chunk_delta_rule, delta_rule_step, recurrent_delta_rule
+    from .dispatch import delta_rule, linear_attention, linear_attention_step
+    from .hybrid import (
+        HybridState,
+        parallel_window_hybrid_attention,
+        stack_states,
+        state_row,
+        window_hybrid_attention,
+        window_hybrid_step,
+    )
+    from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
 
-from .backend import BACKENDS, use_triton
-from .chunked import chunk_linear_attention
-from .delta_rule import chunk_delta_rule, delta_rule_step, recurrent_delta_rule
-from .hybrid import (
-    HybridState,
-    parallel_window_hybrid_attention,
-    stack_states,
-    state_row,
-    window_hybrid_attention,
-    window_hybrid_step,
-)
-from .reference import parallel_linear_attention, recurrent_linear_attention, recurrent_step
-
-__all__ = [
-    "BACKENDS", "HybridState", "chunk_delta_rule", "chunk_linear_attention", "delta_rule",
-    "delta_rule_step", "linear_attention", "linear_attention_step", "recurrent_delta_rule",
-    "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
-    "recurrent_step", "stack_states", "state_row", "use_triton", "window_hybrid_attention", "window_hybrid_step",
-]
-
-
-def linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_decay: torch.Tensor | None = None,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal linear attention with decay; see `reference.py` for the exact contract."""
-    if use_triton(backend, q.device):
-        from .triton_chunk import triton_linear_attention
-
-        return triton_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                       cu_seqlens)
-    return chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-
-
-def linear_attention_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: torch.Tensor,
-    log_decay: torch.Tensor | None = None,
-    scale: float | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """One decode token: q, k (B, H, K), v (B, H, V); contiguous `state` (B, H, K, V) updated in place.
-
-    log_decay is None, per head (H,) or per sequence (B, H). Returns o (B, H, V) in q's dtype. A
-    float64 state (the float64 tests) takes the torch form, as `linear_attention` does.
-    """
-    if use_triton(backend, q.device) and state.dtype == torch.float32:
-        from .triton_decode import triton_linear_attention_step
-
-        return triton_linear_attention_step(q, k, v, state, log_decay, scale)
-    return recurrent_step(q, k, v, state, log_decay, scale)
-
-
-def delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    log_decay: torch.Tensor | None = None,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gated delta rule (training, prefill, decode); see `delta_rule.py` for the contract."""
-    if use_triton(backend, q.device):
-        from .triton_delta_rule import triton_delta_rule
-
-        return triton_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
-    return chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    __all__ = [
+        "BACKENDS", "HybridState", "chunk_delta_rule", "chunk_linear_attention", "delta_rule",
+        "delta_rule_step", "linear_attention", "linear_attention_step", "recurrent_delta_rule",
+        "parallel_linear_attention", "parallel_window_hybrid_attention", "recurrent_linear_attention",
+        "recurrent_step", "stack_states", "state_row", "use_triton", "window_hybrid_attention",
+        "window_hybrid_step",
+    ]

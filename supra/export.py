@@ -5,9 +5,12 @@
 transformers' remote code is flat: it copies the module named in `auto_map` and, recursively, the
 files it imports with single-dot relative imports (`from .x import y`) from the model directory,
 and refuses to load when a module imports a package that is not installed. So the layer files
-(supra/layers/*.py) and the kernel files (kernels/*.py, whose __init__ becomes kernels.py) are
-copied flat beside modeling_supra.py, with the layers' `from ..kernels[.mod] import` rewritten to
-`from .kernels import` / `from .mod import`. The Triton modules are only imported by the kernels
+(supra/layers/*.py) and the kernel files (kernels/*.py, whose __init__ becomes supra_kernels.py) are
+copied flat beside modeling_supra.py as supra_<name>.py, with every relative import rewritten to match
+(the layers' `from ..kernels[.mod] import` becomes `from .supra_kernels import` / `from .supra_mod import`).
+The prefix keeps Python started in the export folder from taking `kernels.py` or `cache.py` for the
+packages of that name (transformers imports Hugging Face's `kernels` on every model import).
+The Triton modules are only imported by the kernels
 when triton is installed and the tensors are on CUDA; their top-level `import triton` is wrapped
 in a try block so transformers' import check (which skips try blocks) lets a machine without
 triton load the model and run the torch path. One implementation, copied: no export-only copy of
@@ -20,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from torch import nn
@@ -31,6 +35,7 @@ from .models import SourceError, publish_directory, remove_stale_staging, save_m
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_supra.py"
 MODELING = "modeling_supra.py"
+CODE_PREFIX = "supra_"  # every copied code file's name starts with it (see the module docstring)
 AUTO_MAP = {"AutoConfig": "modeling_supra.SupraConfig", "AutoModelForCausalLM": "modeling_supra.SupraForCausalLM"}
 
 
@@ -43,15 +48,24 @@ def code_files() -> dict[str, str]:
     from . import kernels, layers
 
     sources: dict[str, Path] = {}
-    for package, init_name in ((layers, None), (kernels, "kernels.py")):
+    for package, init_name in ((layers, None), (kernels, "kernels")):
         for path in sorted(Path(package.__file__).parent.glob("*.py")):
-            name = init_name if path.name == "__init__.py" else path.name
+            name = init_name if path.name == "__init__.py" else path.stem
             if name is None:  # layers/__init__.py only re-exports; the flat copy does not need it
                 continue
-            if name in sources or name == MODELING:
-                raise ExportError(f"cannot export: {path} and {sources.get(name, MODELING)} would both be {name}")
+            if name in sources or f"{CODE_PREFIX}{name}.py" == MODELING:
+                raise ExportError(f"cannot export: {path} and {sources.get(name, MODELING)} would both be "
+                                  f"{CODE_PREFIX}{name}.py")
             sources[name] = path
-    return {name: flatten_imports(path.read_text(), path) for name, path in sources.items()}
+    return {f"{CODE_PREFIX}{name}.py": prefixed_imports(flatten_imports(path.read_text(), path), sources)
+            for name, path in sources.items()}
+
+
+def prefixed_imports(text: str, modules: Iterable[str]) -> str:
+    """`from .name import` -> `from .supra_name import` for the modules copied into the export."""
+    return re.sub(r"^(\s*)from \.(\w+) import", lambda m: (f"{m.group(1)}from .{CODE_PREFIX}{m.group(2)} import"
+                                                       if m.group(2) in modules else m.group(0)),
+                  text, flags=re.MULTILINE)
 
 
 def flatten_imports(text: str, path: Path) -> str:
@@ -146,7 +160,8 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, text in files.items():
             (staging / name).write_text(text)
-        (staging / MODELING).write_text(modeling_file(base_model_type))
+        (staging / MODELING).write_text(prefixed_imports(modeling_file(base_model_type),
+                                                         {name[len(CODE_PREFIX):-3] for name in files}))
         publish_directory(staging, out)
     except BaseException:  # Ctrl-C or an error: no hidden half export left beside `out`
         shutil.rmtree(staging, ignore_errors=True)

@@ -176,7 +176,7 @@ def test_factorized_converted_export_loads_without_supra_and_generates_exactly(t
     factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.6))
     factorize_model(model, FactorizeSpec(method="tensor_train", targets=["self_attn.o_proj"], ratio=0.5))
     out = export(copy.deepcopy(model), smollm2_tokenizer, tmp_path / "hf", dtype="float32")
-    assert (out / "factorized.py").exists()
+    assert (out / "supra_factorized.py").exists()
     ids = smollm2_tokenizer("import os\nprint(", return_tensors="pt").input_ids
     script = textwrap.dedent("""
         import sys

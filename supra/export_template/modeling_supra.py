@@ -4,7 +4,7 @@
 
 The model is the base architecture recorded in config.json (llama, mistral or qwen2) with its
 attention swapped by `linearize`, from the very layer files supra itself uses, copied beside this
-file (linearize.py, attention.py, feature_maps.py, cache.py and the kernels). `config.supra`
+file as supra_<name>.py (linearize, attention, feature_maps, cache and the kernels). `config.supra`
 records how (a `LinearizeSpec`): method, feature maps, softmax (hybrid) layers, skipped attention
 sublayers, factorized weights.
 

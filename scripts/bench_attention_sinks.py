@@ -5,8 +5,8 @@ This is why `sinks=S` exists: the LoLCATs hybrid computes the last W tokens exac
 older through a positive feature map, so a large share on token 0 must be rebuilt by the maps
 unless token 0 stays in the exact part.
 
-    .venv/bin/python scripts/attention_sinks.py                 # SmolLM2-135M, held-out stdlib, W=64
-    .venv/bin/python scripts/attention_sinks.py --windows 4     # fewer 512-token windows
+    .venv/bin/python scripts/bench_attention_sinks.py                 # SmolLM2-135M, held-out stdlib, W=64
+    .venv/bin/python scripts/bench_attention_sinks.py --windows 4     # fewer 512-token windows
 
 Writes benchmarks/results/cpu/attention_sinks_smollm2.json and .png.
 """
