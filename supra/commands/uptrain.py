@@ -276,7 +276,7 @@ def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tu
             raise SourceError(f"{run} has no checkpoint of step {step}; its checkpoints: "
                               f"{', '.join(map(str, steps)) or 'none yet'}")
     local = cfg.copy()
-    local.device = "cpu"
+    local.device, local.step = "cpu", None
     model, tokenizer = load_model_and_tokenizer(local)
     convert_model(model, _student_config(local), tokenizer)
     if local.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
