@@ -148,7 +148,7 @@ def main() -> None:
             source = str(directory)
             cli("skip", f"model={args.model}", f"select={select}", f"n={n}",
                 f"calibration_tokens={args.calibration_tokens}", f"out={directory}")
-            cli("eval", f"model={source}", *eval_args)
+            cli("eval", f"model={source}", *eval_args, f"out={directory}")  # eval's own default is runs/eval/
             skip = json.loads((directory / "skip.json").read_text())
         ppl = json.loads((directory / "eval.json").read_text())["ppl"]
         rows.append({"select": select, "n": n, "skip_layers": skip["chosen"], "ppl": ppl["ppl"], "loss": ppl["loss"],

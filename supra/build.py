@@ -96,6 +96,21 @@ def _converted(spec: LinearizeSpec | None) -> bool:
     return spec is not None and spec.method != "softmax"
 
 
+def check_convertible(previous: LinearizeSpec | None, plan: BuildPlan) -> None:
+    """Refuse to convert a model that is already converted (`previous`: its recorded spec); commands
+    call this before writing anything. Softmax layers on it give layers back their softmax attention,
+    and method=softmax keeps it as it is (to train it further)."""
+    if not _converted(previous) or plan.conversion is None:
+        return
+    if plan.n > 0:
+        raise SourceError(f"model {plan.source} is already converted (method={previous.method}); skip layers of "
+                          "the original model (n=...) before converting it, or pass n=0")
+    restoring = plan.conversion.softmax_layers or plan.softmax_auto is not None
+    if plan.conversion.method != "softmax" and not restoring:
+        raise SourceError(f"model {plan.source} is already converted (method={previous.method}); pass "
+                          "method=softmax to keep training it as it is, or convert the original model instead")
+
+
 def skip_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn.Module:
     """`n` attention sublayers chosen on the softmax model (conversion.skip_layers go first)."""
     from .skip import select_and_skip  # supra.skip imports the data pipeline; only needed here
@@ -105,10 +120,7 @@ def skip_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn.Mo
     if context.calibration is None:
         raise ConfigError(f"n={plan.n} (skip by select={plan.select}) needs calibration text here; "
                          "run `supra skip` first and convert its output")
-    previous = recorded_spec(model)
-    if _converted(previous):
-        raise SourceError(f"model {plan.source} is already converted (method={previous.method}); "
-                         "convert the original model instead")
+    check_convertible(recorded_spec(model), plan)
     select_and_skip(model, plan.conversion.skip_layers, plan.conversion.softmax_layers, plan.n, plan.select,
                     context.calibration)
     return model
@@ -132,11 +144,9 @@ def convert_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn
         # The method keys describe a conversion from softmax; on a converted model (whatever the
         # plan's method) softmax layers can only mean layers given back their softmax attention.
         return _restore(model, plan, context)
+    check_convertible(previous, plan)
     spec = copy.deepcopy(plan.conversion)
     if previous is not None:
-        if _converted(previous) and spec.method != "softmax":
-            raise SourceError(f"model {plan.source} is already converted (method={previous.method}); "
-                             "convert the original model instead")
         if _converted(previous):  # method=softmax: it stays converted (e.g. to be healed)
             return apply_skip(model, list(spec.skip_layers))
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.skip_layers))

@@ -20,10 +20,26 @@ COMMANDS = {
     "uptrain": "convert a model and uptrain it, stage by stage, resumable (recipe=NAME ...)",
     "eval": "perplexity, lm-eval benchmarks, passkey retrieval, speed (model=... tasks=[...])",
     "export": "write a Hugging Face directory loadable without supra (model=RUN out=DIR)",
-    "convert": "swap softmax attention for recurrent attention, untrained (method=supra|lolcats|t2r)",
+    "convert": "swap softmax attention for recurrent attention, untrained (method=supra|lolcats|t2r|gla|gdn)",
     "skip": "remove attention sublayers chosen by similarity or position (select=... n=K)",
-    "factorize": "replace Linear weights by low-rank or tensor-train factors (factorize.method=... ratio=F)",
+    "factorize": "replace Linear weights by low-rank or tensor-train factors (factorize.method=... "
+                 "factorize.ratio=F)",
     "recipes": "list the shipped recipes, or print one (recipe=NAME)",
+}
+
+# The keys each command reads, listed first in its --help (a trailing dot: every key of a section).
+COMMAND_KEYS = {
+    "uptrain": ("recipe", "model", "tokenizer", "out", "seq_len", "method", "window", "window_kind", "sinks",
+                "softmax_layers", "train.", "data.", "dtype", "device", "seed"),
+    "eval": ("model", "step", "tasks", "out", "seq_len", "eval.", "data.", "tokenizer", "dtype", "device", "seed"),
+    "export": ("model", "step", "out", "overwrite", "dtype", "merge_lora", "tokenizer"),
+    "convert": ("model", "out", "overwrite", "method", "decay", "gate", "feature_map_init", "feature_dim", "window",
+                "window_kind", "window_mix", "sinks", "softmax_layers", "skip_layers", "n", "select",
+                "calibration_tokens", "dtype", "tokenizer"),
+    "skip": ("model", "out", "overwrite", "select", "n", "skip_layers", "calibration_tokens", "seq_len", "data.",
+             "dtype", "tokenizer"),
+    "factorize": ("model", "out", "overwrite", "factorize.", "calibration_tokens", "seq_len", "data.", "dtype"),
+    "recipes": ("recipe",),
 }
 
 USAGE = """usage: supra <command> [key=value ...]
@@ -35,7 +51,9 @@ commands:
 
 Overrides use Hydra syntax: model=smollm2-135m tasks=[ppl,speed] train.batch_tokens=65536.
 `recipe=NAME` loads recipes/NAME.yaml first; `supra recipes` lists them.
-`supra <command> --help` prints every key with its current value."""
+`recipe=path/to/my.yaml` runs your own recipe file (`supra recipes recipe=NAME > my.yaml` to start one).
+`supra <command> --help` prints the command's keys first, each with its value and a line on it.
+`supra --version` prints the version."""
 
 # Operating-system errors about a path the user named (a missing, unwritable or full location):
 # one line like any other mistake. Other OSErrors are bugs and keep their traceback.
@@ -49,9 +67,18 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C anywhere, e.g. in the seconds torch takes to import
+        return fail("interrupted", code=130)
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"supra {version()}")
         return 0
     command, overrides = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -64,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config
 
     want_help = any(a in ("-h", "--help") for a in overrides)
+    overrides = [a for a in overrides if a not in ("-h", "--help")]
+    option = next((a for a in overrides if a.startswith("-")), None)
+    if option is not None:  # `--model X`: the habit of other tools
+        name, _, value = option.lstrip("-").partition("=")
+        after = overrides[overrides.index(option) + 1:] if not value else []
+        value = value or (after[0] if after and "=" not in after[0] else "VALUE")
+        return fail(f"supra takes settings as key=value, not options: write {name}={value} instead of "
+                    f"{option}{'' if '=' in option or value == 'VALUE' else ' ' + value}")
     try:
-        cfg = load_config([a for a in overrides if a not in ("-h", "--help")])
+        cfg = load_config(overrides)
     except UserError as err:
         return fail(one_line(err))
     if want_help:
         try:
-            print(f"supra {command}: {COMMANDS[command]}\n\ncurrent configuration:\n{OmegaConf.to_yaml(cfg)}")
+            print(command_help(command, OmegaConf.to_container(cfg)))
             sys.stdout.flush()
         except BrokenPipeError:
             sys.stdout = open(os.devnull, "w")
@@ -84,12 +119,59 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in PATH_ERRNOS or err.filename is None:
             raise
         return fail(f"{err.filename}: {err.strerror}")
-    except KeyboardInterrupt:
-        return fail("interrupted", code=130)
     except BrokenPipeError:  # `supra ... | head`: the reader left; that is not an error of ours
         sys.stdout = open(os.devnull, "w")
         return 0
     return int(result or 0)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("supra")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def command_help(command: str, values: dict) -> str:
+    """The command's keys first, then every other: `key: current value  # what it is` (the line from
+    the schema, supra.config.key_help), readable as YAML."""
+    import yaml
+
+    from .config import key_help
+
+    described = key_help()
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, dict) and name in ("factorize", "data", "eval", "train"):  # sections
+                walk(value, name + ".")
+            else:
+                flat[name] = value
+
+    walk(values, "")
+    wanted = COMMAND_KEYS[command]
+
+    def own(key: str) -> bool:
+        return any(key == w or (w.endswith(".") and key.startswith(w)) for w in wanted)
+
+    def line(key: str) -> str:
+        value = yaml.safe_dump(flat[key], default_flow_style=True, width=10**9).removesuffix("\n...\n").strip()
+        return f"{key}: {value}  # {described.get(key, '')}".rstrip(" #")
+
+    stage = "train.stages.*."
+    stage_keys = [f"#   {k[len(stage):]}: {v}" for k, v in described.items() if k.startswith(stage)]
+    own_keys = [line(k) for k in flat if own(k)]
+    other_keys = [line(k) for k in flat if not own(k)]
+    if own("train.stages"):
+        own_keys += ["# a stage's keys (train.stages=[{name: lora, tokens: 1000000, lr: 1e-4}, ...]):", *stage_keys]
+    return "\n".join([f"# supra {command}: {COMMANDS[command]}",
+                      f"# keys of supra {command}, with their current values:",
+                      *own_keys, "", "# other keys:", *other_keys])
 
 
 def one_line(err: BaseException) -> str:

@@ -6,6 +6,7 @@ syntax) over the recipe. The merged config is validated here, once, so commands 
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -35,14 +36,15 @@ class StageConfig:
 
     name: str = "full"  # a kind of supra.train.stages.STAGE_KINDS: attention_transfer | lora | full | distill
     tokens: int = 1_000_000  # uptraining tokens of this stage
-    lr: float = 3e-5
+    lr: float = 3e-5  # peak learning rate (AdamW)
     min_lr: float = 1e-5  # cosine floor
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    warmup_steps: int = 100  # linear warmup steps before the cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW [beta1, beta2]
+    lora_r: int = 8  # lora/distill: adapter rank
+    lora_alpha: int = 16  # lora/distill: adapter scale (alpha / r)
+    lora_dropout: float = 0.0  # lora/distill: dropout on the adapters' input
+    # lora/distill: the modules given adapters
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # attention_transfer only: > 0 trains blocks of this many decoder layers one after another from
     # inputs cached on disk, one block on the accelerator at a time (models that do not fit at once)
@@ -50,31 +52,32 @@ class StageConfig:
     # attention_transfer only: > 0 runs the frozen teacher once per this many tokens, keeps each layer's
     # q/k/v and softmax output in memory (cache_dtype) and trains `epochs` passes over them
     cache_tokens: int = 0
-    epochs: int = 1
-    cache_dtype: str = "bfloat16"
+    epochs: int = 1  # cache_tokens: passes over each cached chunk
+    cache_dtype: str = "bfloat16"  # cache_tokens: dtype of the cached teacher activations
     train: str = "lora"  # distill only: lora | new (feature maps, window factors) | all
     ce_weight: float = 0.0  # distill only: loss = (1 - ce_weight) KL(teacher || model) + ce_weight CE
 
 
 @dataclass
 class TrainConfig:
+    # run in order; a stage's keys: train.stages.*
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     batch_tokens: int = 16384  # tokens per optimizer step, all ranks together
     micro_batch_size: int = 1  # rows per forward on one rank; accumulation is derived
-    grad_clip: float = 1.0
-    checkpoint_every: int = 100  # steps
-    keep_checkpoints: int = 2
+    grad_clip: float = 1.0  # gradient norm clipped to this
+    checkpoint_every: int = 100  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     eval_every: int = 0  # steps between held-out perplexities logged to metrics.jsonl (0: none)
     logger: str = "rich"  # rich | wandb | none
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile the decoder layers
     # Compute dtype on GPU: FSDP2's parameter dtype across processes (reduction in float32), autocast
     # in one process; the weights and optimizer state stay in `dtype`.
     param_dtype: str = "bfloat16"
     eval_baselines: bool = True  # held-out ppl of the original and converted-untrained model first
     sample_tokens: int = 32  # after training: tokens generated from a held-out prompt (0: none)
-    dry_run: bool = False
+    dry_run: bool = False  # plan the job (steps, memory, time) on the meta device; train nothing
     world_size: int | None = None  # for dry runs: GPUs to plan for (default: the launcher's)
     gpu_memory_gb: float = 80.0  # for dry runs
     gpu_tflops: float = 989.0  # bf16 dense peak used for MFU and dry-run time (H100 SXM)
@@ -84,14 +87,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_tokens: int = 32768  # perplexity: tokens scored at most
-    batch_size: int = 4
-    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    batch_size: int = 4  # rows per forward (perplexity, lm-eval)
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # passkey: context lengths
+    # passkey: where the key sits (0: the start, 1: the end)
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = 5
-    speed_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
-    speed_decode_tokens: int = 32
-    lm_eval_limit: int | None = None
-    lm_eval_fewshot: int | None = None
+    passkey_trials: int = 5  # passkey: keys per length and depth
+    speed_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])  # speed: context lengths
+    speed_decode_tokens: int = 32  # speed: tokens decoded per length
+    lm_eval_limit: int | None = None  # lm-eval: examples per task (null: all)
+    lm_eval_fewshot: int | None = None  # lm-eval: few-shot examples (null: the task's default)
     lm_eval_include_path: str | None = None  # a folder of local lm-eval task YAMLs
     # A second model source (e.g. the original, model=smollm2-135m) that speed and passkey also run,
     # so the plots and eval.json compare the recurrent model with softmax attention and its KV cache.
@@ -100,17 +104,18 @@ class EvalConfig:
 
 @dataclass
 class RecipeConfig:
-    description: str = ""
-    recipe: str = ""
+    description: str = ""  # one line on what the recipe is for
+    recipe: str = ""  # a shipped recipe's name or a path to a recipe YAML, loaded before the other keys
     model: str = "smollm2-135m"  # smollm2-135m | random | a .gguf file | a model directory | a hub id
     tokenizer: str | None = None  # default: the model's own
     architecture: dict[str, Any] | None = None  # for model=random: a transformers config
-    dtype: str = "float32"
+    dtype: str = "float32"  # weights: float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    seq_len: int = 512
+    seed: int = 0  # random init, data order, passkeys
+    seq_len: int = 512  # tokens per training row and per held-out perplexity window
     out: str | None = None  # run directory; each command has a default under runs/
     overwrite: bool = False  # convert/export: replace an existing output directory
+    step: int | None = None  # eval/export of a run: this checkpoint step (default: model/, else the newest)
     # conversion (see supra.layers.linearize.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
@@ -127,18 +132,56 @@ class RecipeConfig:
     skip_layers: list[int] = field(default_factory=list)
     backend: str = "auto"
     # evaluation
-    tasks: list[str] = field(default_factory=lambda: ["ppl"])
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])  # eval: ppl | passkey | speed | lm_eval:<task,...>
     # skipping (supra skip)
     select: str = "similarity"  # similarity | last
-    n: int = 0
-    calibration_tokens: int = 8192
+    n: int = 0  # skip: attention sublayers to remove (chosen by select)
+    calibration_tokens: int = 8192  # skip, softmax_layers=auto:K, activation-aware factorize: text measured on
     # export
-    merge_lora: bool = True
+    merge_lora: bool = True  # export: merge LoRA adapters into the weights
     # weight factorisation (supra factorize; in uptrain, after conversion and before the stages)
     factorize: FactorizeSpec = field(default_factory=FactorizeSpec)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def key_help() -> dict[str, str]:
+    """{dotted key: one line}: each schema field's own comment (the schema is the one place keys are
+    described), else the comment of the LinearizeSpec field it mirrors, else the comment block above it.
+    A stage's keys are train.stages.*.<key>."""
+    from .data import DataConfig
+
+    described: dict[str, str] = {}
+    nested = {"factorize": FactorizeSpec, "data": DataConfig, "eval": EvalConfig, "train": TrainConfig,
+              "train.stages.*": StageConfig}
+    mirrored = _field_comments(LinearizeSpec)
+    for name, text in _field_comments(RecipeConfig).items():
+        described[name] = mirrored.get(name, text) if name in mirrored and not _inline(RecipeConfig, name) else text
+    for prefix, cls in nested.items():
+        described.pop(prefix, None)  # a section, not a key: its keys follow
+        for name, text in _field_comments(cls).items():
+            described[f"{prefix}.{name}"] = text
+    return described
+
+
+def _inline(cls: type, name: str) -> bool:
+    return bool(re.search(rf"^    {name}: [^\n]*  # ", inspect.getsource(cls), re.M))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each dataclass field's comment in the class's source: on its line, or the lines just above."""
+    comments, block = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            block.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"    (\w+): [^=]+(?:=.*?)?(?:  # (.*))?$", line)
+        if match and match.group(1) in {f.name for f in fields(cls)}:
+            comments[match.group(1)] = match.group(2) or " ".join(block)
+        block = []
+    return comments
 
 
 def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
@@ -159,7 +202,8 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # The valid range of every numeric setting (the schema's types only say int or float); `*` is each
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
-    "seed": count(0), "seq_len": count(1), "window": count(0), "sinks": count(0), "cache_budget": count(0),
+    "seed": count(0), "step": count(0, optional=True), "seq_len": count(1), "window": count(0), "sinks": count(0),
+    "cache_budget": count(0),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,
@@ -186,7 +230,27 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("supra.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
+def is_recipe_file(recipe: str) -> bool:
+    """`recipe=` names a YAML file (litgpt/flame style) rather than a shipped recipe."""
+    return recipe.endswith((".yaml", ".yml")) or "/" in recipe or Path(recipe).expanduser().is_file()
+
+
 def recipe_text(name: str) -> str:
+    """A shipped recipe's YAML, or a recipe file's; ConfigError when there is neither."""
+    if is_recipe_file(name):
+        path = Path(name).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"recipe file {name} not found; give a path to a YAML file or one of the shipped "
+                              f"recipes: {', '.join(recipe_names())}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"recipe {name} is a directory; give a YAML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe file {name} is not UTF-8 text") from None
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"unknown recipe {name!r}; valid recipes: {', '.join(names)}, or a path to a YAML file")
     return resources.files("supra.recipes").joinpath(f"{name}.yaml").read_text()
 
 
@@ -204,11 +268,8 @@ def load_config(overrides: list[str]) -> DictConfig:
     cfg = OmegaConf.structured(RecipeConfig)
     recipe = values.pop("recipe", None)
     if recipe is not None:
-        names = recipe_names()
-        if recipe not in names:
-            raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(names)}")
-        cfg = _merge(cfg, _parse_recipe(recipe), f"recipe {recipe}")
-        cfg.recipe = recipe
+        cfg = _merge(cfg, _parse_recipe(str(recipe)), f"recipe {recipe}")
+        cfg.recipe = str(recipe)
     for key, value in values.items():
         try:
             OmegaConf.update(cfg, key, value, merge=isinstance(value, (dict, list)))
@@ -221,13 +282,30 @@ def load_config(overrides: list[str]) -> DictConfig:
             rule = DATA_RANGES.get(path[5:]) if path.startswith("data.") else RANGES.get(path)
             valid = f"; valid: {rule}" if rule else ""
             raise ConfigError(f"bad value for {key}: {_first_line(err)}{valid}") from None
+    if "method" in values:
+        _drop_recipe_options(cfg, set(values))
     validate(cfg)
     return cfg
 
 
-def _parse_recipe(name: str) -> DictConfig:
+def _drop_recipe_options(cfg: DictConfig, given: set[str]) -> None:
+    """A recipe's options for its own method do not follow a method= override (`recipe=demo
+    method=supra`): those the new method ignores go back to their defaults. Options given on the
+    command line stay, and validate() refuses them if they would do nothing."""
     try:
-        recipe = OmegaConf.create(recipe_text(name))
+        unused = linearize_spec(cfg).unused_options()
+    except (ValueError, TypeError):  # a bad value: validate() says which
+        return
+    defaults = RecipeConfig()
+    for name in unused:
+        if name not in given:
+            cfg[name] = getattr(defaults, name)
+
+
+def _parse_recipe(name: str) -> DictConfig:
+    text = recipe_text(name)
+    try:
+        recipe = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come from yaml, not OmegaConf
         raise ConfigError(f"recipe {name} is not valid YAML: {_first_line(err)}") from None
     if not isinstance(recipe, DictConfig):
@@ -298,8 +376,17 @@ def validate(cfg: DictConfig) -> None:
         as_data_config(cfg.data)
     except DataError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_batch_tokens(cfg: DictConfig) -> None:
+    """Training only: an optimizer step holds at least one row of seq_len tokens."""
     if cfg.train.batch_tokens < cfg.seq_len:
         raise ConfigError(f"train.batch_tokens ({cfg.train.batch_tokens}) must be at least seq_len ({cfg.seq_len})")
+
+
+def recipe_label(cfg: DictConfig) -> str:
+    """The recipe's name for default output folders: a shipped name, or a recipe file's stem."""
+    return Path(cfg.recipe).stem if cfg.recipe else ""
 
 
 def run_dir(cfg: DictConfig, default: str) -> Path:

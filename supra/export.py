@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .errors import check_output_dir
 from .layers.linearize import LinearizeSpec, record_spec, recorded_spec
-from .models import SourceError, publish_directory, save_model, torch_dtype
+from .models import SourceError, publish_directory, remove_stale_staging, save_model, torch_dtype
 
 TEMPLATE = Path(__file__).parent / "export_template" / "modeling_supra.py"
 MODELING = "modeling_supra.py"
@@ -147,20 +147,23 @@ def export(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Pat
     if recorded_spec(model) is None:
         record_spec(model, LinearizeSpec(method="softmax"))
 
+    remove_stale_staging(out)
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    save_model(model, tokenizer, staging, overwrite=True)
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = AUTO_MAP
-    config["architectures"] = ["SupraForCausalLM"]
-    config["base_model_type"] = base_model_type
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name, text in files.items():
-        (staging / name).write_text(text)
-    (staging / MODELING).write_text(prefixed_imports(modeling_file(base_model_type),
-                                                     {name[len(CODE_PREFIX):-3] for name in files}))
-    publish_directory(staging, out)
+    try:
+        save_model(model, tokenizer, staging, overwrite=True)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config["auto_map"] = AUTO_MAP
+        config["architectures"] = ["SupraForCausalLM"]
+        config["base_model_type"] = base_model_type
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        (staging / MODELING).write_text(prefixed_imports(modeling_file(base_model_type),
+                                                         {name[len(CODE_PREFIX):-3] for name in files}))
+        publish_directory(staging, out)
+    except BaseException:  # Ctrl-C or an error: no hidden half export left beside `out`
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
-
-

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -89,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _preflight(ours, multirun=bool({"--multirun", "-m"}.intersection(flags)))
         if code is not None:
             return code
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if "hydra/launcher=submitit_slurm" in hydra_overrides and missing:
+            from .cli import fail
+
+            return fail(f"hydra/launcher=submitit_slurm submits jobs to SLURM, and this machine has no "
+                        f"{' or '.join(missing)} (not a SLURM login node); run `supra <command> key=value ...` "
+                        "here, or hydra/launcher=submitit_local to run the jobs as local processes")
     hydra_argv = [f"++{a}" if a in ours and "=" in a and a[0] not in "+~" else a for a in argv]
     if "hydra/launcher=submitit_slurm" in hydra_overrides:
         given = {a.lstrip("+").split("=", 1)[0] for a in hydra_overrides}

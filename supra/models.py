@@ -11,11 +11,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from .errors import UserError, check_output_dir
 from .layers.factorized import factor_parameter_names
-from .layers.linearize import check_supported, linearize, new_parameter_names, recorded_spec
+from .layers.linearize import LinearizeSpec, check_supported, linearize, new_parameter_names, recorded_spec
 
 SMOLLM2 = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,12 +108,71 @@ def resolve_source(source: str) -> tuple[str, dict]:
         if (path / "model" / "config.json").exists():  # a supra run directory: its final model
             return str(path / "model"), {}
         if not (path / "config.json").exists():
-            raise SourceError(f"{source} is a directory without config.json; expected a Hugging Face model directory")
+            raise SourceError(f"{source} is {_describe(path)}; expected a Hugging Face model directory")
         return str(path), {}
     if source.startswith((".", "/", "~")) or path.suffix or source.count("/") != 1:
         raise SourceError(f"model not found: {source!r} (expected smollm2-135m, random, a .gguf file, "
                           "a local model directory, or a hub id like org/name)")
+    check_hub_reachable(source)
     return source, {}  # a hub id
+
+
+@functools.cache
+def check_hub_reachable(repo_id: str) -> None:
+    """A hub id that is not in the local cache needs the network: say so at once, in one line, rather
+    than after transformers' retries (50 s) with an error that blames the tokenizer."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: transformers loads it offline
+    where = f"model {repo_id!r} is a Hugging Face hub id that is not in the local cache"
+    if constants.HF_HUB_OFFLINE:
+        raise SourceError(f"{where}, and HF_HUB_OFFLINE is set: download it where there is network "
+                          "(huggingface-cli download), or give a local model directory")
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise SourceError(f"{where}, and {host} cannot be reached (offline? {err.strerror or err}): download it "
+                          "where there is network, or give a local model directory") from None
+
+
+def _describe(directory: Path) -> str:
+    """What a directory that holds no model is, for the message that refuses it."""
+    if (directory / "uptrain.config.yaml").exists():
+        return ("a supra run without its final model yet (model/); supra eval and supra export take it as it is, "
+                "from its newest checkpoint or step=N")
+    if (directory / "eval.json").exists():
+        return "a supra eval output folder (eval.json), not a model"
+    if not any(directory.iterdir()):
+        return "an empty directory"
+    return "a directory without config.json"
+
+
+def source_config(source: str, architecture: dict[str, Any] | None = None) -> Any | None:
+    """A model source's transformers config, read without its weights (None: a GGUF file or a hub
+    id, whose config is not on disk yet), so commands can check it before writing anything."""
+    if source == "random":
+        if not architecture or "model_type" not in architecture:
+            return None  # load_model says what is missing
+        arch = dict(architecture)
+        try:
+            return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        except ValueError as err:
+            raise SourceError(f"bad architecture: {str(err).splitlines()[0]}") from None
+    where, extra = resolve_source(source)
+    if extra or not Path(where).is_dir():
+        return None
+    try:
+        return AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise _unloadable("model", source, err) from None
+
+
+def source_spec(source: str) -> LinearizeSpec | None:
+    """The conversion a local model source records (None: an original, or no config on disk yet)."""
+    config = source_config(source) if source != "random" else None
+    return recorded_spec(config) if config is not None else None
 
 
 def _unloadable(what: str, source: str, err: Exception) -> SourceError:
@@ -211,16 +274,63 @@ def resolve_device(name: str) -> torch.device:
 
 def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out: Path, overwrite: bool) -> None:
     """Write an HF directory atomically: into a temp sibling, then renamed; an existing `out` is
-    replaced only with overwrite=true, and only once the new copy is complete."""
+    replaced only with overwrite=true, and only once the new copy is complete. Interrupted (Ctrl-C,
+    an error), the temp sibling is removed: a 7B model's weights must not stay hidden beside `out`."""
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    publish_directory(tmp, out)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        with_umask_permissions(tmp)
+        publish_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def with_umask_permissions(directory: Path) -> None:
+    """Give every file the permissions the umask allows (0644 under umask 022): safetensors writes its
+    weights 0600, which other members of a team cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+
+
+# `.<out>.tmp-<pid>`, `.<out>.export-<pid>`, `.<out>.old-<pid>` and their nestings: what writing `out` stages
+STAGING = re.compile(r"\.+(?P<name>.+?)\.(?P<kind>tmp|export|old)-(?P<pid>\d+)(\.tmp-\d+)?")
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove what an earlier writer of `out` left when it was killed (its process is gone); an old
+    `out` moved aside and not yet replaced is moved back."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".*{out.name}.*-*"):
+        match = STAGING.fullmatch(path.name)
+        if match is None or match["name"] != out.name or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def publish_directory(staging: Path, out: Path) -> None:

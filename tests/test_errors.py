@@ -91,7 +91,7 @@ def test_numbers_and_types_are_checked_before_anything_loads(tmp_path, capsys, a
 
 def test_every_numeric_setting_has_a_valid_range():
     cfg = OmegaConf.structured(RecipeConfig)
-    for key in ("eval.lm_eval_limit", "eval.lm_eval_fewshot", "feature_dim", "train.world_size"):
+    for key in ("eval.lm_eval_limit", "eval.lm_eval_fewshot", "feature_dim", "train.world_size", "step"):
         OmegaConf.update(cfg, key, 8)  # null by default: a number, so the walk below sees them
     values = OmegaConf.to_container(cfg)
     numeric = {name for name, _ in numeric_leaves(values, "") if not name.startswith("data.")}

@@ -170,8 +170,8 @@ def test_skip_command_saves_a_model_that_reloads_with_its_skip_list(tmp_path, sm
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, fresh(ids).logits, rtol=0, atol=1e-5)
 
-    assert main(["eval", *TINY4, f"model={out}", "eval.max_tokens=128"]) == 0
-    assert json.loads((out / "eval.json").read_text())["ppl"]["tokens"] == 128
+    assert main(["eval", *TINY4, f"model={out}", "eval.max_tokens=128", f"out={tmp_path / 'eval'}"]) == 0
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["ppl"]["tokens"] == 128
 
 
 def test_hybrid_skip_softmax_and_linear_in_one_recipe_then_skip_on_top(tmp_path, smollm2_tokenizer):

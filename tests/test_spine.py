@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import DynamicCache
 
 from supra.cli import main
@@ -47,11 +48,12 @@ def test_convert_and_eval_through_the_cli(tmp_path, smollm2_dir):
     for name, value in original.state_dict().items():  # everything pretrained is bit-identical
         assert torch.equal(converted_state[name], value), name
 
-    assert main(["eval", f"model={out}", "tasks=[ppl]", "eval.max_tokens=1024", "seq_len=256"]) == 0
-    result = json.loads((out / "eval.json").read_text())["ppl"]
+    evaluated = tmp_path / "eval"
+    assert main(["eval", f"model={out}", "tasks=[ppl]", "eval.max_tokens=1024", "seq_len=256", f"out={evaluated}"]) == 0
+    result = json.loads((evaluated / "eval.json").read_text())["ppl"]
     assert result["tokens"] == 1024 and 1 < result["ppl"] < 1e6
     assert [b["start"] for b in result["by_position"]] == [0, 64, 128]
-    assert (out / "eval.config.yaml").exists()
+    assert (evaluated / "eval.config.yaml").exists()
 
 
 def test_converting_over_an_existing_directory_is_refused(tmp_path, capsys):
@@ -63,11 +65,19 @@ def test_converting_over_an_existing_directory_is_refused(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_tiny_recipe_converts_and_evaluates(tmp_path):
+def test_tiny_recipe_converts_and_evaluates(tmp_path, monkeypatch):
+    # Eval writes under runs/eval/<name>, never into the model folder, and records the model's own
+    # conversion (supra, with its window), not the recipe's (lolcats).
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "tiny"
     assert main(["convert", "recipe=tiny", "method=supra", f"out={out}"]) == 0
-    assert main(["eval", f"model={out}", "recipe=tiny", "model=" + str(out), "eval.max_tokens=256"]) == 0
-    assert json.loads((out / "eval.json").read_text())["ppl"]["tokens"] == 256
+    model_files = sorted(p.name for p in out.iterdir())
+    assert main(["eval", "recipe=tiny", "model=" + str(out), "eval.max_tokens=256"]) == 0
+    evaluated = tmp_path / "runs" / "eval" / "tiny"
+    assert json.loads((evaluated / "eval.json").read_text())["ppl"]["tokens"] == 256
+    assert sorted(p.name for p in out.iterdir()) == model_files
+    record = OmegaConf.load(evaluated / "eval.config.yaml")
+    assert record.method == "supra" and record.model == str(out)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,6 +4,8 @@ back the records a run directory holds (a damaged one stops the command before i
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,95 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import UserError
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
 
-console = Console()
+# Piped into a file (SLURM, CI), rich would lay tables out for 80 columns and cut values short
+# (`2,097,1...`); a log has no width, so tables get the room they need there.
+console = Console(width=None if sys.stdout.isatty() else 1000)
 
 
 def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The model of `cfg.model` on `cfg.device`, seeded so random init is reproducible."""
+    """The model of `cfg.model` on `cfg.device`, seeded so random init is reproducible; a run
+    directory gives its checkpoint `cfg.step` (or its newest one while it has no final model)."""
     torch.manual_seed(cfg.seed)
+    run = checkpoint_run(cfg)
+    if run is not None:
+        from .uptrain import model_at_checkpoint  # uptrain builds on this module
+
+        return model_at_checkpoint(run, cfg.get("step"), resolve_device(cfg.device))
     if cfg.model == "random" and not cfg.tokenizer:
         raise SourceError("model=random needs tokenizer=<a model source> (e.g. tokenizer=smollm2-135m)")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     architecture = dict(cfg.architecture) if cfg.architecture else None
     model = load_model(cfg.model, cfg.dtype, architecture, "meta" if meta else resolve_device(cfg.device), meta)
     return model, tokenizer
+
+
+def available_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes a command may still use, where) on the device: free accelerator memory, or the RAM the
+    kernel reports available; None where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    return None
+
+
+def activation_bytes(config: Any, rows: int, tokens: int, training: bool) -> int:
+    """A rough floor on the activations of one forward (and backward) over rows x tokens: float32
+    logits over the vocabulary three times (logits, their float copy, the loss's softmax) and, per
+    token, a layer's hidden states and MLP (every layer's, kept for the backward, when training)."""
+    hidden = getattr(config, "hidden_size", 0)
+    mlp = getattr(config, "intermediate_size", 4 * hidden)
+    layers = getattr(config, "num_hidden_layers", 1) if training else 1
+    per_token = 3 * getattr(config, "vocab_size", 0) + layers * (2 * mlp + 8 * hidden)
+    return rows * tokens * per_token * 4
+
+
+def check_memory(config: Any, device: torch.device, forwards: list[tuple[str, int, int, str, bool]]) -> None:
+    """Refuse, in one line, a command whose largest forward cannot fit, before it writes anything or
+    runs out of memory mid-way; warn once when seq_len runs past the positions the model was trained
+    on. forwards: (what, rows, tokens, the keys that set rows and tokens as the user writes them,
+    whether it trains)."""
+    if config is None:
+        return
+    available = available_memory(device)
+    for what, rows, tokens, keys, training in forwards:
+        need = activation_bytes(config, rows, tokens, training)
+        if available is not None and need > available[0]:
+            free, where = available
+            raise UserError(f"{what} needs about {need / 2**30:,.1f} GiB for the activations of {rows} x {tokens:,} "
+                            f"tokens, more than the {free / 2**30:,.1f} GiB {where}; lower {keys}")
+    longest = max((tokens for _, _, tokens, _, _ in forwards), default=0)
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained and longest > trained:
+        logging.getLogger("supra").warning(
+            f"warning: {longest:,} tokens is past the model's max_position_embeddings ({trained:,}); positions "
+            "beyond it were never trained, so expect quality to fall there")
+
+
+def perplexity_forward(cfg: DictConfig) -> tuple[str, int, int, str, bool]:
+    """The largest forward of the held-out perplexity (supra.evaluate.perplexity), for check_memory."""
+    tokens = min(cfg.seq_len, cfg.eval.max_tokens)
+    rows = min(cfg.eval.batch_size, max(1, cfg.eval.max_tokens // cfg.seq_len))
+    return "held-out perplexity", rows, tokens, "seq_len, eval.batch_size or eval.max_tokens", False
+
+
+def checkpoint_run(cfg: DictConfig) -> Path | None:
+    """The run directory whose checkpoint `cfg` asks for: model=RUN with step=N, or a run without
+    its final model yet. A step= on anything else is a mistake."""
+    path = Path(cfg.model).expanduser()
+    is_run = path.is_dir() and (path / "uptrain.config.yaml").exists()
+    if cfg.get("step") is not None and not is_run:
+        raise UserError(f"step={cfg.step} picks a checkpoint of a supra run directory; {cfg.model} is not one "
+                        "(it has no uptrain.config.yaml)")
+    if is_run and (cfg.get("step") is not None or not (path / "model" / "config.json").exists()):
+        return path
+    return None
 
 
 def damaged_record(path: Path, problem: str) -> UserError:

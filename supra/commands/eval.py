@@ -10,8 +10,10 @@ passkey and speed on a second model too (e.g. the original), for comparison.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -20,12 +22,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, run_dir, save_snapshot
+from ..errors import UserError
 from ..evaluate import plots
 from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
+from ..layers.linearize import LinearizeSpec, recorded_spec
 from ..models import load_model, resolve_device
-from .common import console, load_model_and_tokenizer, read_json_record, update_json
+from .common import check_memory, console, load_model_and_tokenizer, perplexity_forward, read_json_record, update_json
 
 Rows = list[tuple[str, str]]
 Task = Callable[[nn.Module, PreTrainedTokenizerBase, DictConfig, Path], tuple[dict, Rows]]
@@ -43,10 +47,27 @@ def lm_eval_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Dict
                  names: list[str]) -> tuple[dict, Rows]:
     from ..evaluate.lm_eval_task import run_lm_eval, summarize
 
-    results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
-                          limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
-                          batch_size=cfg.eval.batch_size)
+    try:
+        results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
+                              limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
+                              batch_size=cfg.eval.batch_size)
+    except Exception as err:
+        if not _offline(err):
+            raise
+        raise UserError(f"lm-eval task(s) {', '.join(names)} need their datasets from the Hugging Face hub, which "
+                        "cannot be reached (offline?): pre-fetch them into HF_HOME where there is network and set "
+                        "HF_DATASETS_OFFLINE=1, or give local task YAMLs with eval.lm_eval_include_path") from None
     return summarize(results)
+
+
+def _offline(err: BaseException | None) -> bool:
+    """Whether an error, or one it came from, is the network's (no connection, DNS, offline mode)."""
+    while err is not None:
+        if isinstance(err, (ConnectionError, socket.gaierror, TimeoutError)) or "offline" in str(err).lower() \
+                or type(err).__name__ in ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def passkey_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
@@ -118,11 +139,34 @@ def task_function(name: str) -> Task:
 
 
 def default_out(cfg: DictConfig) -> str:
-    """Beside a supra model directory; otherwise runs/eval-<model name>."""
+    """runs/eval/<model name>[-step-N]: never inside the model's folder (an export about to be uploaded)."""
     path = Path(cfg.model).expanduser()
-    if path.is_dir() and any(path.glob("*.config.yaml")):
-        return str(path)
-    return "runs/eval-" + re.sub(r"[^A-Za-z0-9._-]+", "_", path.name or cfg.model)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name or cfg.model)
+    return f"runs/eval/{name}" + (f"-step-{cfg.step}" if cfg.step is not None else "")
+
+
+def as_evaluated(cfg: DictConfig, model: nn.Module) -> DictConfig:
+    """The config with the conversion the model really has (its config.json's supra record; an
+    original is method=softmax), not the defaults of the conversion keys, which eval does not use."""
+    spec = recorded_spec(model) or LinearizeSpec(method="softmax")
+    record = cfg.copy()
+    for name, value in asdict(spec).items():
+        if name in record and name != "backend":  # backend: how this eval ran, which the config says
+            record[name] = value
+    return record
+
+
+def _forwards(cfg: DictConfig) -> list[tuple[str, int, int, str, bool]]:
+    """The largest forward of each task asked for (lm-eval sizes its own), for check_memory."""
+    forwards = []
+    for name in cfg.tasks:
+        if name == "ppl":
+            forwards.append(perplexity_forward(cfg))
+        elif name == "passkey":
+            forwards.append(("passkey", 1, max(cfg.eval.passkey_lengths), "eval.passkey_lengths", False))
+        elif name == "speed":
+            forwards.append(("speed", 1, max(cfg.eval.speed_lengths), "eval.speed_lengths", False))
+    return forwards
 
 
 def run(cfg: DictConfig) -> int:
@@ -131,16 +175,19 @@ def run(cfg: DictConfig) -> int:
     read_json_record(out / "eval.json")  # results of earlier tasks are kept: a damaged file stops us first
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.eval()
-    save_snapshot(cfg, out, "eval")
+    check_memory(model.config, next(model.parameters()).device, _forwards(cfg))
+    save_snapshot(as_evaluated(cfg, model), out, "eval")
     table = Table(title=f"supra eval: {cfg.model}")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")
     results = {}
-    for name, function in functions:
+    for i, (name, function) in enumerate(functions, 1):
+        console.print(f"task {i}/{len(functions)} {name}: running", highlight=False)  # a long task is not silence
         start = time.perf_counter()
         result, rows = function(model, tokenizer, cfg, out)
         result["seconds"] = round(time.perf_counter() - start, 2)
+        console.print(f"task {i}/{len(functions)} {name}: done in {result['seconds']:.0f} s", highlight=False)
         results[name] = {"model": cfg.model, **result}
         for metric, value in rows:
             table.add_row(name, metric, value)

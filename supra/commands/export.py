@@ -1,4 +1,6 @@
-"""`supra export model=<run, checkpoint or model> out=DIR [dtype=bfloat16] [merge_lora=true]`.
+"""`supra export model=<run, checkpoint or model> out=DIR [step=N] [dtype=bfloat16] [merge_lora=true]`.
+
+A run directory exports its final model, or with step=N (or while it has none) a saved checkpoint.
 
 Writes a Hugging Face directory (safetensors, tokenizer, config.json with auto_map, and the
 modeling code) that `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads
@@ -18,7 +20,7 @@ from ..errors import check_output_dir
 from ..export import export, merge_lora
 from ..layers.linearize import recorded_spec
 from ..models import count_parameters, resolve_source
-from .common import console, load_model_and_tokenizer
+from .common import checkpoint_run, console, load_model_and_tokenizer
 
 
 def default_out(cfg: DictConfig) -> str:
@@ -29,8 +31,9 @@ def default_out(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> int:
     out = run_dir(cfg, default_out(cfg))
     check_output_dir(out, cfg.overwrite)  # before the (slow) load
+    from_checkpoint = checkpoint_run(cfg) is not None  # LoRA already merged by the checkpoint's loading
     model, tokenizer = load_model_and_tokenizer(cfg)
-    source_dir = Path(resolve_source(cfg.model)[0]) if cfg.model != "random" else None
+    source_dir = Path(resolve_source(cfg.model)[0]) if cfg.model != "random" and not from_checkpoint else None
     if cfg.merge_lora:
         model = merge_lora(model, source_dir if source_dir is not None and source_dir.is_dir() else None)
     export(model.eval(), tokenizer, out, cfg.dtype, cfg.overwrite)

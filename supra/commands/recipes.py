@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
@@ -11,7 +13,9 @@ from .common import console
 
 def run(cfg: DictConfig) -> int:
     if cfg.recipe:
-        console.print(recipe_text(cfg.recipe), markup=False, highlight=False)
+        # As it is, not through the console, which wraps long lines: `supra recipes recipe=X > my.yaml`
+        # must give a file that loads again.
+        sys.stdout.write(recipe_text(cfg.recipe))
         return 0
     table = Table(title="supra recipes (supra <command> recipe=NAME)")
     table.add_column("recipe", style="bold")

@@ -21,11 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..build import BuildPlan, build_model, check_softmax_k, lora_step
-from ..config import ConfigError, run_dir
+from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step
+from ..config import ConfigError, RecipeConfig, check_batch_tokens, recipe_label, run_dir
 from ..convert import build_plan, calibration, student_plan
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
+from ..factorize import apply_record, plan_layouts
+from ..layers.factorized import FactorizeSpec
 from ..models import (
     SourceError,
     count_parameters,
@@ -34,16 +36,21 @@ from ..models import (
     resolve_device,
     resolve_source,
     save_model,
+    source_config,
+    source_spec,
 )
 from ..skip import calibration_batches
 from ..softmax_select import parse_auto, restore_softmax_layers
+from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import STAGE_KINDS, fold_lora
 from ..train.trainer import train
 from .common import (
+    check_memory,
     console,
     load_model_and_tokenizer,
+    perplexity_forward,
     read_json_record,
     read_yaml_record,
     update_json,
@@ -51,21 +58,31 @@ from .common import (
 )
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
+# `out` names the run folder, which is what stays the same (however it is spelled, or after a move);
+# `overwrite` is about replacing output directories, and a run is resumed, not replaced.
 RESUMABLE_CHANGES = ("train.logger", "train.dry_run", "train.eval_baselines", "train.sample_tokens", "device",
-                     "train.checkpoint_every", "train.keep_checkpoints", "eval")
+                     "train.checkpoint_every", "train.keep_checkpoints", "eval", "out", "overwrite", "step")
 
 
 def run(cfg: DictConfig) -> int:
     if cfg.train.dry_run:
         return dry_run(cfg)
-    run = run_dir(cfg, f"runs/{cfg.recipe or 'uptrain'}")
-    _check_same_run(cfg, run)
+    check_batch_tokens(cfg)
+    run = run_dir(cfg, f"runs/{recipe_label(cfg) or 'uptrain'}")
+    fresh = _check_same_run(cfg, run)
     read_json_record(run / "eval.json")  # damaged: stop now, not after training
+    _check_run_folder(run)
     # Mistakes in device=, model=, tokenizer= and data= are reported before anything is written.
     resolve_device(cfg.device)
     for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
         resolve_source(source)
+    check_convertible(source_spec(cfg.model), build_plan(cfg))
+    check_memory(source_config(cfg.model, cfg.architecture and dict(cfg.architecture)), resolve_device(cfg.device),
+                 [("training", cfg.train.micro_batch_size, cfg.seq_len, "train.micro_batch_size or seq_len", True),
+                  perplexity_forward(cfg)])
     iter_documents(cfg.data)
+    if fresh:
+        _forget_untrained_attempt(run)
     world = init_world(cfg.device)
     try:
         return _uptrain(cfg, run, world)
@@ -125,16 +142,50 @@ def _on(cfg: DictConfig, world: World) -> DictConfig:
     return local
 
 
-def _check_same_run(cfg: DictConfig, run: Path) -> None:
-    """Rerunning resumes; a different recipe in the same directory would mix two runs."""
+# What an earlier attempt writes before its first trained step: records of that attempt only.
+UNTRAINED_RECORDS = ("uptrain.config.yaml", "eval.json", "metrics.jsonl")
+
+
+def _check_same_run(cfg: DictConfig, run: Path) -> bool:
+    """Rerunning resumes; a different recipe in the same directory would mix two runs. An attempt
+    that stopped before its first checkpoint (a mistake found after the snapshot was written) has
+    nothing to protect: True when the run starts afresh and such records are to be replaced."""
     snapshot = run / "uptrain.config.yaml"
     if not snapshot.exists():
-        return
+        return False
     before, now = read_yaml_record(snapshot), OmegaConf.to_container(cfg)
     changed = [k for k in _diff(before, now) if not k.startswith(RESUMABLE_CHANGES)]
-    if changed:
-        raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
-                          "same settings to resume, or choose another out=")
+    if not changed:
+        return False
+    if not has_trained(run):
+        return True
+    raise ConfigError(f"{run} holds a run with different settings ({', '.join(changed[:5])}); rerun with the "
+                      "same settings to resume, or choose another out=")
+
+
+def has_trained(run: Path) -> bool:
+    """Whether a run directory holds anything training made: a checkpoint, finished blocks, a model."""
+    return (any(checkpoint_root(run).glob("step-*")) or (run / "blocks").exists()
+            or (run / "student").exists() or (run / "model").exists())
+
+
+def _check_run_folder(run: Path) -> None:
+    """A run goes into a new or empty folder, or resumes one; a model or any other folder stays untouched."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"output path {run} is a file, not a directory; choose another out=")
+    if not run.is_dir() or (run / "uptrain.config.yaml").exists() or not any(run.iterdir()):
+        return
+    what = ("a model directory (it holds config.json)" if (run / "config.json").exists()
+            else "not a supra run (it has no uptrain.config.yaml)")
+    raise ConfigError(f"out={run} is {what}; uptrain writes a run into a new or empty directory, or resumes one "
+                      "there: choose another out=")
+
+
+def _forget_untrained_attempt(run: Path) -> None:
+    """The records of an earlier attempt with other settings that never trained a step (its baseline
+    perplexities were of another model): the corrected command starts the run afresh."""
+    for name in UNTRAINED_RECORDS:
+        (run / name).unlink(missing_ok=True)
 
 
 def _diff(a: object, b: object, prefix: str = "") -> list[str]:
@@ -193,6 +244,40 @@ def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, tokenizer
     torch.distributed.barrier()
 
 
+def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tuple[nn.Module, object]:
+    """A run's saved step as a model (what flame's checkpoint conversion gives): the run's own
+    conversion rebuilt from its config snapshot, the step's weights loaded, LoRA merged. `step`
+    None: the newest complete checkpoint. With softmax_layers=auto:K this is the trained student."""
+    snapshot = read_yaml_record(run / "uptrain.config.yaml")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), snapshot)
+    except Exception as err:  # a snapshot of another supra version
+        raise ConfigError(f"{run / 'uptrain.config.yaml'} does not fit this supra's settings: "
+                          f"{str(err).splitlines()[0]}") from None
+    steps = checkpoint_steps(run)
+    if step is None:
+        path = latest_checkpoint(run)
+        if path is None:
+            raise SourceError(f"{run} is a supra run that has no checkpoint yet (one is written every "
+                              f"{cfg.train.checkpoint_every} steps); rerun uptrain on it, or wait for its first")
+    else:
+        path = checkpoint_root(run) / f"step-{step:08d}"
+        if step not in steps:
+            raise SourceError(f"{run} has no checkpoint of step {step}; its checkpoints: "
+                              f"{', '.join(map(str, steps)) or 'none yet'}")
+    local = cfg.copy()
+    local.device, local.step = "cpu", None
+    model, tokenizer = load_model_and_tokenizer(local)
+    plan = student_plan(build_plan(local, factorize=True, lora=True))
+    model, _ = build_model(model, replace(plan, factorize=FactorizeSpec(), lora=None), calibration(local, tokenizer))
+    if plan.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
+        apply_record(model, plan_layouts(model, plan.factorize))
+    model = lora_step(model, plan, None)
+    load_model_weights(path, model)
+    console.print(f"model: {run}, checkpoint {path.name}")
+    return fold_lora(model).to(device), tokenizer
+
+
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
     results = read_json_record(run / "eval.json")
     table = Table(title=f"held-out perplexity ({cfg.data.source}, seq_len {cfg.seq_len})")
@@ -213,6 +298,15 @@ def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
         console.print(tokenizer.decode(ids[0]), markup=False, highlight=False, end="")
         console.print(tokenizer.decode(out[0, ids.shape[1]:]), style="green", markup=False, highlight=False)
     console.print(f"run directory: {run} (model/, metrics.jsonl, eval.json)")
+
+
+def duration(hours: float) -> str:
+    """Hours as a person reads them: 12.3 h, 4.5 min, 20 s (a tiny job is not `0.0 h`)."""
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours * 3600:.1f} s"
 
 
 def dry_run(cfg: DictConfig) -> int:
@@ -253,11 +347,11 @@ def dry_run(cfg: DictConfig) -> int:
         warn = " (!)" if memory > cfg.train.gpu_memory_gb else ""
         table.add_row(stage.name, f"{plan.tokens / 1e9:.3f}B", f"{plan.steps:,}", f"{plan.tokens_per_step:,}",
                       f"{cfg.train.micro_batch_size} x {plan.accumulation}", f"{trainable / 1e9:.3f}B",
-                      f"{memory:.1f} GB{warn}", f"{hours:,.1f} h")
+                      f"{memory:.1f} GB{warn}", duration(hours))
     console.print(f"parameters: total {counts['total'] / 1e9:.3f}B, new {counts['new'] / 1e9:.3f}B "
                   f"({spec.method}, {len(spec.softmax_layers)} softmax layers, {len(spec.skip_layers)} skipped)")
     console.print(table)
-    console.print(f"estimated wall time {total_hours:,.1f} h at {cfg.train.expected_mfu:.0%} MFU of "
+    console.print(f"estimated wall time {duration(total_hours)} at {cfg.train.expected_mfu:.0%} MFU of "
                   f"{cfg.train.gpu_tflops:.0f} TFLOP/s per GPU; memory assumes FSDP2 over {world_size} GPUs "
                   f"(train.world_size=N to change)")
     return 0

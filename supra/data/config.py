@@ -38,7 +38,7 @@ class DataConfig:
     # stdlib | a local file/dir/glob (txt, jsonl, json, parquet; .gz for txt/jsonl) | hf:<dataset id>
     source: str = "stdlib"
     hf_config: str | None = None  # the hub dataset's configuration (subset) name
-    hf_split: str = "train"
+    hf_split: str = "train"  # the hub dataset's split
     hf_data_files: str | None = None  # passed to datasets.load_dataset(data_files=...)
     text_field: str = "text"  # the text column of json/jsonl/parquet/hub records
     # auto: the text field if present, else alpaca (instruction/input/output) or `messages` as chat;
@@ -50,7 +50,7 @@ class DataConfig:
     separator: str = "eos"  # eos: appended after every document | bos: prepended before it
     heldout_fraction: float = 0.02  # share of documents (by stable hash) kept out of training
     shuffle_buffer: int = 1000  # documents; 0 or 1 reads in source order
-    seed: int = 0
+    seed: int = 0  # shuffle order
     num_workers: int = 0  # DataLoader worker processes per rank; 0 reads in the training process
     on_bad_record: str = "skip"  # skip: count and log bad records | error: stop with a one-line error
     max_documents: int | None = None  # records read from each source per epoch (None: all)

@@ -294,7 +294,8 @@ class TrainLoader:
 
     def log_stats(self, level: int = logging.INFO) -> dict[str, int]:
         stats = self.stats()
-        logger.log(level, "data rank %d: %s", self.rank, stats)
+        readable = ", ".join(f"{name.replace('_', ' ')} {value:,}" for name, value in stats.items())
+        logger.log(level, "data rank %d: %s", self.rank, readable)
         return stats
 
 

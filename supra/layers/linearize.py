@@ -34,6 +34,16 @@ METHODS: dict[str, type[RecurrentAttention]] = {
 METHOD_NAMES = (*METHODS, "softmax")  # softmax: no conversion (the original model)
 
 
+# Which methods each conversion option changes (window is left out: every recipe sets it, and it
+# is the window of lolcats, gla and gdn alike).
+OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "decay": ("supra", "gla", "gdn"), "gate": ("gla", "gdn"), "feature_map_init": ("supra", "t2r"),
+    "feature_dim": ("lolcats", "t2r", "gla"), "window_kind": ("lolcats", "gla", "gdn"),
+    "window_mix": ("gla", "gdn"), "sinks": ("lolcats", "gla", "gdn"), "state_decay": ("lolcats",),
+}
+WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks")  # meaningful only with a softmax window
+
+
 @dataclass
 class LinearizeSpec:
     method: str = "lolcats"  # supra | lolcats | t2r | gla | gdn | softmax
@@ -46,8 +56,7 @@ class LinearizeSpec:
     window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
     sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
-    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's);
-    # other methods ignore it, as lolcats ignores `gate`
+    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
     # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the linear state
     # recalls worst (LoLA; kernels/sparse_cache.py); 0: none
@@ -92,6 +101,25 @@ class LinearizeSpec:
         both = set(self.softmax_layers) & set(self.skip_layers)
         if both:
             raise ValueError(f"layers {sorted(both)} are both kept as softmax and skipped; choose one")
+        unused = self.unused_options()
+        if unused:
+            name = unused[0]
+            where = ", ".join(OPTION_METHODS[name])
+            window = " with a softmax window (window >= 1)" if name in WINDOW_OPTIONS and self.window == 0 else ""
+            raise ValueError(f"{name}={getattr(self, name)} does nothing with method={self.method}"
+                             f"{' and window=0' if window else ''}; it is for method={where}{window}. "
+                             f"Remove it, or choose one of those methods")
+
+    def unused_options(self) -> list[str]:
+        """The options set away from their defaults that the method ignores (they would do nothing)."""
+        defaults = LinearizeSpec()
+        unused = []
+        for name, methods in OPTION_METHODS.items():
+            if getattr(self, name) == getattr(defaults, name):
+                continue
+            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0):
+                unused.append(name)
+        return unused
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LinearizeSpec:

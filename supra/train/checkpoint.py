@@ -173,6 +173,27 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return json.loads((path / "meta.json").read_text()), rank_state
 
 
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """The model's weights alone from a checkpoint (no optimizer): to turn a step into a model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem}); choose another step=")
+    state = {"model": get_model_state_dict(model)}
+    try:
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # complete on disk yet unreadable, or written by another model
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {first})") from None
+    set_model_state_dict(model, state["model"])
+
+
+def checkpoint_steps(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in checkpoint_root(run).glob("step-*") if p.name[5:].isdigit())
+
+
 def remove_partial_checkpoints(run: Path) -> None:
     for partial in checkpoint_root(run).glob(".step-*.tmp"):
         shutil.rmtree(partial, ignore_errors=True)

@@ -3,7 +3,8 @@
 Resuming is rerunning: the latest complete checkpoint gives the stage, the step inside it, the
 model, optimizer, scheduler, data-loader position and RNG, so the next step is the one that would
 have come. SIGTERM/SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGUSR2 (submitit's,
-under supra-launch) make the job write a checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE.
+under supra-launch) make the job write a checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE;
+Ctrl-C (SIGINT) writes the same checkpoint and exits with 130, saying how to resume.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .progress import ProgressLog
 from .stages import STAGE_KINDS, micro_batch_loss, set_trainable, stage_loop
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: scripts/slurm/uptrain.sbatch requeues the job on it
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C
 
 
 class TrainingStopped(UserError):
@@ -64,9 +66,31 @@ class StopSignal:
         StopSignal.latest = self
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+        # Ctrl-C during training: the same checkpoint at the step boundary, then exit 130; a second
+        # Ctrl-C stops at once. Only while training: afterwards Ctrl-C interrupts as usual.
+        self._previous_sigint = signal.signal(signal.SIGINT, self._handle_sigint)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+
+    def _handle_sigint(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def release_sigint(self) -> None:
+        signal.signal(signal.SIGINT, self._previous_sigint)
+
+    @property
+    def exit_code(self) -> int:
+        """What the run exits with after a stop: 130 for Ctrl-C (the shell's convention), else requeue."""
+        return INTERRUPTED_EXIT_CODE if self.received == signal.SIGINT else REQUEUE_EXIT_CODE
+
+    def stopped_message(self, run: Path, saved: str) -> str:
+        """saved: what was written, e.g. "checkpoint written at step 12"."""
+        if self.received == signal.SIGINT:
+            return f"interrupted: {saved} in {run}; rerun the same command (same out=) to resume"
+        return f"signal received: {saved}; exiting with {REQUEUE_EXIT_CODE} so the scheduler requeues the job"
 
 
 class Counters:
@@ -143,13 +167,14 @@ class StageRun:
         if stopping or stage_step % self.train_cfg.checkpoint_every == 0 or last:
             self.checkpoint(stage_step, data_state)
         if stopping:
-            self.counters.log.message(f"signal received: checkpoint written at step {self.counters.step}; exiting "
-                                      f"with {REQUEUE_EXIT_CODE} so the scheduler requeues the job")
+            self.counters.log.message(self.counters.stop.stopped_message(
+                self.run, f"checkpoint written at step {self.counters.step}"))
         return stopping
 
 
 def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: World, flops_params: int) -> int:
-    """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal."""
+    """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal,
+    INTERRUPTED_EXIT_CODE after a Ctrl-C (a checkpoint is written in both cases)."""
     stages = list(cfg.train.stages)
     check_blockwise(stages, world.distributed)
     plans = plan_stages(cfg, world.world_size)
@@ -198,10 +223,11 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
                                      f"{_strategy_note(stage)}")
                 counters.log.log_stage_start(counters.step, stage.name)
                 if strategy(stage_run, stage_step, cfg.seed):
-                    return REQUEUE_EXIT_CODE
+                    return counters.stop.exit_code
             if world.is_main:
                 loader.log_stats()
     finally:
+        counters.stop.release_sigint()
         if counters.log is not None:
             counters.log.close()
     return 0
@@ -268,9 +294,8 @@ def _blockwise_stage(s: StageRun, stage_step: int, seed: int) -> bool:
     block_optimizer = partial(make_optimizer, stage=s.stage, steps=s.plan.steps)
     if transfer_blockwise(s.model, s.loader, s.stage, s.plan, block_optimizer, s.world.device, s.train_cfg.grad_clip,
                           s.run, s.index, partial(s.counters.step_done, s.stage, s.plan)):
-        s.counters.log.message(f"signal received at step {s.counters.step}: finished blocks are saved, the current "
-                               f"one restarts on the rerun; exiting with {REQUEUE_EXIT_CODE} so the scheduler "
-                               "requeues the job")
+        s.counters.log.message(s.counters.stop.stopped_message(
+            s.run, f"finished blocks saved at step {s.counters.step} (the current one restarts)"))
         return True
     s.checkpoint(s.plan.steps)
     remove_stage_cache(s.run, s.index)
