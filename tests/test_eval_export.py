@@ -137,7 +137,8 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
         factorize_model(model, FactorizeSpec(method="low_rank", ratio=0.5, layers=[1], targets=["mlp.up_proj"]))
         if name == "gla":
             spec = LinearizeSpec(method="gla", decay="retnet", gate="learned", feature_dim=8, window=3,
-                                 window_kind="terrace", window_mix="token", sinks=2, softmax_layers=[0], skip_layers=[2], backend="torch",
+                                 window_kind="terrace", window_mix="token", sinks=2, softmax_layers=[0],
+                                 skip_layers=[2], backend="torch",
                                  factorized=recorded_spec(model).factorized,
                                  softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5},
                                                  "note": None})
