@@ -50,6 +50,8 @@ The Triton kernels have no decay: a call with one runs the torch blocked form on
 With a sparse global cache (`cache_budget` > 0, terrace only; `sparse_cache.py`) the state also holds
 C pairs per head attended exactly; the step decides, when a row enters a block, which of the block
 leaving the window join the cache and which the linear state, and the blocked form is that module's.
+The cache composes with the decay: a token in the linear state weighs gamma^(n-j) however it got there
+(folded at a block start or evicted from the cache later); the cache's pairs are attended undecayed.
 """
 
 from __future__ import annotations
@@ -84,11 +86,12 @@ class HybridState(NamedTuple):
     cache_v: torch.Tensor | None = None  # (B, H, C, V + 1), last column 1
     cache_fk: torch.Tensor | None = None  # (B, H, C, F): what an evicted entry adds to the linear state
     cache_valid: torch.Tensor | None = None  # (B, H, C) bool: slots that hold a pair
+    cache_age: torch.Tensor | None = None  # (B, H, C) long, with a decay: each pair's places before the newest token
 
 
 # The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
 ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase",
-              "cache_k", "cache_v", "cache_fk", "cache_valid")
+              "cache_k", "cache_v", "cache_fk", "cache_valid", "cache_age")
 
 
 def state_row(state: HybridState, row: int) -> HybridState:
@@ -194,7 +197,8 @@ def window_hybrid_attention(
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
     unless it has a decay, which they lack: then it runs the torch blocked form below. With a sparse
-    cache (`cache_budget` > 0, terrace only, no decay) every call runs `sparse_cache.py`'s torch form.
+    cache (`cache_budget` > 0, terrace only, with or without a decay) every call runs `sparse_cache.py`'s
+    torch form.
     """
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
@@ -205,12 +209,14 @@ def window_hybrid_attention(
     if state is not None and held != cache_budget:
         raise ValueError(f"the state keeps a cache of {held} pairs, the call asks for {cache_budget}")
     if cache_budget:
-        if not terrace or log_decay is not None:
-            raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window and no decay")
+        if not terrace:
+            raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window")
+        if state is not None and (state.cache_age is None) != (log_decay is None):
+            raise ValueError("the state's cache was made with a different decay (with or without) than the call's")
         from .sparse_cache import cached_hybrid_attention
 
         return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
-                                       cache_budget)
+                                       cache_budget, log_decay)
     if state is None and use_triton(backend, q.device) and log_decay is None:
         from .triton_hybrid import triton_window_hybrid_attention
 
@@ -450,12 +456,14 @@ def window_hybrid_step(
     if state.cache_k is not None:  # a row entering a block: block b-2 goes to the cache or the state
         from .sparse_cache import decide_at_block_start
 
-        decide_at_block_start(state)
+        decide_at_block_start(state, log_decay)
     # The oldest token leaves the ring: into the linear state (zero fk if it is no token).
     leaving = state.fk[:, :, slot]
     if log_decay is not None:  # the state moves to the new token's place; the leaving token is `ring` before it
         log_decay = log_decay.to(acc)
         state.kv.mul_(log_decay.exp().view(1, H, 1, 1))
+        if state.cache_age is not None:  # the cache's pairs are one place further from the newest token
+            state.cache_age.add_(1)
         leaving = leaving * (log_decay * ring).exp().view(1, H, 1)
     state.kv.view(B * H, Fd, E + 1).baddbmm_(leaving.reshape(B * H, Fd, 1),
                                              state.v[:, :, slot].reshape(B * H, 1, E + 1))

@@ -23,6 +23,15 @@ prefill, evaluation and training on every device), and `decide_at_block_start`, 
 (`window_hybrid_step`) calls when a row enters a new block. They share `recall_errors` and `choose`.
 The cache is C slots per row and head (k, v with the ones column, fk for when it is evicted into the
 state, valid): constant memory in decode. The choice is not differentiated; the kept pairs are.
+
+With a decayed linear part (`log_decay`, hybrid.py) a token in the linear state counts for query n
+with gamma^(n-j), j its own place, whether it was folded at a block start or evicted from the cache
+later; cache entries themselves are attended undecayed, like the window. So each entry also keeps its
+age (cache_age: places before the state's newest token), and at a block start every candidate enters
+the scoring sum and the state with gamma^age, the state being taken at the place before the block's
+first token. The recall itself uses the undecayed fk_j: v_hat_j does not change when fk_j is scaled,
+and a strongly decayed fk_j would underflow to zero. Without a decay there is no cache_age and the
+sums are the ones above, operation for operation.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .hybrid import HybridState, stack_states, state_row, take_sinks
+from .hybrid import HybridState, powers, stack_states, state_row, take_sinks
 from .reference import state_dtype
 
 
@@ -49,28 +58,41 @@ def choose(errors: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tens
     return ranked[..., :budget].sort(-1).values
 
 
+def decay_weights(log_decay: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """gamma_h^age for ages (B, H, N) >= 0: what each token weighs in a state taken age places after it."""
+    return (log_decay.view(1, -1, 1) * age).exp()
+
+
 def decide(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, valid: torch.Tensor,
-           budget: int) -> tuple[torch.Tensor, ...]:
+           budget: int, log_decay: torch.Tensor | None = None,
+           age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The candidates k (B, H, N, D), v (B, H, N, V + 1), fk (B, H, N, F), valid (B, H, N), oldest
     first, against the linear state kv (B, H, F, V + 1): the new state (the candidates not kept folded
-    in) and the new cache k, v, fk, valid, `budget` slots each."""
+    in) and the new cache k, v, fk, valid, `budget` slots each. With log_decay (H,), age (B, H, N) is
+    each candidate's places before kv's place: candidates weigh gamma^age in the scoring sum and the
+    state, and the kept ones' ages come back last."""
     fk = fk * valid[..., None]
+    into_state = fk if log_decay is None else fk * decay_weights(log_decay, age)[..., None]
     with torch.no_grad():
-        whole = kv + fk.transpose(-1, -2) @ v
+        whole = kv + into_state.transpose(-1, -2) @ v
         idx = choose(recall_errors(whole, fk, v), valid, budget)
     kept = torch.zeros_like(valid).scatter_(-1, idx, True)
 
     def take(x: torch.Tensor) -> torch.Tensor:
         return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
 
-    folded = fk * (~kept)[..., None]
-    return kv + folded.transpose(-1, -2) @ v, take(k), take(v), take(fk), valid.gather(-1, idx)
+    folded = into_state * (~kept)[..., None]
+    new = (kv + folded.transpose(-1, -2) @ v, take(k), take(v), take(fk), valid.gather(-1, idx))
+    return new if log_decay is None else (*new, age.gather(-1, idx))
 
 
-def empty_cache(B: int, H: int, budget: int, D: int, E: int, Fd: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An empty cache: k (B, H, C, D), v (B, H, C, E + 1), fk (B, H, C, F), valid (B, H, C)."""
-    return (like.new_zeros(B, H, budget, D), like.new_zeros(B, H, budget, E + 1), like.new_zeros(B, H, budget, Fd),
-            torch.zeros(B, H, budget, dtype=torch.bool, device=like.device))
+def empty_cache(B: int, H: int, budget: int, D: int, E: int, Fd: int, like: torch.Tensor,
+                decayed: bool = False) -> tuple[torch.Tensor, ...]:
+    """An empty cache: k (B, H, C, D), v (B, H, C, E + 1), fk (B, H, C, F), valid (B, H, C), and with
+    a decay the entries' ages (B, H, C) long."""
+    cache = (like.new_zeros(B, H, budget, D), like.new_zeros(B, H, budget, E + 1), like.new_zeros(B, H, budget, Fd),
+             torch.zeros(B, H, budget, dtype=torch.bool, device=like.device))
+    return (*cache, torch.zeros(B, H, budget, dtype=torch.long, device=like.device)) if decayed else cache
 
 
 def cached_hybrid_attention(
@@ -85,21 +107,24 @@ def cached_hybrid_attention(
     output_final_state: bool,
     sinks: int,
     cache_budget: int,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The terrace hybrid with the cache, one document block of queries at a time; arguments as
     `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the last 2W
     tokens, and the ones of a block already decided (older than the window) have fk zero, since
-    they are in the cache or the linear state."""
+    they are in the cache or the linear state. Decayed, kv and the cache's ages are taken at the
+    newest token, as the decode step keeps them."""
     B, T, H, D = q.shape
     W = window
     if state is not None and bool((state.phase != state.phase[0]).any()):
         # Rows at different places in their blocks decide at different tokens: one row at a time.
         rows = [cached_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
-                                        state_row(state, b), output_final_state, sinks, cache_budget)
+                                        state_row(state, b), output_final_state, sinks, cache_budget, log_decay)
                 for b in range(B)]
         return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
     E, Fd = v.shape[-1], fk.shape[-1]
     acc = state_dtype(q.dtype)
+    log_decay = None if log_decay is None else log_decay.to(acc)
     p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
     nb = -(-(p + T) // W)
     back = nb * W - p - T
@@ -124,23 +149,39 @@ def cached_hybrid_attention(
     qb, fqb = (F.pad(x.to(acc), (0, 0, 0, 0, p, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4) for x in (q, fq))
     if state is None:
         kv = q.new_zeros(B, H, Fd, E + 1, dtype=acc)
-        cache = empty_cache(B, H, cache_budget, D, E, Fd, kv)
+        cache = empty_cache(B, H, cache_budget, D, E, Fd, kv, decayed=log_decay is not None)
     else:
         kv = state.kv.to(acc)
         cache = tuple(x.to(acc) for x in (state.cache_k, state.cache_v, state.cache_fk)) + (state.cache_valid,)
+        if log_decay is not None:
+            cache = (*cache, state.cache_age)
 
     own_mask = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()
     gate = window_gate.to(acc).view(1, H, 1, 1)
     scale = D**-0.5
     a = W - p
     decided = 0  # X places before this one are in the cache or the state
+    held_at = 2 * W - 1  # decayed: the X place kv and the cache's ages are taken at (the ring's newest token)
+
+    def move(to: int) -> None:  # decay kv and age the cache from held_at to X place `to` >= held_at
+        nonlocal kv, held_at
+        kv = kv * (log_decay * (to - held_at)).exp().view(1, H, 1, 1)
+        cache[4] = cache[4] + (to - held_at)
+        held_at = to
+
+    cache = list(cache)
     outs = []
     for i in range(nb):
         if i or p == 0:  # the query enters its block here: the block two back leaves the window
             lo = a + (i - 1) * W
             block_valid = valid[:, None, lo:lo + W].expand(-1, H, -1)
-            kv, *cache = decide(kv, *(torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(cache, (kx, vx, fkx))),
-                                torch.cat([cache[3], block_valid], dim=-1), cache_budget)
+            candidates = [torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(cache, (kx, vx, fkx))]
+            decay = ()
+            if log_decay is not None:  # taken at the place before the block's first query
+                move(lo + 2 * W - 1)
+                block_age = (held_at - lo - torch.arange(W, device=q.device)).expand(B, H, W)
+                decay = (log_decay, torch.cat([cache[4], block_age], dim=-1))
+            kv, *cache = decide(kv, *candidates, torch.cat([cache[3], block_valid], dim=-1), cache_budget, *decay)
             decided = lo + W
         prev, own = slice(a + i * W, a + (i + 1) * W), slice(a + (i + 1) * W, a + (i + 2) * W)
         query = qb[:, :, i]
@@ -158,7 +199,11 @@ def cached_hybrid_attention(
         scores = torch.cat(parts, dim=-1)
         c = scores.amax(-1, keepdim=True)
         c = c.masked_fill(~torch.isfinite(c), 0.0)  # padded queries may see no key at all
-        out = (gate * (scores - c).exp()) @ torch.cat(values, dim=2) + fqb[:, :, i] @ kv
+        fq_i = fqb[:, :, i]
+        if log_decay is not None:  # query r is at X place a + (i + 1)W + r; padded ones may precede kv's place
+            ahead = (a + (i + 1) * W + torch.arange(W, device=q.device) - held_at).clamp(min=0)
+            fq_i = fq_i * powers(log_decay, ahead).view(1, H, W, 1)
+        out = (gate * (scores - c).exp()) @ torch.cat(values, dim=2) + fq_i @ kv
         den = out[..., E:] + ((place < 0) | (place >= T))[:, None]  # keeps padded rows finite
         outs.append(out[..., :E] / den)
     y = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
@@ -166,6 +211,8 @@ def cached_hybrid_attention(
     final = None
     if output_final_state:  # the ring is X's last 2W places, oldest first; decided ones carry no fk
         ring = slice(T, T + 2 * W)
+        if log_decay is not None:
+            move(2 * W + T - 1)
         undecided = torch.arange(T, T + 2 * W, device=q.device) >= decided
         final = HybridState(kv, kx[:, :, ring].contiguous(), vx[:, :, ring].contiguous(),
                             (fkx[:, :, ring] * undecided[:, None]).contiguous(), valid[:, ring].clone(), sink_k,
@@ -173,10 +220,11 @@ def cached_hybrid_attention(
     return y.to(q.dtype), final
 
 
-def decide_at_block_start(state: HybridState) -> None:
+def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = None) -> None:
     """The decode step's form, before the ring's oldest slot is overwritten: for the rows whose new
     token starts a block (phase 0), the ring's W oldest slots (block b-2) and the cache decide, in
-    place; those slots' fk become zero, so leaving the ring adds nothing more to the state."""
+    place; those slots' fk become zero, so leaving the ring adds nothing more to the state. Decayed,
+    kv and the ages are still at the previous token, the place before the block's first."""
     starting = state.phase == 0
     if not bool(starting.any()):
         return
@@ -186,11 +234,18 @@ def decide_at_block_start(state: HybridState) -> None:
     block_valid = state.valid[:, None, idx].expand(-1, H, -1)
     candidates = (torch.cat([c, x[:, :, idx]], dim=2) for c, x in zip(
         (state.cache_k, state.cache_v, state.cache_fk), (state.k, state.v, state.fk)))
-    new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), state.cache_k.shape[2])
+    decay = ()
+    if log_decay is not None:  # the slot m places after the oldest is ring - 1 - m before the newest token
+        block_age = (ring - 1 - torch.arange(ring // 2, device=state.kv.device)).expand(B, H, -1)
+        decay = (log_decay.to(state.kv.dtype), torch.cat([state.cache_age, block_age], dim=-1))
+    new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), state.cache_k.shape[2],
+                 *decay)
     rows = starting.view(B, 1, 1, 1)
     for old, value in zip((state.kv, state.cache_k, state.cache_v, state.cache_fk), new):
         old.copy_(torch.where(rows, value, old))
     state.cache_valid.copy_(torch.where(starting.view(B, 1, 1), new[4], state.cache_valid))
+    if log_decay is not None:
+        state.cache_age.copy_(torch.where(starting.view(B, 1, 1), new[5], state.cache_age))
     state.fk[:, :, idx] = state.fk[:, :, idx] * ~rows
 
 
@@ -204,10 +259,13 @@ def parallel_cached_hybrid_attention(
     window: int,
     sinks: int,
     cache_budget: int,
+    log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition with full T x T masks (one document per row from its first token), for tests.
     Entering block b, the cache is chosen among its previous entries and block b-2, scored against
-    the sum over every token of blocks <= b-2 (what the state and the candidates hold together)."""
+    the sum over every token of blocks <= b-2 (what the state and the candidates hold together).
+    Decayed, token j weighs gamma^(n-j) in query n's linear part, and gamma^(bW-1-j) in block b's
+    scoring sum (a common factor, gamma^(bW-j) would choose the same)."""
     B, T, H, D = q.shape
     W = window
     acc = state_dtype(q.dtype)
@@ -223,7 +281,10 @@ def parallel_cached_hybrid_attention(
     cached = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)  # [n, j]: query n attends j exactly
     for b in range(2, -(-T // W)):
         old = (block <= b - 2) & ~sink
-        whole = (fkf * old[:, None]).transpose(-1, -2) @ vo
+        into_state = fkf * old[:, None]
+        if log_decay is not None:
+            into_state = into_state * powers(log_decay.to(acc), (b * W - 1 - j[0]).clamp(min=0))[None, ..., None]
+        whole = into_state.transpose(-1, -2) @ vo
         candidates = member | ((block == b - 2) & ~sink)
         idx = choose(recall_errors(whole, fkf, vo), candidates, cache_budget)
         member = torch.zeros_like(member).scatter_(-1, idx, candidates.gather(-1, idx))
@@ -231,6 +292,9 @@ def parallel_cached_hybrid_attention(
     linear = (j < first) & ~sink[None] & ~cached
     scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~(soft | cached), float("-inf"))
     gate = window_gate.to(acc).view(1, -1, 1, 1)
-    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + (fqf @ fkf.transpose(-1, -2)) * linear
+    linear = (fqf @ fkf.transpose(-1, -2)) * linear
+    if log_decay is not None:
+        linear = linear * powers(log_decay.to(acc), (n - j).clamp(min=0))
+    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + linear
     y = (weights @ vf) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

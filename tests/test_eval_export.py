@@ -120,7 +120,7 @@ def test_exports_load_without_supra_and_match(exports, smollm2_tokenizer):
 
 def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
     """Every field of LinearizeSpec, set away from its default in one of three specs (a sparse cache
-    needs the default method, lolcats, and no state decay), comes back from a save (supra's load_model,
+    needs the default method, lolcats), comes back from a save (supra's load_model,
     transformers' config) and from an export loaded with trust_remote_code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,10 +142,10 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
                                  factorized=recorded_spec(model).factorized,
                                  softmax_choice={"k": 1, "chosen": [0], "loss_restored": {"0": 1.5, "1": 2.5},
                                                  "note": None})
-        else:  # lolcats' options (a sparse cache and a decayed state do not compose: two specs)
+        else:  # lolcats' options: a sparse cache with a decayed state, and a decayed state alone
             spec = LinearizeSpec(window=3, window_kind="terrace", sinks=1, backend="torch",
                                  factorized=recorded_spec(model).factorized,
-                                 **({"cache_budget": 2} if name == "lolcats-cache" else {"state_decay": "retnet"}))
+                                 state_decay="retnet", **({"cache_budget": 2} if name == "lolcats-cache" else {}))
         specs.append(spec)
         linearize(model, copy.deepcopy(spec))
         assert recorded_spec(model) == spec

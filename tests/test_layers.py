@@ -69,7 +69,8 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
                log_decay=None, cache_budget=0):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         if cache_budget:
-            return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget), None
+            return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget,
+                                                    log_decay), None
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace, log_decay), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):

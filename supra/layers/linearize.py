@@ -89,9 +89,6 @@ class LinearizeSpec:
             raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
                              f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
                              f"window_kind={self.window_kind}")
-        if self.cache_budget and self.state_decay != "none":
-            raise ValueError(f"a sparse cache (cache_budget={self.cache_budget}) does not compose with a decayed "
-                             f"linear state yet (state_decay={self.state_decay}); use one of them")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
