@@ -29,6 +29,9 @@ SPECS = {  # test name: conversion settings
     "lolcats-decay": {"method": "lolcats", "sinks": 2, "state_decay": "supra"},
     "lolcats-terrace-learned-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2,
                                       "state_decay": "learned"},
+    # both: the cache's pairs exact, the linear state (folded or evicted tokens) decayed by learned rates
+    "lolcats-cache-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 3,
+                            "state_decay": "learned"},
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
