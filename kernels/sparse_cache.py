@@ -225,6 +225,8 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
     token starts a block (phase 0), the ring's W oldest slots (block b-2) and the cache decide, in
     place; those slots' fk become zero, so leaving the ring adds nothing more to the state. Decayed,
     kv and the ages are still at the previous token, the place before the block's first."""
+    if (state.cache_age is None) != (log_decay is None):  # ages are what evicted entries decay by
+        raise ValueError("the state's cache was made with a different decay (with or without) than the step's")
     starting = state.phase == 0
     if not bool(starting.any()):
         return

@@ -147,3 +147,5 @@ def test_without_a_decay_nothing_changes_and_states_do_not_mix():
     assert relative_error(y, parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, 2, 3)) < 1e-12
     with pytest.raises(ValueError, match="different decay"):
         blocked(inputs, rates(), state)
+    with pytest.raises(ValueError, match="different decay"):
+        window_hybrid_step(*(x[:, 0] for x in inputs[:5]), inputs[5], state, rates())
