@@ -134,7 +134,7 @@ def submitit_job(monkeypatch):
     import submitit
 
     monkeypatch.setattr(submitit, "JobEnvironment", FakeJobEnvironment)
-    saved = {sig: signal.getsignal(sig) for sig in StopSignal.SIGNALS}
+    saved = {sig: signal.getsignal(sig) for sig in (*StopSignal.SIGNALS, signal.SIGINT)}  # StopSignal takes Ctrl-C too
     requeued = []
     signal.signal(signal.SIGUSR2, lambda signum, frame: requeued.append(signum))
     yield requeued

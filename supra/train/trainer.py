@@ -180,7 +180,6 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
     plans = plan_stages(cfg, world.world_size)
     loader = build_train_loader(cfg.data, tokenizer, cfg.seq_len, cfg.train.micro_batch_size, world.rank,
                                 world.world_size)
-    counters = Counters(cfg.train, world, flops_params)
     if world.is_main:
         remove_partial_checkpoints(run)
     latest = latest_checkpoint(run)  # the resume point: its stage, step, weights, optimizer, data, RNG
@@ -190,6 +189,8 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
                       for p, s in zip(plans, stages))
     heldout = HeldoutPerplexity(cfg, tokenizer)
     precision = partial(compute_precision, cfg.train, torch_dtype(cfg.dtype), world)
+    # Last before the try: it takes Ctrl-C over, and only the finally below gives it back.
+    counters = Counters(cfg.train, world, flops_params)
     try:
         for index in range(first, len(plans)):
             stage, plan = stages[index], plans[index]
