@@ -88,6 +88,9 @@ class TrainConfig:
 class EvalConfig:
     max_tokens: int = 32768  # perplexity: tokens scored at most
     batch_size: int = 4  # rows per forward (perplexity, lm-eval)
+    # uptrain's report: held-out perplexity also at seq_len x this (a recurrent model must hold up
+    # past its training length), with the model's window alone beside it; 1: the training length only
+    long_factor: int = 4
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # passkey: context lengths
     # passkey: where the key sits (0: the start, 1: the end)
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -211,6 +214,7 @@ RANGES: dict[str, Range] = {
     "train.stages.*.betas.*": FRACTION, "train.stages.*.lora_r": count(1), "train.stages.*.lora_alpha": POSITIVE,
     "train.stages.*.lora_dropout": FRACTION, "train.stages.*.block_layers": count(0),
     "train.stages.*.cache_tokens": count(0), "train.stages.*.epochs": count(1), "train.stages.*.ce_weight": Range(0, 1),
+    "eval.long_factor": count(1),
     "train.batch_tokens": count(1), "train.micro_batch_size": count(1), "train.grad_clip": POSITIVE,
     "train.checkpoint_every": count(1), "train.keep_checkpoints": count(1), "train.max_bad_steps": count(0),
     "train.eval_every": count(0), "train.sample_tokens": count(0), "train.world_size": count(1, optional=True),

@@ -125,6 +125,10 @@ def test_a_single_text_file_is_a_corpus(tmp_path, caplog):
     assert len(said) == 1, said  # one line, however often the source is opened
     results = json.loads((run / "eval.json").read_text())
     assert results["ppl_original"]["tokens"] > 0 and results["ppl_uptrained"]["tokens"] > 0
+    # the report also scores 4x the training length (the tiny recipe's 64 tokens), and the window alone
+    for which in ("original", "uptrained", "window_alone"):
+        assert results[f"ppl_{which}_256"]["seq_len"] == 256 and results[f"ppl_{which}"]["seq_len"] == 64
+    assert "ppl_converted_256" not in results
 
 
 @pytest.mark.parametrize("files", [

@@ -91,11 +91,14 @@ def check_memory(config: Any, device: torch.device, forwards: list[tuple[str, in
             "beyond it were never trained, so expect quality to fall there")
 
 
-def perplexity_forward(cfg: DictConfig) -> tuple[str, int, int, str, bool]:
-    """The largest forward of the held-out perplexity (supra.evaluate.perplexity), for check_memory."""
-    tokens = min(cfg.seq_len, cfg.eval.max_tokens)
-    rows = min(cfg.eval.batch_size, max(1, cfg.eval.max_tokens // cfg.seq_len))
-    return "held-out perplexity", rows, tokens, "seq_len, eval.batch_size or eval.max_tokens", False
+def perplexity_forward(cfg: DictConfig, seq_len: int | None = None) -> tuple[str, int, int, str, bool]:
+    """The largest forward of the held-out perplexity (supra.evaluate.perplexity) in windows of
+    seq_len tokens (default: the recipe's), for check_memory."""
+    seq_len = seq_len or cfg.seq_len
+    tokens = min(seq_len, cfg.eval.max_tokens)
+    rows = min(cfg.eval.batch_size, max(1, cfg.eval.max_tokens // seq_len))
+    keys = "seq_len, eval.batch_size or eval.max_tokens" + (", eval.long_factor" if seq_len != cfg.seq_len else "")
+    return "held-out perplexity", rows, tokens, keys, False
 
 
 def checkpoint_run(cfg: DictConfig) -> Path | None:

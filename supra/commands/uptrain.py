@@ -28,6 +28,7 @@ from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, plan_layouts
 from ..layers.factorized import FactorizeSpec
+from ..layers.switches import window_alone
 from ..models import (
     SourceError,
     count_parameters,
@@ -77,9 +78,10 @@ def run(cfg: DictConfig) -> int:
     for source in {cfg.model, cfg.tokenizer or cfg.model} - {"random"}:
         resolve_source(source)
     check_convertible(source_spec(cfg.model), build_plan(cfg))
-    check_memory(source_config(cfg.model, cfg.architecture and dict(cfg.architecture)), resolve_device(cfg.device),
+    config = source_config(cfg.model, cfg.architecture and dict(cfg.architecture))
+    check_memory(config, resolve_device(cfg.device),
                  [("training", cfg.train.micro_batch_size, cfg.seq_len, "train.micro_batch_size or seq_len", True),
-                  perplexity_forward(cfg)])
+                  *(perplexity_forward(cfg, n) for n in report_lengths(cfg, config))])
     iter_documents(cfg.data)
     if fresh:
         _forget_untrained_attempt(run)
@@ -104,8 +106,9 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(_on(cfg, world))
     evaluate = cfg.train.eval_baselines and world.is_main
+    lengths = report_lengths(cfg, model.config)
     if evaluate:
-        _heldout_ppl(cfg, run, "original", model, tokenizer)
+        _heldout_ppl(cfg, run, "original", model, tokenizer, lengths)
     plan = student_plan(build_plan(cfg, factorize=True, lora=True))
     # Built without its adapters first: the converted model's perplexity and size are measured
     # before them; the LoRA step then runs alone (B = 0: the adapters change nothing yet).
@@ -113,7 +116,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     if restore is not None:  # a K that cannot be met stops the run now, not after training
         check_softmax_k(model, restore)
     if evaluate:
-        _heldout_ppl(cfg, run, "converted", model, tokenizer)
+        _heldout_ppl(cfg, run, "converted", model, tokenizer, lengths[:1])
     counts = count_parameters(model)
     model = lora_step(model, plan, None)
     model = parallelize(model, world, cfg.train.param_dtype, cfg.train.activation_checkpointing, cfg.train.compile)
@@ -128,7 +131,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     _save_final(cfg, model, rebuild, tokenizer, final, world)
     if world.is_main:
         trained = load_model(str(final), cfg.dtype, device=world.device).eval()
-        _heldout_ppl(cfg, run, "uptrained", trained, tokenizer)
+        _score_uptrained(cfg, run, trained, tokenizer)
         _report(cfg, run, trained, tokenizer)
     return 0
 
@@ -194,14 +197,43 @@ def _diff(a: object, b: object, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, tokenizer) -> None:
-    """Held-out perplexity once per run and model (a resumed run does not redo the baselines)."""
+def report_lengths(cfg: DictConfig, config: object) -> list[int]:
+    """The lengths uptrain's report scores: the training length, and seq_len x eval.long_factor up
+    to the positions the original was trained on (past them its own perplexity means little)."""
+    longest = cfg.seq_len * cfg.eval.long_factor
+    trained = getattr(config, "max_position_embeddings", None)
+    if trained:
+        longest = min(longest, trained)
+    return [cfg.seq_len] + ([longest] if longest > cfg.seq_len else [])
+
+
+def ppl_key(cfg: DictConfig, which: str, seq_len: int) -> str:
+    """eval.json's key of one held-out perplexity: ppl_<which> at the training length, ppl_<which>_<seq_len> past it."""
+    return f"ppl_{which}" if seq_len == cfg.seq_len else f"ppl_{which}_{seq_len}"
+
+
+def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, tokenizer, lengths: list[int]) -> None:
+    """Held-out perplexity once per run, model and length (a resumed run does not redo the baselines)."""
     path = run / "eval.json"
-    if f"ppl_{which}" in read_json_record(path):
-        return
-    result = HeldoutPerplexity(cfg, tokenizer)(model)
-    update_json(path, {f"ppl_{which}": result})
-    console.print(f"held-out perplexity, {which} model: {result['ppl']:.3f} ({result['tokens']:,} tokens)")
+    score = HeldoutPerplexity(cfg, tokenizer)
+    for seq_len in lengths:
+        key = ppl_key(cfg, which, seq_len)
+        if key in read_json_record(path):
+            continue
+        result = score(model, seq_len)
+        update_json(path, {key: result})
+        console.print(f"held-out perplexity, {which.replace('_', ' ')} model at {seq_len:,} tokens: {result['ppl']:.3f} "
+                      f"({result['tokens']:,} tokens)")
+
+
+def _score_uptrained(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
+    """The trained model at the report's lengths, and its softmax window alone (state switched off)
+    where it has one: what the state adds over the window is what the conversion is for."""
+    lengths = report_lengths(cfg, model.config)
+    _heldout_ppl(cfg, run, "uptrained", model, tokenizer, lengths)
+    with window_alone(model) as switched:
+        if switched:
+            _heldout_ppl(cfg, run, "window_alone", model, tokenizer, lengths)
 
 
 def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, tokenizer, world: World) -> int:
@@ -217,7 +249,7 @@ def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, token
             raise ConfigError(str(err)) from None
         write_softmax_choice(run, cfg, choice)
         save_model(model, tokenizer, run / "model", overwrite=False)
-        _heldout_ppl(cfg, run, "uptrained", model, tokenizer)
+        _score_uptrained(cfg, run, model, tokenizer)
         _report(cfg, run, model, tokenizer)
     if world.distributed:
         torch.distributed.barrier()
@@ -280,13 +312,21 @@ def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tu
 
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
     results = read_json_record(run / "eval.json")
-    table = Table(title=f"held-out perplexity ({cfg.data.source}, seq_len {cfg.seq_len})")
-    for column in ("model", "perplexity", "tokens scored"):
-        table.add_column(column)
-    for which in ("original", "converted", "uptrained"):
-        if f"ppl_{which}" in results:
-            r = results[f"ppl_{which}"]
-            table.add_row(which, f"{r['ppl']:.3f}", f"{r['tokens']:,}")
+    lengths = report_lengths(cfg, model.config)
+    table = Table(title=f"held-out perplexity ({cfg.data.source}; trained at {cfg.seq_len:,} tokens)")
+    table.add_column("model")
+    for seq_len in lengths:
+        table.add_column(f"{seq_len:,} tokens (x original)", justify="right")
+    labels = {"original": "original", "converted": "converted, untrained", "uptrained": "uptrained",
+              "window_alone": "uptrained, its window alone"}
+    for which, label in labels.items():
+        cells = []
+        for seq_len in lengths:
+            r, base = results.get(ppl_key(cfg, which, seq_len)), results.get(ppl_key(cfg, "original", seq_len))
+            ratio = f" ({r['ppl'] / base['ppl']:.3f})" if r and base and which != "original" else ""
+            cells.append(f"{r['ppl']:.3f}{ratio}" if r else "")
+        if any(cells):
+            table.add_row(label, *cells)
     console.print(table)
     if cfg.train.sample_tokens > 0:
         prompt = next(iter(iter_documents(cfg.data, "heldout")))

@@ -84,11 +84,12 @@ class HeldoutPerplexity:
             self.stream = heldout_stream(self.tokenizer, documents, self.cfg.eval.max_tokens)
         return self.stream
 
-    def __call__(self, model: nn.Module) -> dict:
+    def __call__(self, model: nn.Module, seq_len: int | None = None) -> dict:
+        """Scored in windows of seq_len tokens (default: the recipe's)."""
         stream = self.tokens()
         was_training = model.training
         model.eval()
         try:
-            return perplexity(model, stream, self.cfg.seq_len, self.cfg.eval.batch_size)
+            return perplexity(model, stream, seq_len or self.cfg.seq_len, self.cfg.eval.batch_size)
         finally:
             model.train(was_training)
