@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -320,6 +321,18 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line(tmp_path, monkeypatch, cap
     assert launch.main(["--multirun", "hydra/launcher=submitit_slurm", "command=uptrain", "recipe=tiny"]) == 2
     assert "this machine has no sbatch or srun (not a SLURM login node)" in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lm_eval_offline_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from supra.evaluate import lm_eval_task
+
+    monkeypatch.setattr(lm_eval_task, "hub_unreachable", lambda: "huggingface.co cannot be reached (offline?)")
+    monkeypatch.setattr("supra.commands.eval.load_model_and_tokenizer", lambda cfg: pytest.fail("model loaded"))
+    start = time.perf_counter()
+    assert main(["eval", "recipe=tiny", "tasks=[lm_eval:hellaswag]", f"out={tmp_path / 'eval'}"]) == 2
+    line = one_error_line(capsys)
+    assert "hellaswag need datasets that are not in the local cache, and huggingface.co cannot be reached" in line
+    assert time.perf_counter() - start < 60 and not (tmp_path / "eval").exists()
 
 
 # ------------------------------------------------------------------------------------ 12. piped logs

@@ -222,8 +222,8 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
             continue
         result = score(model, seq_len)
         update_json(path, {key: result})
-        console.print(f"held-out perplexity, {which.replace('_', ' ')} model at {seq_len:,} tokens: {result['ppl']:.3f} "
-                      f"({result['tokens']:,} tokens)")
+        console.print(f"held-out perplexity, {which.replace('_', ' ')} model at {seq_len:,} tokens: "
+                      f"{result['ppl']:.3f} ({result['tokens']:,} tokens)")
 
 
 def _score_uptrained(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
