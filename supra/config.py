@@ -129,7 +129,7 @@ class RecipeConfig:
     window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
-    cache_budget: int = 0  # lolcats terrace: pairs per layer and head kept beyond the window (LoLA sparse cache)
+    cache_budget: int = 0  # lolcats terrace: LoLA sparse cache, pairs per head; uptrain adds it after training
     state_decay: str = "none"  # lolcats: decay of the linear part (none | supra | retnet | learned)
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
