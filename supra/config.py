@@ -20,10 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .data import DataConfig, DataError, as_data_config
 from .data.config import DATA_RANGES
 from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ranges, count
-from .layers.factorized import FactorizeSpec
-from .layers.linearize import LinearizeSpec
-from .softmax_select import parse_auto
-from .train.stages import STAGE_KINDS, check_stage
+from .layers.specs import FactorizeSpec, LinearizeSpec, parse_auto
 
 
 class ConfigError(UserError):
@@ -351,20 +348,22 @@ def _one_of(name: str, value: Any, valid: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express, before anything is loaded."""
-    from .models import DTYPES
-
     check_ranges(OmegaConf.to_container(cfg, resolve=True), RANGES, ConfigError)
     try:
         linearize_spec(cfg).validate()
         factorize_spec(cfg).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    from .models import DTYPES  # torch: after the checks a typo fails
+
     _one_of("dtype", cfg.dtype, tuple(DTYPES))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
     _one_of("select", cfg.select, ("similarity", "last"))
     _one_of("train.logger", cfg.train.logger, LOGGERS)
     _one_of("train.param_dtype", cfg.train.param_dtype, tuple(DTYPES))
+    from .train.stages import STAGE_KINDS, check_stage  # torch: after the checks a typo fails
+
     if not cfg.train.stages:
         raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_KINDS)})")
     for stage in cfg.train.stages:

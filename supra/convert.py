@@ -16,9 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .build import BuildPlan, Calibration, build_model
 from .config import factorize_spec, linearize_spec
-from .layers.factorized import FactorizeSpec
 from .layers.linearize import set_cache_budget
-from .softmax_select import parse_auto
+from .layers.specs import FactorizeSpec, parse_auto
 from .train.stages import LoraSpec
 
 

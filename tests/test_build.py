@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from supra.build import STEPS, BuildPlan, build_model
 from supra.config import ConfigError, StageConfig, load_config
 from supra.convert import build_plan
-from supra.layers.factorized import FactorizeSpec
 from supra.layers.linearize import LinearizeSpec, decoder_layers
+from supra.layers.specs import FactorizeSpec
 from supra.models import SourceError, load_model
 from supra.train.stages import STAGE_KINDS, LoraSpec, check_stage
 

@@ -286,7 +286,7 @@ def test_a_recipe_prints_as_valid_yaml_and_runs_from_a_path(tmp_path, capsys):
 
 def test_help_describes_every_key_and_puts_the_commands_own_first(capsys):
     from supra.config import key_help
-    from supra.layers.linearize import METHOD_NAMES
+    from supra.layers.specs import METHOD_NAMES
 
     assert all(len(text) > 8 for text in key_help().values())
     assert main(["factorize", "--help"]) == 0
@@ -336,6 +336,16 @@ def test_lm_eval_offline_is_one_line_before_the_model_loads(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------------ 12. piped logs
+
+@pytest.mark.parametrize("args", [["uptrain", "recipe=tiny", "sed_len=5"], ["eval", "method=lolcat"],
+                                  ["convert", "window=-1"], ["uptrain", "--model", "x"]])
+def test_a_typo_is_refused_before_torch_is_imported(args):
+    """Torch and transformers take seconds to import: settings are checked without them."""
+    script = (f"import sys; from supra.cli import main; code = main({args!r}); "
+              "sys.exit(3 if 'torch' in sys.modules or 'transformers' in sys.modules else code)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("supra: error:"), result.stderr
+
 
 def test_a_piped_dry_run_is_whole_and_in_readable_units(capsys):
     assert main(["uptrain", "recipe=tiny", "train.dry_run=true"]) == 0

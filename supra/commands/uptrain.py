@@ -27,7 +27,7 @@ from ..convert import build_plan, calibration, student_plan, with_cache
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, plan_layouts
-from ..layers.factorized import FactorizeSpec
+from ..layers.specs import FactorizeSpec, parse_auto
 from ..layers.switches import window_alone
 from ..models import (
     SourceError,
@@ -41,7 +41,7 @@ from ..models import (
     source_spec,
 )
 from ..skip import calibration_batches
-from ..softmax_select import parse_auto, restore_softmax_layers
+from ..softmax_select import restore_softmax_layers
 from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import memory_per_gpu_gb, plan_stages, trainable_parameters
