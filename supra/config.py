@@ -116,7 +116,7 @@ class RecipeConfig:
     out: str | None = None  # run directory; each command has a default under runs/
     overwrite: bool = False  # convert/export: replace an existing output directory
     step: int | None = None  # eval/export of a run: this checkpoint step (default: model/, else the newest)
-    # conversion (see supra.layers.linearize.LinearizeSpec)
+    # conversion (see supra.layers.specs.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
     gate: str = "key"  # gla/gdn: key | learned
