@@ -106,3 +106,11 @@ def replace_stage(stage, **values):
     for key, value in values.items():
         copy[key] = value
     return copy
+
+
+def test_every_method_name_builds_a_layer():
+    """The settings name the methods without importing torch (layers/specs.py); the layers are here."""
+    from supra.layers.linearize import METHODS
+    from supra.layers.specs import METHOD_NAMES
+
+    assert (*METHODS, "softmax") == METHOD_NAMES
