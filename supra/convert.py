@@ -33,9 +33,8 @@ def build_plan(cfg: DictConfig, factorize: bool = False, lora: bool = False) -> 
 def student_plan(plan: BuildPlan) -> BuildPlan:
     """What uptrain's stages train: with softmax_layers=auto:K every layer converted (the K softmax
     layers are chosen on the trained student, after the stages), and no sparse cache: it is
-    training-free (LoLA), and training through it cost ~5x per step on CPU
-    (benchmarks/results/cpu/sparse_cache_budgets.json), so the trained model takes it at the end
-    (`with_cache`)."""
+    training-free (LoLA), so the stages train the same maps whatever the budget, and the trained
+    model takes it at the end (`with_cache`), as `supra convert cache_budget=C` would."""
     conversion = plan.conversion and replace(plan.conversion, cache_budget=0)
     return replace(plan, softmax_auto=None, conversion=conversion)
 
