@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import HEAD_DECAY, NO_DECAY, TOKEN_DECAY, alloc
+from .triton_common import HEAD_DECAY, NO_DECAY, TOKEN_DECAY, alloc
 
 
 @triton.jit
