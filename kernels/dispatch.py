@@ -114,7 +114,7 @@ def window_hybrid_attention(
     if cache_budget:
         return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
                                        cache_budget, log_decay)
-    if state is None and use_triton(backend, q.device) and log_decay is None and triton_dtypes(q, k, v, fq, fk):
+    if state is None and runs_triton(backend, q.device, q, k, v, fq, fk) and log_decay is None:
         from .triton_hybrid import triton_window_hybrid_attention
 
         return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state,
