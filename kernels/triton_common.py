@@ -24,8 +24,13 @@ POISON_OUTPUTS = os.environ.get("SUPRA_POISON_OUTPUTS", "") == "1"
 # tl.dot's input precision for float32 inputs (`dot_precision`); the interpreter computes every dot in float32.
 FLOAT32_PREC = "tf32x3"
 
-# Decay modes, a compile-time switch in the kernels.
+# Decay modes, a compile-time switch in the kernels (`decay_mode`).
 NO_DECAY, HEAD_DECAY, TOKEN_DECAY = 0, 1, 2
+
+
+def decay_mode(log_decay: torch.Tensor | None) -> int:
+    """The kernels' DECAY for a log decay of None, per head (H,), or one per token or sequence."""
+    return NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY
 
 
 def alloc(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -129,7 +134,7 @@ class ChunkLayout:
         self.BK = max(16, min(64, triton.next_power_of_2(self.K)))  # tl.dot needs >= 16
         self.BV = max(16, min(64, triton.next_power_of_2(self.V)))
         self.NK, self.NV = triton.cdiv(self.K, self.BK), triton.cdiv(self.V, self.BV)
-        self.decay = (NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY)
+        self.decay = decay_mode(log_decay)
         self.prec, self.upcast = dot_precision(q.dtype), interpreter_upcast(q.dtype)
         # Chunk states: float32 for float32 inputs, else the input dtype (half the traffic, like fla).
         self.state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
