@@ -16,9 +16,11 @@ for good: pretrained models park most of a head's attention on the first token (
 sink", StreamingLLM), a spike that a positive feature map reproduces badly once that token has left
 the window. A sink that is also inside the window counts once.
 
-`window_hybrid_attention` works in blocks of W queries: each block sees its own and the previous
-block of keys exactly and everything older through a running linear state, so no T x T matrix is
-ever formed. `window_hybrid_step` is the decoder's one-token form of the same sum.
+This module holds the torch forms; the ops model code calls, `window_hybrid_attention` and
+`window_hybrid_step`, are in `dispatch.py`, which picks these, the Triton kernels (`triton_hybrid.py`)
+or the sparse cache's forms. `blocked_hybrid_attention` works in blocks of W queries: each block sees
+its own and the previous block of keys exactly and everything older through a running linear state,
+so no T x T matrix is ever formed. `ring_step` is the decoder's one-token form of the same sum.
 
 Their state is what a decoder keeps: the linear state over tokens that left the window (F x (V+1),
 the last column is the denominator), a ring buffer of the last W tokens' k, v and fk, and the S sink
@@ -61,7 +63,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backend import use_triton
 from .reference import state_dtype
 
 # Tokens per pass of the blocked form. A pass's temporaries (scores of W x 2W per block, the block
@@ -174,32 +175,10 @@ def decayed_queries(fqb: torch.Tensor, log_decay: torch.Tensor | None) -> torch.
     return fqb * powers(log_decay, torch.arange(1, W + 1, device=fqb.device)).view(1, -1, 1, W, 1)
 
 
-def window_hybrid_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    fq: torch.Tensor,
-    fk: torch.Tensor,
-    window_gate: torch.Tensor,
-    window: int = 64,
-    state: HybridState | None = None,
-    output_final_state: bool = False,
-    backend: str = "auto",
-    sinks: int = 0,
-    terrace: bool = False,
-    log_decay: torch.Tensor | None = None,
-    cache_budget: int = 0,
-) -> tuple[torch.Tensor, HybridState | None]:
-    """q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F); window_gate (H,) in (0, 1);
-    T >= 1; log_decay (H,) <= 0 or None (the linear part's decay, module docstring). A state carried
-    in keeps its own number of sink slots, window kind and cache budget (`sinks`, `terrace` and
-    `cache_budget` then must match it), and must come from calls with the same decay.
-
-    A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
-    unless it has a decay, which they lack: then it runs the torch blocked form below. With a sparse
-    cache (`cache_budget` > 0, terrace only, with or without a decay) every call runs `sparse_cache.py`'s
-    torch form.
-    """
+def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, cache_budget: int,
+                      log_decay: torch.Tensor | None) -> None:
+    """ValueError unless a call's settings fit together and match the state it carries in (the
+    contract of `dispatch.window_hybrid_attention`)."""
     if state is not None and state.sink_k.shape[2] != sinks:
         raise ValueError(f"the state keeps {state.sink_k.shape[2]} sink tokens, the call asks for {sinks}")
     if state is not None and state.terrace != terrace:
@@ -213,23 +192,32 @@ def window_hybrid_attention(
             raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window")
         if state is not None and (state.cache_age is None) != (log_decay is None):
             raise ValueError("the state's cache was made with a different decay (with or without) than the call's")
-        from .sparse_cache import cached_hybrid_attention
 
-        return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
-                                       cache_budget, log_decay)
-    if state is None and use_triton(backend, q.device) and log_decay is None:
-        from .triton_hybrid import triton_window_hybrid_attention
 
-        return triton_window_hybrid_attention(q, k, v, fq, fk, window_gate, window, output_final_state,
-                                              sinks=sinks, terrace=terrace)
+def blocked_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int,
+    state: HybridState | None,
+    output_final_state: bool,
+    sinks: int = 0,
+    terrace: bool = False,
+    log_decay: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """The torch blocked form of `dispatch.window_hybrid_attention` without a cache (its contract), on
+    every device, with or without a state: the sliding window's here, the terrace's in
+    `terrace_hybrid_attention`."""
     B, T, H, D = q.shape
     segment = window * max(1, SEGMENT_TOKENS // window)
     if T > segment:  # segments carrying the state: every pass has the same working set, at any T
         outs = []
         for start in range(0, T, segment):
             part = (x[:, start:start + segment] for x in (q, k, v, fq, fk))
-            y, state = window_hybrid_attention(*part, window_gate, window, state, output_final_state=True,
-                                               sinks=sinks, terrace=terrace, log_decay=log_decay)
+            y, state = blocked_hybrid_attention(*part, window_gate, window, state, True, sinks, terrace, log_decay)
             outs.append(y)
         return torch.cat(outs, dim=1), (state if output_final_state else None)
     if terrace:
@@ -433,7 +421,7 @@ def terrace_hybrid_attention(
     return y.to(q.dtype), final
 
 
-def window_hybrid_step(
+def ring_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -445,7 +433,8 @@ def window_hybrid_step(
 ) -> tuple[torch.Tensor, HybridState]:
     """One new token per row: q, k (B, H, D), v (B, H, V), fq, fk (B, H, F); the state's tensors
     are updated in place (the returned state differs only in next_slot). Returns y (B, H, V).
-    log_decay: the decay the state was made with (module docstring)."""
+    log_decay: the decay the state was made with (module docstring). A state with a sparse cache has
+    had its block decided first (`dispatch.window_hybrid_step`)."""
     B, H, D = q.shape
     E = v.shape[-1]
     Fd = fk.shape[-1]
@@ -453,10 +442,6 @@ def window_hybrid_step(
     slot = state.next_slot
     ring = state.k.shape[2]
     acc = state.kv.dtype
-    if state.cache_k is not None:  # a row entering a block: block b-2 goes to the cache or the state
-        from .sparse_cache import decide_at_block_start
-
-        decide_at_block_start(state, log_decay)
     # The oldest token leaves the ring: into the linear state (zero fk if it is no token).
     leaving = state.fk[:, :, slot]
     if log_decay is not None:  # the state moves to the new token's place; the leaving token is `ring` before it

@@ -10,12 +10,14 @@ of B documents of length T (a free reshape), so one set of kernels covers both l
 Kernels (grids in brackets; NK, NV are the counts of K and V blocks):
   _states_kernel   [NK, NV, docs*H]    walk a document's chunks in order, store the state entering
                                         each chunk, end with the final state. Sequential in chunks.
-  _output_kernel   [NV, chunks, H]     o = inter-chunk read of the entering state + intra-chunk part.
+  output_kernel    [NV, chunks, H]     o = inter-chunk read of the entering state + intra-chunk part.
   _dstates_kernel  [NK, NV, docs*H]    the same walk backwards for dL/d(state leaving each chunk),
                                         ending with dL/d(initial state).
   _dv_kernel       [NV, chunks, H]     dv.
-  _dqdk_kernel     [NK, chunks, H]     dq, dk, and per-token partial sums for the log-decay gradient.
+  dqdk_kernel      [NK, chunks, H]     dq, dk, and per-token partial sums for the log-decay gradient.
 The backward recomputes the chunk states instead of keeping them from the forward (memory).
+`output_kernel` and `dqdk_kernel` are public: the delta rule (`triton_delta_rule.py`) runs them on its
+corrected values. Helpers and the launch layout shared with it are in `triton_common.py`.
 
 Decay: with G the running sum of the log decay inside a chunk, every factor is exp(G_i - G_j) with
 j <= i, or exp(G_last - G_j), or exp(G_i): the exponent is never positive for a decay, so nothing
@@ -25,74 +27,21 @@ No `tl.trans` inside `tl.dot`: a transposed operand is loaded transposed through
 (Triton 3.4-3.7.0 miscompiled a transposed dot on Hopper; this layout sidesteps the whole class).
 
 Gradient of the log decay (per token (B, T, H), or per head (H,) as the sum over tokens): computed
-chunk by chunk in `_dqdk_kernel` from the terms in which g_t appears, all sums local to the chunk;
+chunk by chunk in `dqdk_kernel` from the terms in which g_t appears, all sums local to the chunk;
 the state carried across the chunk boundary enters through one <dL/dstate, state> product.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .chunked import chunk_linear_attention
-
-# Tests set this (or SUPRA_POISON_OUTPUTS=1) so every buffer a kernel should fill starts as NaN:
-# an element a kernel forgets to write then fails the comparison instead of passing by luck.
-POISON_OUTPUTS = os.environ.get("SUPRA_POISON_OUTPUTS", "") == "1"
-
-# tl.dot's input precision for float32 inputs (see _Layout); the interpreter computes every dot in float32.
-FLOAT32_PREC = "tf32x3"
-
-# Decay modes, a compile-time switch in the kernels.
-NO_DECAY, HEAD_DECAY, TOKEN_DECAY = 0, 1, 2
-
-
-def alloc(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An output buffer: uninitialised normally, NaN-filled when POISON_OUTPUTS is on."""
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
+from .triton_common import ChunkLayout, alloc, check_dtypes, chunk_log_decay, dot, last_entry
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_log_decay(g_ptr, t0, L, h, H, C: tl.constexpr, DECAY: tl.constexpr):
-    """Running log decay G (C,) inside the chunk that starts at packed token t0 and holds L tokens.
-
-    Rows past L repeat G[L-1] (their g counts as 0), so G_last can be read at row C-1 as well.
-    """
-    rc = tl.arange(0, C)
-    if DECAY == 1:
-        G = tl.minimum(rc + 1, L).to(tl.float32) * tl.load(g_ptr + h).to(tl.float32)
-    elif DECAY == 2:
-        g = tl.load(g_ptr + (t0 + rc).to(tl.int64) * H + h, mask=rc < L, other=0.0).to(tl.float32)
-        G = tl.cumsum(g, 0)
-    else:
-        G = tl.zeros([C], dtype=tl.float32)
-    return G
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with float32 accumulation. UPCAST is for the interpreter only: it keeps bfloat16 as raw
-    uint16 and would multiply the bit patterns, so operands go to float32 first (exact for bf16)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PREC)
-
-
-@triton.jit
-def _last(G, C: tl.constexpr):
-    """G[C-1] as a scalar (a masked sum: Triton has no scalar indexing of a block)."""
-    return tl.sum(tl.where(tl.arange(0, C) == C - 1, G, 0.0), 0)
 
 
 @triton.jit
@@ -116,8 +65,8 @@ def _states_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, chunk_off
         L = tl.minimum(C, end - t0)
         chunk = (first_chunk + c).to(tl.int64)
         tl.store(h_ptr + (chunk * H + h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
-        G_last = _last(G, C)
+        G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+        G_last = last_entry(G, C)
         tok = (t0 + rc).to(tl.int64) * H + h
         # k loaded transposed (BK, C) so the update is a plain dot: state += k^T diag(w) v.
         kt = tl.load(k_ptr + tok[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rc[None, :] < L),
@@ -125,12 +74,12 @@ def _states_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, chunk_off
         vb = tl.load(v_ptr + tok[:, None] * V + rv[None, :], mask=(rc[:, None] < L) & (rv[None, :] < V),
                      other=0.0)
         kt = (kt * tl.exp(G_last - G)[None, :]).to(vb.dtype)  # how much of each key survives the chunk
-        state = state * tl.exp(G_last) + _dot(kt, vb, PREC, UPCAST)
+        state = state * tl.exp(G_last) + dot(kt, vb, PREC, UPCAST)
     tl.store(ht_ptr + nh.to(tl.int64) * K * V + kv_off, state, mask=m_kv)
 
 
 @triton.jit
-def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunk_start_ptr, chunk_len_ptr, scale,
+def output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunk_start_ptr, chunk_len_ptr, scale,
                    H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    DECAY: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     iv, chunk, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -138,7 +87,7 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunk_start_ptr, ch
     rv, rc = iv * BV + tl.arange(0, BV), tl.arange(0, C)
     tok = (t0 + rc).to(tl.int64) * H + h
     h_base = h_ptr + (chunk.to(tl.int64) * H + h) * K * V
-    G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+    G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
 
     inter = tl.zeros([C, BV], dtype=tl.float32)  # q . (entering state), before its decay
     scores = tl.zeros([C, C], dtype=tl.float32)  # q_i . k_j
@@ -150,13 +99,13 @@ def _output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, chunk_start_ptr, ch
                      other=0.0)
         hb = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                      other=0.0)
-        inter += _dot(qb, hb.to(qb.dtype), PREC, UPCAST)
-        scores += _dot(qb, kt, PREC, UPCAST)
+        inter += dot(qb, hb.to(qb.dtype), PREC, UPCAST)
+        scores += dot(qb, kt, PREC, UPCAST)
     causal = rc[:, None] >= rc[None, :]
     decay = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     m_out = (rc[:, None] < L) & (rv[None, :] < V)
     vb = tl.load(v_ptr + tok[:, None] * V + rv[None, :], mask=m_out, other=0.0)
-    o = inter * tl.exp(G)[:, None] + _dot((scores * decay).to(vb.dtype), vb, PREC, UPCAST)
+    o = inter * tl.exp(G)[:, None] + dot((scores * decay).to(vb.dtype), vb, PREC, UPCAST)
     tl.store(o_ptr + tok[:, None] * V + rv[None, :], (o * scale).to(o_ptr.dtype.element_ty), mask=m_out)
 
 
@@ -181,7 +130,7 @@ def _dstates_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, chun
         L = tl.minimum(C, end - t0)
         chunk = (first_chunk + c).to(tl.int64)
         tl.store(dh_ptr + (chunk * H + h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+        G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
         tok = (t0 + rc).to(tl.int64) * H + h
         qt = tl.load(q_ptr + tok[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rc[None, :] < L),
                      other=0.0)
@@ -189,7 +138,7 @@ def _dstates_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, chun
                       other=0.0)
         # o_i reads exp(G_i) * (entering state), so the entering state gets scale * q^T diag(exp G) do.
         qt = (qt * (tl.exp(G) * scale)[None, :]).to(dob.dtype)
-        dstate = dstate * tl.exp(_last(G, C)) + _dot(qt, dob, PREC, UPCAST)
+        dstate = dstate * tl.exp(last_entry(G, C)) + dot(qt, dob, PREC, UPCAST)
     tl.store(dh0_ptr + nh.to(tl.int64) * K * V + kv_off, dstate, mask=m_kv)
 
 
@@ -202,7 +151,7 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, g_ptr, dh_ptr, dv_ptr, chunk_start_ptr, chu
     rv, rc = iv * BV + tl.arange(0, BV), tl.arange(0, C)
     tok = (t0 + rc).to(tl.int64) * H + h
     dh_base = dh_ptr + (chunk.to(tl.int64) * H + h) * K * V
-    G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+    G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
 
     scores_t = tl.zeros([C, C], dtype=tl.float32)  # [j, i] = k_j . q_i, built transposed directly
     from_state = tl.zeros([C, BV], dtype=tl.float32)  # k_j . dL/d(state leaving the chunk)
@@ -214,19 +163,19 @@ def _dv_kernel(q_ptr, k_ptr, do_ptr, g_ptr, dh_ptr, dv_ptr, chunk_start_ptr, chu
                      other=0.0)
         dhb = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=(rk[:, None] < K) & (rv[None, :] < V),
                       other=0.0)
-        scores_t += _dot(kb, qt, PREC, UPCAST)
-        from_state += _dot(kb, dhb.to(kb.dtype), PREC, UPCAST)
+        scores_t += dot(kb, qt, PREC, UPCAST)
+        from_state += dot(kb, dhb.to(kb.dtype), PREC, UPCAST)
     anticausal = rc[:, None] <= rc[None, :]  # row j feeds output i >= j
     decay_t = tl.exp(tl.where(anticausal, G[None, :] - G[:, None], float("-inf")))
     m_out = (rc[:, None] < L) & (rv[None, :] < V)
     dob = tl.load(do_ptr + tok[:, None] * V + rv[None, :], mask=m_out, other=0.0)
-    dv = (_dot((scores_t * decay_t * scale).to(dob.dtype), dob, PREC, UPCAST)
-          + from_state * tl.exp(_last(G, C) - G)[:, None])
+    dv = (dot((scores_t * decay_t * scale).to(dob.dtype), dob, PREC, UPCAST)
+          + from_state * tl.exp(last_entry(G, C) - G)[:, None])
     tl.store(dv_ptr + tok[:, None] * V + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
-def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr,
+def dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr,
                  chunk_start_ptr, chunk_len_ptr, scale, T_total,
                  H, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  DECAY: tl.constexpr, NEED_DG: tl.constexpr, PREC: tl.constexpr,
@@ -236,7 +185,7 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
     rk, rc = ik * BK + tl.arange(0, BK), tl.arange(0, C)
     tok = (t0 + rc).to(tl.int64) * H + h
     state_off = (chunk.to(tl.int64) * H + h) * K * V
-    G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+    G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
 
     dq_state = tl.zeros([C, BK], dtype=tl.float32)  # do_i . h^T (entering state)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)  # v_j . dh^T (grad of the leaving state)
@@ -255,10 +204,10 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
         m_st = (rv[:, None] < V) & m_k_t
         ht = tl.load(h_ptr + state_off + rk[None, :] * V + rv[:, None], mask=m_st, other=0.0)
         dht = tl.load(dh_ptr + state_off + rk[None, :] * V + rv[:, None], mask=m_st, other=0.0)
-        dq_state += _dot(dob, ht.to(dob.dtype), PREC, UPCAST)
-        dk_state += _dot(vb, dht.to(vb.dtype), PREC, UPCAST)
-        dscores += _dot(dob, vt, PREC, UPCAST)
-        dscores_t += _dot(vb, do_t, PREC, UPCAST)
+        dq_state += dot(dob, ht.to(dob.dtype), PREC, UPCAST)
+        dk_state += dot(vb, dht.to(vb.dtype), PREC, UPCAST)
+        dscores += dot(dob, vt, PREC, UPCAST)
+        dscores_t += dot(vb, do_t, PREC, UPCAST)
         if NEED_DG:
             carry += tl.sum(tl.sum(ht.to(tl.float32) * dht.to(tl.float32), 1), 0)
     causal = rc[:, None] >= rc[None, :]
@@ -268,9 +217,9 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
     qb = tl.load(q_ptr + tok[:, None] * K + rk[None, :], mask=m_tk, other=0.0)
     kb = tl.load(k_ptr + tok[:, None] * K + rk[None, :], mask=m_tk, other=0.0)
     dq = scale * (dq_state * tl.exp(G)[:, None]
-                  + _dot((dscores * decay).to(kb.dtype), kb, PREC, UPCAST))
-    dk = (scale * _dot((dscores_t * decay_t).to(qb.dtype), qb, PREC, UPCAST)
-          + dk_state * tl.exp(_last(G, C) - G)[:, None])
+                  + dot((dscores * decay).to(kb.dtype), kb, PREC, UPCAST))
+    dk = (scale * dot((dscores_t * decay_t).to(qb.dtype), qb, PREC, UPCAST)
+          + dk_state * tl.exp(last_entry(G, C) - G)[:, None])
     tl.store(dq_ptr + tok[:, None] * K + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dk_ptr + tok[:, None] * K + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_tk)
     if NEED_DG:
@@ -283,12 +232,12 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
         # lost three digits of a per-head decay gradient at T ~ 100).
         kt = tl.load(k_ptr + tok[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rc[None, :] < L),
                      other=0.0)
-        pairs = tl.where(rc[:, None] > rc[None, :], _dot(qb, kt, PREC, UPCAST) * dscores * decay * scale, 0.0)
+        pairs = tl.where(rc[:, None] > rc[None, :], dot(qb, kt, PREC, UPCAST) * dscores * decay * scale, 0.0)
         reads = tl.sum(qb.to(tl.float32) * dq_state, 1) * tl.exp(G) * scale
-        writes = tl.sum(kb.to(tl.float32) * dk_state, 1) * tl.exp(_last(G, C) - G)
+        writes = tl.sum(kb.to(tl.float32) * dk_state, 1) * tl.exp(last_entry(G, C) - G)
         # sum_{s>=t} (rowsum_s - colsum_s) of the strictly lower pairs = sum over i >= t > j of P_ij.
         part = (tl.cumsum(tl.sum(pairs, 1) - tl.sum(pairs, 0) + reads, 0, reverse=True)
-                + tl.cumsum(writes, 0) - writes + tl.exp(_last(G, C)) * carry)
+                + tl.cumsum(writes, 0) - writes + tl.exp(last_entry(G, C)) * carry)
         tl.store(dg_ptr + ik.to(tl.int64) * T_total * H + tok, part, mask=rc < L)
 
 
@@ -297,63 +246,14 @@ def _dqdk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, h_ptr, dh_ptr, dq_ptr, dk_p
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _chunk_tables(bounds: tuple[int, ...], chunk_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Per document: its token range and first chunk; per chunk: its first packed token and length."""
-    starts, ends = torch.tensor(bounds[:-1]), torch.tensor(bounds[1:])
-    counts = (ends - starts + chunk_size - 1) // chunk_size
-    chunk_off = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    doc = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    chunk_start = starts[doc] + (torch.arange(int(chunk_off[-1])) - chunk_off[doc]) * chunk_size
-    chunk_len = torch.minimum(ends[doc] - chunk_start, torch.tensor(chunk_size))
-    as_i32 = lambda x: x.to(device=device, dtype=torch.int32)  # noqa: E731
-    return {"cu": as_i32(torch.tensor(bounds)), "chunk_off": as_i32(chunk_off),
-            "chunk_start": as_i32(chunk_start), "chunk_len": as_i32(chunk_len)}
-
-
-class _Layout:
-    """Shapes, decay mode, block sizes and chunk tables shared by the forward and backward launches."""
-
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
-                 cu_seqlens: torch.Tensor | None, chunk_size: int) -> None:
-        B, T, H, K = q.shape
-        self.B, self.T, self.H, self.K, self.V, self.C = B, T, H, K, v.shape[-1], chunk_size
-        if cu_seqlens is None:
-            bounds = tuple(range(0, B * T + 1, T)) if T > 0 else (0,) * (B + 1)
-        else:
-            bounds = tuple(int(x) for x in cu_seqlens.tolist())  # host sync: the grid needs the chunk count
-        self.docs = len(bounds) - 1
-        self.tables = _chunk_tables(bounds, chunk_size, q.device)
-        self.chunks = int(self.tables["chunk_start"].numel())
-        self.BK = max(16, min(64, triton.next_power_of_2(self.K)))  # tl.dot needs >= 16
-        self.BV = max(16, min(64, triton.next_power_of_2(self.V)))
-        self.NK, self.NV = triton.cdiv(self.K, self.BK), triton.cdiv(self.V, self.BV)
-        self.decay = (NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY)
-        # float32 inputs: each product as three tf32 ones on the tensor cores (tf32x3: about float32's
-        # accuracy; one tf32 product would cost about three digits). 'ieee' dots ran on the CUDA cores, spilled,
-        # and needed more shared memory than an A100 has (scripts/compile_sweep.py).
-        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"
-        self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-        # Chunk states: float32 for float32 inputs, else the input dtype (half the traffic, like fla).
-        self.state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-
-    def flat(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, D) -> packed (B*T, H, D), contiguous."""
-        return x.reshape(self.B * self.T, self.H, x.shape[-1]).contiguous()
-
-    def meta(self) -> dict:
-        return {"H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK, "BV": self.BV,
-                "DECAY": self.decay, "PREC": self.prec, "UPCAST": self.upcast}
-
-
-def _decay_arg(log_decay: torch.Tensor | None, lay: _Layout, fallback: torch.Tensor) -> torch.Tensor:
+def _decay_arg(log_decay: torch.Tensor | None, lay: ChunkLayout, fallback: torch.Tensor) -> torch.Tensor:
     if log_decay is None:
         return fallback  # never read: the kernels are compiled with DECAY=0
     return log_decay.float().reshape(-1).contiguous()  # (H,) or packed (B*T*H,)
 
 
 def _states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: torch.Tensor | None,
-            lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+            lay: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """State entering every chunk (chunks, H, K, V) and the final state per document (docs, H, K, V)."""
     h = alloc((lay.chunks, lay.H, lay.K, lay.V), lay.state_dtype, k.device)
     ht = alloc((lay.docs, lay.H, lay.K, lay.V), torch.float32, k.device)
@@ -365,20 +265,20 @@ def _states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h0: torch.Tensor 
 
 
 def _forward(q, k, v, log_decay, initial_state, cu_seqlens, scale, chunk_size):
-    lay = _Layout(q, v, log_decay, cu_seqlens, chunk_size)
+    lay = ChunkLayout(q, v, log_decay, cu_seqlens, chunk_size)
     qf, kf, vf = lay.flat(q), lay.flat(k), lay.flat(v)
     g = _decay_arg(log_decay, lay, qf)
     h0 = initial_state.contiguous() if initial_state is not None else None
     h, ht = _states(kf, vf, g, h0, lay)
     o = alloc(vf.shape, q.dtype, q.device)
     if lay.chunks > 0:
-        _output_kernel[(lay.NV, lay.chunks, lay.H)](
+        output_kernel[(lay.NV, lay.chunks, lay.H)](
             qf, kf, vf, g, h, o, lay.tables["chunk_start"], lay.tables["chunk_len"], scale, **lay.meta())
     return o.view(lay.B, lay.T, lay.H, lay.V), ht
 
 
 def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chunk_size, need_dg):
-    lay = _Layout(q, v, log_decay, cu_seqlens, chunk_size)
+    lay = ChunkLayout(q, v, log_decay, cu_seqlens, chunk_size)
     qf, kf, vf, dof = lay.flat(q), lay.flat(k), lay.flat(v), lay.flat(do)
     g = _decay_arg(log_decay, lay, qf)
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -400,7 +300,7 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
         _dv_kernel[(lay.NV, lay.chunks, lay.H)](
             qf, kf, dof, g, dh, dv, tables["chunk_start"], tables["chunk_len"], scale, num_stages=2,
             **lay.meta())
-        _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
+        dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vf, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale,
             TT, NEED_DG=need_dg, num_stages=2, **lay.meta())  # six tiles per loop step: keep smem in bounds
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
@@ -488,7 +388,7 @@ def triton_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked causal linear attention through the Triton kernels; contract of `reference.py`.
 
-    float64 inputs go to the torch chunked form (Triton's dot has no float64 path worth using).
+    float64 inputs raise: `linear_attention` runs the torch form for them (`dispatch.py`).
     With `cu_seqlens` the boundaries are read on the host (one sync) to size the launch grid.
     """
     B, T, H, K = q.shape
@@ -501,16 +401,13 @@ def triton_linear_attention(
         raise ValueError(f"log_decay must be (H,)={H,} or (B, T, H)={B, T, H}; got {tuple(log_decay.shape)}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot tiles), got {chunk_size}")
+    check_dtypes("linear_attention", q, k, v)
     # The kernels take one dtype: mixed inputs (GLA in a bf16 model passes float32 feature maps beside
     # bf16 values) run in the promoted one, as the torch form computes; the output is in q's dtype and
     # each gradient comes back in its input's dtype.
     out_dtype = q.dtype
     act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = q.to(act), k.to(act), v.to(act)
-    if act == torch.float64:
-        o, final = chunk_linear_attention(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                          cu_seqlens, chunk_size)
-        return o.to(out_dtype), final
     scale = K**-0.5 if scale is None else float(scale)
     if log_decay is not None:
         log_decay = log_decay.float()

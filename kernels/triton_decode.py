@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk import HEAD_DECAY, NO_DECAY, TOKEN_DECAY, alloc
+from .triton_common import alloc, decay_mode
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch
              state: torch.Tensor, scale: float) -> torch.Tensor:
     B, H, K = q.shape
     V = v.shape[-1]
-    decay = NO_DECAY if log_decay is None else HEAD_DECAY if log_decay.dim() == 1 else TOKEN_DECAY
+    decay = decay_mode(log_decay)
     g = log_decay.float().contiguous() if log_decay is not None else state
     o = alloc((B, H, V), q.dtype, q.device)
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))

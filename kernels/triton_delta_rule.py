@@ -6,7 +6,8 @@ final states (B, H, K, V), or (N, H, K, V) with `cu_seqlens` (N+1,) over a batch
 Callers L2-normalise q and k, as for the torch form (this op normalises nothing). Output o in q's
 dtype; final state float32. q, k, v of different dtypes are promoted to float32 (their gradients
 come back in their own dtypes); beta, log decay and initial state are used in float32; float64
-inputs run the torch form. K <= 256 (one block of K per program); C a power of two >= 16.
+inputs raise (`delta_rule` runs the torch form for them). K <= 256 (one block of K per program); C a
+power of two >= 16.
 
 Algorithm (fla's chunk_gated_delta_rule; the notation of `delta_rule.py`): per chunk of C tokens,
 with G the running log decay, beta b and S the state entering the chunk,
@@ -24,7 +25,7 @@ Backward: the chunk states are recomputed (W, U, S, Vn), then
   `_delta_dstates_kernel`  walks the chunks backwards: dVn = scale (Q K^T * D)^T dO + (K * exp(G_last - G)) dS'
                            and dS = exp(G_last) dS' + scale Q^T diag(exp G) dO - W^T dVn, ending with
                            dL/d(initial state);
-  `_dqdk_kernel` (triton_chunk.py) on (q, k, Vn): dq, the direct part of dk, the log-decay gradient of the
+  `dqdk_kernel` (triton_chunk.py) on (q, k, Vn): dq, the direct part of dk, the log-decay gradient of the
                            linear-attention terms;
   `_wy_backward_kernel`    the rest, through (I + A) Vn = R with R = diag(b)(V - diag(exp G) K S):
                            dR = T^T dVn, dA = -strict_lower(dR Vn^T), dV = diag(b) dR, and from A and R
@@ -45,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .delta_rule import chunk_delta_rule
-from .triton_chunk import _chunk_log_decay, _dot, _dqdk_kernel, _last, _Layout, _output_kernel, alloc
+from .triton_chunk import dqdk_kernel, output_kernel
+from .triton_common import ChunkLayout, alloc, check_dtypes, chunk_log_decay, dot, last_entry
 
 MAX_K = 256  # one block of K per program: W S and K^T Vn contract over all of K at once
 
@@ -94,19 +95,19 @@ def _wy_kernel(k_ptr, v_ptr, b_ptr, g_ptr, w_ptr, u_ptr, chunk_start_ptr, chunk_
     t0, L = tl.load(chunk_start_ptr + chunk), tl.load(chunk_len_ptr + chunk)
     rc, rk = tl.arange(0, C), tl.arange(0, BK)
     tok = (t0 + rc).to(tl.int64) * H + h
-    G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+    G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
     kb, kt, beta = _load_chunk_keys(k_ptr, b_ptr, tok, L, K, C, BK)
     strict = rc[:, None] > rc[None, :]
-    A = _dot(kb, kt, PREC, UPCAST) * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf"))) * beta[:, None]
+    A = dot(kb, kt, PREC, UPCAST) * tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf"))) * beta[:, None]
     T, _ = _inverse(A, C)
-    w = _dot(T.to(kb.dtype), (kb * (beta * tl.exp(G))[:, None]).to(kb.dtype), PREC, UPCAST)
+    w = dot(T.to(kb.dtype), (kb * (beta * tl.exp(G))[:, None]).to(kb.dtype), PREC, UPCAST)
     tl.store(w_ptr + tok[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty),
              mask=(rc[:, None] < L) & (rk[None, :] < K))
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
         m_tv = (rc[:, None] < L) & (rv[None, :] < V)
         vb = tl.load(v_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-        u = _dot(T.to(vb.dtype), (vb * beta[:, None]).to(vb.dtype), PREC, UPCAST)
+        u = dot(T.to(vb.dtype), (vb * beta[:, None]).to(vb.dtype), PREC, UPCAST)
         tl.store(u_ptr + tok[:, None] * V + rv[None, :], u.to(u_ptr.dtype.element_ty), mask=m_tv)
 
 
@@ -131,17 +132,17 @@ def _delta_states_kernel(k_ptr, w_ptr, u_ptr, g_ptr, h0_ptr, h_ptr, vn_ptr, ht_p
         L = tl.minimum(C, end - t0)
         chunk = (first_chunk + c).to(tl.int64)
         tl.store(h_ptr + (chunk * H + h) * K * V + kv_off, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
-        G_last = _last(G, C)
+        G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+        G_last = last_entry(G, C)
         tok = (t0 + rc).to(tl.int64) * H + h
         m_tv = (rc[:, None] < L) & (rv[None, :] < V)
         wb = tl.load(w_ptr + tok[:, None] * K + rk[None, :], mask=(rc[:, None] < L) & (rk[None, :] < K), other=0.0)
         ub = tl.load(u_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
-        vn = (ub.to(tl.float32) - _dot(wb, state.to(wb.dtype), PREC, UPCAST)).to(vn_ptr.dtype.element_ty)
+        vn = (ub.to(tl.float32) - dot(wb, state.to(wb.dtype), PREC, UPCAST)).to(vn_ptr.dtype.element_ty)
         tl.store(vn_ptr + tok[:, None] * V + rv[None, :], vn, mask=m_tv)
         kt = tl.load(k_ptr + tok[None, :] * K + rk[:, None], mask=(rk[:, None] < K) & (rc[None, :] < L), other=0.0)
         kt = (kt * tl.exp(G_last - G)[None, :]).to(vn.dtype)  # how much of each write survives the chunk
-        state = state * tl.exp(G_last) + _dot(kt, vn, PREC, UPCAST)
+        state = state * tl.exp(G_last) + dot(kt, vn, PREC, UPCAST)
     tl.store(ht_ptr + nh.to(tl.int64) * K * V + kv_off, state, mask=m_kv)
 
 
@@ -166,8 +167,8 @@ def _delta_dstates_kernel(q_ptr, k_ptr, w_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, d
         L = tl.minimum(C, end - t0)
         chunk = (first_chunk + c).to(tl.int64)
         tl.store(dh_ptr + (chunk * H + h) * K * V + kv_off, dstate.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
-        G_last = _last(G, C)
+        G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+        G_last = last_entry(G, C)
         tok = (t0 + rc).to(tl.int64) * H + h
         m_tk, m_kt = (rc[:, None] < L) & (rk[None, :] < K), (rk[:, None] < K) & (rc[None, :] < L)
         m_tv = (rc[:, None] < L) & (rv[None, :] < V)
@@ -177,15 +178,15 @@ def _delta_dstates_kernel(q_ptr, k_ptr, w_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, d
         dob = tl.load(do_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0)
         # Vn_j feeds the outputs i >= j of its chunk and, through the state update, the leaving state.
         decay_t = tl.exp(tl.where(rc[:, None] <= rc[None, :], G[None, :] - G[:, None], float("-inf")))
-        scores_t = _dot(kb, qt, PREC, UPCAST) * decay_t * scale  # [j, i] = k_j . q_i exp(G_i - G_j)
+        scores_t = dot(kb, qt, PREC, UPCAST) * decay_t * scale  # [j, i] = k_j . q_i exp(G_i - G_j)
         kd = (kb * tl.exp(G_last - G)[:, None]).to(kb.dtype)
-        dvn = (_dot(scores_t.to(dob.dtype), dob, PREC, UPCAST)
-               + _dot(kd, dstate.to(kd.dtype), PREC, UPCAST))
+        dvn = (dot(scores_t.to(dob.dtype), dob, PREC, UPCAST)
+               + dot(kd, dstate.to(kd.dtype), PREC, UPCAST))
         tl.store(dvn_ptr + tok[:, None] * V + rv[None, :], dvn, mask=m_tv)
         # The entering state is read by the outputs (exp(G_i) q_i) and by Vn = U - W S.
         qt = (qt * (tl.exp(G) * scale)[None, :]).to(dob.dtype)
-        dstate = (dstate * tl.exp(G_last) + _dot(qt, dob, PREC, UPCAST)
-                  - _dot(wt, dvn.to(wt.dtype), PREC, UPCAST))
+        dstate = (dstate * tl.exp(G_last) + dot(qt, dob, PREC, UPCAST)
+                  - dot(wt, dvn.to(wt.dtype), PREC, UPCAST))
     tl.store(dh0_ptr + nh.to(tl.int64) * K * V + kv_off, dstate, mask=m_kv)
 
 
@@ -199,13 +200,13 @@ def _wy_backward_kernel(k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, vn_ptr, dvn_ptr, dk_p
     rc, rk = tl.arange(0, C), tl.arange(0, BK)
     tok = (t0 + rc).to(tl.int64) * H + h
     h_base = h_ptr + (chunk.to(tl.int64) * H + h) * K * V
-    G = _chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
+    G = chunk_log_decay(g_ptr, t0, L, h, H, C, DECAY)
     kb, kt, beta = _load_chunk_keys(k_ptr, b_ptr, tok, L, K, C, BK)
     kb, kt = kb.to(tl.float32), kt.to(tl.float32)
     strict, strict_t = rc[:, None] > rc[None, :], rc[:, None] < rc[None, :]
     E = tl.exp(tl.where(strict, G[:, None] - G[None, :], float("-inf")))  # [i, j] = exp(G_i - G_j), j < i
     E_t = tl.exp(tl.where(strict_t, G[None, :] - G[:, None], float("-inf")))  # the same, transposed
-    kk = _dot(kb, kt, PREC, UPCAST)  # symmetric
+    kk = dot(kb, kt, PREC, UPCAST)  # symmetric
     A = kk * E * beta[:, None]
     T, T_t = _inverse(A, C)
 
@@ -224,11 +225,11 @@ def _wy_backward_kernel(k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, vn_ptr, dvn_ptr, dk_p
         s_t = tl.load(h_base + rk[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rk[None, :] < K),
                       other=0.0).to(tl.float32)
         vb = tl.load(v_ptr + tok[:, None] * V + rv[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        dR = _dot(T_t, dvn, PREC, UPCAST)
-        dR_t = _dot(dvn_t, T, PREC, UPCAST)
-        dA -= _dot(dR, vn_t, PREC, UPCAST)
-        dA_t -= _dot(vn, dR_t, PREC, UPCAST)
-        dRS += _dot(dR, s_t, PREC, UPCAST)
+        dR = dot(T_t, dvn, PREC, UPCAST)
+        dR_t = dot(dvn_t, T, PREC, UPCAST)
+        dA -= dot(dR, vn_t, PREC, UPCAST)
+        dA_t -= dot(vn, dR_t, PREC, UPCAST)
+        dRS += dot(dR, s_t, PREC, UPCAST)
         tl.store(dv_ptr + tok[:, None] * V + rv[None, :], (dR * beta[:, None]).to(dv_ptr.dtype.element_ty),
                  mask=m_tv)
         dbeta += tl.sum(dR * vb, 1)
@@ -239,7 +240,7 @@ def _wy_backward_kernel(k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, vn_ptr, dvn_ptr, dk_p
     dk = -dRS * (beta * eG)[:, None]
     dbeta -= eG * k_dRS
     # A_ij = b_i exp(G_i - G_j) k_i.k_j: k_i enters as row and as column; E and E_t are 0 off the strict triangle.
-    dk += _dot(dA * E * beta[:, None], kb, PREC, UPCAST) + _dot(dA_t * E_t * beta[None, :], kb, PREC, UPCAST)
+    dk += dot(dA * E * beta[:, None], kb, PREC, UPCAST) + dot(dA_t * E_t * beta[None, :], kb, PREC, UPCAST)
     dbeta += tl.sum(dA * E * kk, 1)
     m_tk = (rc[:, None] < L) & (rk[None, :] < K)
     tl.store(dk_ptr + tok[:, None] * K + rk[None, :], dk, mask=m_tk)
@@ -256,7 +257,7 @@ def _wy_backward_kernel(k_ptr, v_ptr, b_ptr, g_ptr, h_ptr, vn_ptr, dvn_ptr, dk_p
 # ----------------------------------------------------------------------------------------------
 
 
-def _meta(lay: _Layout, **launch) -> dict:
+def _meta(lay: ChunkLayout, **launch) -> dict:
     """Launch constants of this module's kernels: BK spans the whole head dimension. The walks and the
     WY backward hold several C x K tiles per step (float32 ones too, as the gdn layer passes float32
     q, k), so they run one pipeline stage: buffering those tiles three times over would need more
@@ -265,7 +266,7 @@ def _meta(lay: _Layout, **launch) -> dict:
     return {**lay.meta(), "BK": max(16, triton.next_power_of_2(lay.K)), **launch}
 
 
-def _chunk_states(kf, vf, b, g, h0, lay: _Layout):
+def _chunk_states(kf, vf, b, g, h0, lay: ChunkLayout):
     """W, U per chunk, then the walk: states entering each chunk, Vn, final states."""
     tables, dtype = lay.tables, kf.dtype
     w = alloc(kf.shape, lay.state_dtype, kf.device)
@@ -283,7 +284,7 @@ def _chunk_states(kf, vf, b, g, h0, lay: _Layout):
 
 
 def _prepare(q, k, v, beta, log_decay, cu_seqlens, chunk_size):
-    lay = _Layout(q, v, log_decay, cu_seqlens, chunk_size)
+    lay = ChunkLayout(q, v, log_decay, cu_seqlens, chunk_size)
     qf, kf, vf = lay.flat(q), lay.flat(k), lay.flat(v)
     b = beta.reshape(-1).contiguous()
     g = log_decay.reshape(-1).contiguous() if log_decay is not None else b  # b: never read when DECAY=0
@@ -295,7 +296,7 @@ def _forward(q, k, v, beta, log_decay, initial_state, cu_seqlens, scale, chunk_s
     _, h, vn, ht = _chunk_states(kf, vf, b, g, initial_state, lay)
     o = alloc(vf.shape, q.dtype, q.device)
     if lay.chunks > 0:  # linear attention's output kernel, on the corrected values Vn
-        _output_kernel[(lay.NV, lay.chunks, lay.H)](
+        output_kernel[(lay.NV, lay.chunks, lay.H)](
             qf, kf, vn, g, h, o, lay.tables["chunk_start"], lay.tables["chunk_len"], scale, **lay.meta())
     return o.view(lay.B, lay.T, lay.H, lay.V), ht
 
@@ -318,7 +319,7 @@ def _backward(q, k, v, beta, log_decay, initial_state, cu_seqlens, do, dht, scal
             qf, kf, w, dof, g, dht.float().contiguous(), dh, dvn, dh0, tables["cu"], tables["chunk_off"], scale,
             **_meta(lay, num_stages=1))
     if lay.chunks > 0:
-        _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
+        dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vn, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale, TT,
             NEED_DG=need_dg, num_stages=2, **lay.meta())
         _wy_backward_kernel[(lay.chunks, lay.H)](
@@ -424,9 +425,7 @@ def triton_delta_rule(
         raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot tiles), got {chunk_size}")
     if K > MAX_K:
         raise ValueError(f"the Triton delta rule holds all of K in one block: K <= {MAX_K}, got {K}")
-    if torch.float64 in (q.dtype, k.dtype, v.dtype):
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens,
-                                chunk_size)
+    check_dtypes("delta_rule", q, k, v)
     out_dtype = q.dtype
     if not (q.dtype == k.dtype == v.dtype):  # as the torch form, which computes in float32
         q, k, v = q.float(), k.float(), v.float()

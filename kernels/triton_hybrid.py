@@ -44,16 +44,15 @@ States are float32 (the Hedgehog features are float32 even under bf16 autocast).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hybrid import HybridState, take_sinks, window_hybrid_attention
+from .hybrid import HybridState, take_sinks
 from .reference import state_dtype
-from .triton_chunk import FLOAT32_PREC, _dot, alloc
+from .triton_common import alloc, check_dtypes, dot_precision, interpreter_upcast
+from .triton_common import dot as _dot
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -395,7 +394,7 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
 # ----------------------------------------------------------------------------------------------
 
 
-class _Layout:
+class _HybridLayout:
     """Shapes, block sizes and launch options shared by the forward and backward."""
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int, terrace: bool,
@@ -410,8 +409,7 @@ class _Layout:
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
-        self.prec = FLOAT32_PREC if q.dtype == torch.float32 else "tf32"  # as triton_chunk._Layout
-        self.upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+        self.prec, self.upcast = dot_precision(q.dtype), interpreter_upcast(q.dtype)
         self.scale = self.D**-0.5
 
     def chunk_meta(self) -> dict:
@@ -429,14 +427,14 @@ class _Layout:
                 alloc((BH, self.NC, self.F), torch.float32, device))
 
 
-def _states(fk: torch.Tensor, v: torch.Tensor, lay: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _states(fk: torch.Tensor, v: torch.Tensor, lay: _HybridLayout) -> tuple[torch.Tensor, torch.Tensor]:
     hs, hden = lay.state_buffers(fk.device)
     _states_kernel[(lay.NF, lay.NV, lay.B * lay.H)](fk, v, hs, hden, lay.T, S=lay.S, **lay.walk_meta())
     return hs, hden
 
 
 def _forward(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size):
-    lay = _Layout(q, v, fq, window, sinks, terrace, chunk_size)
+    lay = _HybridLayout(q, v, fq, window, sinks, terrace, chunk_size)
     hs, hden = _states(fk, v, lay)
     o = alloc(v.shape, q.dtype, q.device)
     m = alloc(q.shape[:3], torch.float32, q.device)
@@ -447,7 +445,7 @@ def _forward(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size):
 
 
 def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_size):
-    lay = _Layout(q, v, fq, window, sinks, terrace, chunk_size)
+    lay = _HybridLayout(q, v, fq, window, sinks, terrace, chunk_size)
     BH, dev = lay.B * lay.H, q.device
     delta = (do.float() * o.float()).sum(-1) / z  # do_n.y_n / z_n (B, T, H)
     hs, hden = _states(fk, v, lay)  # recomputed: cheaper in memory than keeping them
@@ -577,9 +575,8 @@ def triton_window_hybrid_attention(
     """The LoLCATs hybrid through the Triton kernels; contract of `window_hybrid_attention` with no state.
 
     chunk_size (a power of two >= 16 and >= the window's reach, W or 2W for the terrace) defaults to
-    the smallest such. float64 inputs go
-    to the torch blocked form (Triton's dot has no float64 path worth using). Features may have
-    their own dtype (Hedgehog's are float32 under bf16 autocast).
+    the smallest such. T >= 1; float64 inputs raise (`window_hybrid_attention` runs the torch blocked
+    form for them). Features may have their own dtype (Hedgehog's are float32 under bf16 autocast).
     """
     B, T, H, D = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or fq.shape[:3] != q.shape[:3] or fk.shape != fq.shape:
@@ -589,6 +586,9 @@ def triton_window_hybrid_attention(
         raise ValueError(f"window_gate must be (H,)={H,}, got {tuple(window_gate.shape)}")
     if window < 1 or sinks < 0:
         raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
+    if T == 0:
+        raise ValueError("T must be >= 1, got 0")
+    check_dtypes("window_hybrid_attention", q, k, v, fq, fk)
     reach = 2 * window if terrace else window  # a window key is never more than two chunks back
     chunk_size = max(16, triton.next_power_of_2(reach)) if chunk_size is None else chunk_size
     if chunk_size < max(16, reach) or chunk_size & (chunk_size - 1):
@@ -598,9 +598,6 @@ def triton_window_hybrid_attention(
     # float32 beside a bf16 v); the output comes back in q's dtype, as from the torch form.
     act = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     feat = torch.promote_types(fq.dtype, fk.dtype)
-    if torch.float64 in (act, feat) or T == 0:
-        return window_hybrid_attention(q, k, v, fq, fk, window_gate, window, None, output_final_state,
-                                       backend="torch", sinks=sinks, terrace=terrace)
     o, _, _ = _fwd_op(*(x.to(act).contiguous() for x in (q, k, v)), *(x.to(feat).contiguous() for x in (fq, fk)),
                       window_gate.float().contiguous(), window, sinks, terrace, chunk_size)
     return o.to(q.dtype), (final_hybrid_state(k, v, fk, window, sinks, terrace) if output_final_state else None)

@@ -113,7 +113,7 @@ def capture() -> list[dict]:
         names = self.arg_names
         values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
         options = {k: v for k, v in kwargs.items() if k not in names}
-        # UPCAST is the interpreter's bf16 workaround (triton_chunk._dot); a GPU launch has it off.
+        # UPCAST is the interpreter's bf16 workaround (triton_common.dot); a GPU launch has it off.
         if "UPCAST" in values:
             values["UPCAST"] = False
         params = inspect.signature(self.fn).parameters

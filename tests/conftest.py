@@ -44,9 +44,9 @@ def seeded(request):
 def triton_kernels(monkeypatch):
     """For the Triton kernel tests: outputs start as NaN (a position a kernel forgets to write shows),
     and on a CUDA machine the tensors are made there, so the same tests run the compiled kernels."""
-    from supra.kernels import triton_chunk
+    from supra.kernels import triton_common
 
-    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
     if torch.cuda.is_available():
         torch.set_default_device("cuda")
     yield

@@ -14,7 +14,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compile_sweep.py"
 KERNELS = {  # every kernel of the three training modules and the decode step
-    "triton_chunk": {"_states_kernel", "_output_kernel", "_dstates_kernel", "_dv_kernel", "_dqdk_kernel"},
+    "triton_chunk": {"_states_kernel", "output_kernel", "_dstates_kernel", "_dv_kernel", "dqdk_kernel"},
     "triton_hybrid": {"_states_kernel", "_forward_kernel", "_dstates_kernel", "_dq_kernel", "_dsinks_kernel",
                       "_dkv_kernel"},
     "triton_delta_rule": {"_wy_kernel", "_delta_states_kernel", "_delta_dstates_kernel", "_wy_backward_kernel"},

@@ -16,7 +16,7 @@ from supra.kernels import (
     linear_attention_step,
     recurrent_linear_attention,
     recurrent_step,
-    triton_chunk,
+    triton_common,
     use_triton,
 )
 from supra.kernels.triton_chunk import triton_linear_attention
@@ -134,14 +134,17 @@ def test_half_precision(dtype):
 
 
 def test_float64_uses_torch_form():
+    """float64 inputs run the torch form whatever the backend (the dispatcher decides); the kernels refuse them."""
     q, k, v = (torch.randn(1, 20, 2, 16, dtype=torch.float64) for _ in range(3))
-    o, final = triton_linear_attention(q, k, v, output_final_state=True)
+    o, final = linear_attention(q, k, v, output_final_state=True, backend="triton")
     ref_o, ref_final = recurrent_linear_attention(q, k, v, output_final_state=True)
     assert o.dtype == torch.float64 and rel_rms(o, ref_o) < 1e-12 and rel_rms(final, ref_final) < 1e-12
+    with pytest.raises(ValueError, match="float64"):
+        triton_linear_attention(q, k, v)
 
 
 def test_poisoned_buffers_are_nan():
-    buffer = triton_chunk.alloc((4, 3), torch.float32, torch.device("cpu"))
+    buffer = triton_common.alloc((4, 3), torch.float32, torch.device("cpu"))
     assert torch.isnan(buffer).all()
 
 

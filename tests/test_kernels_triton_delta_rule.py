@@ -128,8 +128,10 @@ def test_dtypes_follow_the_torch_form():
     o, state = triton_op(*args)  # float32 q, k beside a bf16 v: computed in float32, output in q's dtype
     ref_o, ref_state = chunk_delta_rule(*args)
     assert o.dtype == ref_o.dtype == torch.float32 and rel(o, ref_o) < FP32_TOL and rel(state, ref_state) < FP32_TOL
-    o64, _ = triton_op(*(t.double() for t in args[:5]))  # float64: the torch form
+    o64, _ = delta_rule(*(t.double() for t in args[:5]), backend="triton")  # float64: the torch form
     assert o64.dtype == torch.float64 and rel(o64, recurrent_delta_rule(*(t.double() for t in args[:5]))[0]) < 1e-12
+    with pytest.raises(ValueError, match="float64"):  # the dispatcher decides; the kernels refuse float64
+        triton_op(*(t.double() for t in args[:5]))
 
 
 def test_bad_inputs_raise():

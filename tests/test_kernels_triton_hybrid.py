@@ -175,9 +175,12 @@ def test_mixed_dtypes_follow_the_torch_form():
 
 
 def test_float64_uses_torch_form():
+    """float64 inputs run the torch form whatever the backend (the dispatcher decides); the kernels refuse them."""
     x = {name: t.double() for name, t in make_inputs(1, 20, 2, 16, 16, 16).items()}
-    o, _ = triton_window_hybrid_attention(*x.values(), window=6)
+    o, _ = window_hybrid_attention(*x.values(), window=6, backend="triton")
     assert o.dtype == torch.float64 and rel_rms(o, parallel_window_hybrid_attention(*x.values(), window=6)) < 1e-12
+    with pytest.raises(ValueError, match="float64"):
+        triton_window_hybrid_attention(*x.values(), window=6)
 
 
 def test_dispatch(monkeypatch):
