@@ -103,15 +103,5 @@ def test_finds_cycles():
     assert cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
 
 
-# Cycles known and not yet removed, each with its reason. The check fails on any other cycle, and on an
-# entry here that is gone, so the list stays true: delete the entry with the cycle.
-KNOWN_CYCLES = {
-    ("supra.commands.common", "supra.commands.uptrain"):
-        "common.load_model_and_tokenizer loads a run directory's checkpoint through uptrain.model_at_checkpoint, "
-        "imported inside the function because uptrain imports common; moving model_at_checkpoint out of "
-        "uptrain (below both) removes it",
-}
-
-
 def test_no_import_cycle():
-    assert {tuple(group) for group in cycles(import_graph())} == set(KNOWN_CYCLES)
+    assert cycles(import_graph()) == []

@@ -149,7 +149,7 @@ def test_uptrain_trains_without_the_cache_and_saves_the_model_with_it(tmp_path):
     import json
 
     from supra.cli import main
-    from supra.commands.uptrain import model_at_checkpoint
+    from supra.commands.common import model_at_checkpoint
     from supra.layers.linearize import recorded_spec
 
     args = ["recipe=tiny", "window_kind=terrace", "train.eval_baselines=false", "train.sample_tokens=0",

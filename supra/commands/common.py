@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,15 @@ from rich.console import Console
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ..build import build_model, lora_step
+from ..config import ConfigError, RecipeConfig
+from ..convert import build_plan, calibration, student_plan, with_cache
 from ..errors import UserError
+from ..factorize import apply_record, plan_layouts
+from ..layers.specs import FactorizeSpec
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
+from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
+from ..train.stages import fold_lora
 
 # Piped into a file (SLURM, CI), rich would lay tables out for 80 columns and cut values short
 # (`2,097,1...`); a log has no width, so tables get the room they need there.
@@ -31,8 +39,6 @@ def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Mo
     torch.manual_seed(cfg.seed)
     run = checkpoint_run(cfg)
     if run is not None:
-        from .uptrain import model_at_checkpoint  # uptrain builds on this module
-
         return model_at_checkpoint(run, cfg.get("step"), resolve_device(cfg.device))
     if cfg.model == "random" and not cfg.tokenizer:
         raise SourceError("model=random needs tokenizer=<a model source> (e.g. tokenizer=smollm2-135m)")
@@ -40,6 +46,41 @@ def load_model_and_tokenizer(cfg: DictConfig, meta: bool = False) -> tuple[nn.Mo
     architecture = dict(cfg.architecture) if cfg.architecture else None
     model = load_model(cfg.model, cfg.dtype, architecture, "meta" if meta else resolve_device(cfg.device), meta)
     return model, tokenizer
+
+
+def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tuple[nn.Module, object]:
+    """A run's saved step as a model (what flame's checkpoint conversion gives): the run's own
+    conversion rebuilt from its config snapshot, the step's weights loaded, LoRA merged. `step`
+    None: the newest complete checkpoint. With softmax_layers=auto:K this is the trained student."""
+    snapshot = read_yaml_record(run / "uptrain.config.yaml")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), snapshot)
+    except Exception as err:  # a snapshot of another supra version
+        raise ConfigError(f"{run / 'uptrain.config.yaml'} does not fit this supra's settings: "
+                          f"{str(err).splitlines()[0]}") from None
+    steps = checkpoint_steps(run)
+    if step is None:
+        path = latest_checkpoint(run)
+        if path is None:
+            raise SourceError(f"{run} is a supra run that has no checkpoint yet (one is written every "
+                              f"{cfg.train.checkpoint_every} steps); rerun uptrain on it, or wait for its first")
+    else:
+        path = checkpoint_root(run) / f"step-{step:08d}"
+        if step not in steps:
+            raise SourceError(f"{run} has no checkpoint of step {step}; its checkpoints: "
+                              f"{', '.join(map(str, steps)) or 'none yet'}")
+    local = cfg.copy()
+    local.device, local.step = "cpu", None
+    model, tokenizer = load_model_and_tokenizer(local)
+    finished = build_plan(local, factorize=True, lora=True)
+    plan = student_plan(finished)
+    model, _ = build_model(model, replace(plan, factorize=FactorizeSpec(), lora=None), calibration(local, tokenizer))
+    if plan.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
+        apply_record(model, plan_layouts(model, plan.factorize))
+    model = lora_step(model, plan, None)
+    load_model_weights(path, model)
+    console.print(f"model: {run}, checkpoint {path.name}")
+    return with_cache(fold_lora(model), finished).to(device), tokenizer
 
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:

@@ -22,12 +22,11 @@ from rich.table import Table
 from torch import nn
 
 from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step
-from ..config import ConfigError, RecipeConfig, check_batch_tokens, recipe_label, run_dir
+from ..config import ConfigError, check_batch_tokens, recipe_label, run_dir
 from ..convert import build_plan, calibration, student_plan, with_cache
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
-from ..factorize import apply_record, plan_layouts
-from ..layers.specs import FactorizeSpec, parse_auto
+from ..layers.specs import parse_auto
 from ..layers.switches import window_alone
 from ..models import (
     SourceError,
@@ -42,7 +41,7 @@ from ..models import (
 )
 from ..skip import calibration_batches
 from ..softmax_select import restore_softmax_layers
-from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
+from ..train.checkpoint import checkpoint_root
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import memory_per_gpu_gb, plan_stages, trainable_parameters
 from ..train.stages import STAGE_KINDS, fold_lora
@@ -276,41 +275,6 @@ def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, finished:
         plain.load_state_dict(state)
         save_model(with_cache(fold_lora(plain), finished), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
-
-
-def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tuple[nn.Module, object]:
-    """A run's saved step as a model (what flame's checkpoint conversion gives): the run's own
-    conversion rebuilt from its config snapshot, the step's weights loaded, LoRA merged. `step`
-    None: the newest complete checkpoint. With softmax_layers=auto:K this is the trained student."""
-    snapshot = read_yaml_record(run / "uptrain.config.yaml")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), snapshot)
-    except Exception as err:  # a snapshot of another supra version
-        raise ConfigError(f"{run / 'uptrain.config.yaml'} does not fit this supra's settings: "
-                          f"{str(err).splitlines()[0]}") from None
-    steps = checkpoint_steps(run)
-    if step is None:
-        path = latest_checkpoint(run)
-        if path is None:
-            raise SourceError(f"{run} is a supra run that has no checkpoint yet (one is written every "
-                              f"{cfg.train.checkpoint_every} steps); rerun uptrain on it, or wait for its first")
-    else:
-        path = checkpoint_root(run) / f"step-{step:08d}"
-        if step not in steps:
-            raise SourceError(f"{run} has no checkpoint of step {step}; its checkpoints: "
-                              f"{', '.join(map(str, steps)) or 'none yet'}")
-    local = cfg.copy()
-    local.device, local.step = "cpu", None
-    model, tokenizer = load_model_and_tokenizer(local)
-    finished = build_plan(local, factorize=True, lora=True)
-    plan = student_plan(finished)
-    model, _ = build_model(model, replace(plan, factorize=FactorizeSpec(), lora=None), calibration(local, tokenizer))
-    if plan.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
-        apply_record(model, plan_layouts(model, plan.factorize))
-    model = lora_step(model, plan, None)
-    load_model_weights(path, model)
-    console.print(f"model: {run}, checkpoint {path.name}")
-    return with_cache(fold_lora(model), finished).to(device), tokenizer
 
 
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
