@@ -41,15 +41,10 @@ def parse_args() -> argparse.Namespace:
 
 def state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     """Bytes of every layer's decode state after a prefill of `ids` (one sequence)."""
-    from transformers import DynamicCache
+    from supra.evaluate.speed import cache_bytes, prefill
 
-    from supra.layers.cache import cache_kwargs
-
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, **cache_kwargs(cache), use_cache=True)
-    return sum(x.numel() * x.element_size() for layer in cache.layers
-               for x in getattr(layer, "state", None) or () if isinstance(x, torch.Tensor))
+        return cache_bytes(prefill(model, ids)[0])
 
 
 def train_step_seconds(model: torch.nn.Module, stream: torch.Tensor, rows: int, length: int) -> float:
