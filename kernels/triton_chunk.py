@@ -345,6 +345,14 @@ class _Layout:
         return {"H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK, "BV": self.BV,
                 "DECAY": self.decay, "PREC": self.prec, "UPCAST": self.upcast}
 
+    def dqdk_meta(self) -> dict:
+        """`_dqdk_kernel`'s launch (here and in the delta rule). Two stages: six tiles per loop step, so that
+        shared memory stays in bounds. Eight warps and steps of 16 value columns: the four float32
+        accumulators (two C x C, two C x BK) and a step's tiles then fit 255 registers a thread; four warps
+        and steps of 64 spilled 112-2,296 bytes in a bf16 model, kilobytes more in a float32 one (ptxas,
+        scripts/compile_sweep.py --ptxas)."""
+        return self.meta() | {"BV": 16, "num_warps": 8, "num_stages": 2}
+
 
 def _decay_arg(log_decay: torch.Tensor | None, lay: _Layout, fallback: torch.Tensor) -> torch.Tensor:
     if log_decay is None:
@@ -402,7 +410,7 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
             **lay.meta())
         _dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vf, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale,
-            TT, NEED_DG=need_dg, num_stages=2, **lay.meta())  # six tiles per loop step: keep smem in bounds
+            TT, NEED_DG=need_dg, **lay.dqdk_meta())
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
     dg = dg.sum(0).view(lay.B, lay.T, lay.H) if need_dg else q.new_empty(0, dtype=torch.float32)
     return shape(dq, lay.K), shape(dk, lay.K), shape(dv, lay.V), dg, dh0
