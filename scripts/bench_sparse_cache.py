@@ -1,6 +1,7 @@
 """The sparse global KV cache (LoLA) on a trained LoLCATs terrace model, per cache budget: held-out
 perplexity at a long sequence length (by position bucket), passkey retrieval by length and depth,
-the decode state's bytes per sequence, and the CPU seconds of each measurement.
+the decode state's bytes per sequence, the CPU seconds of each measurement, and of one training
+step through the cache (forward + backward of a demo micro-batch: what training with it would cost).
 
 The cache is training-free: each budget is set on the same loaded model (as `supra convert
 cache_budget=C` would), nothing is retrained.
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from provenance import figure, write_results
 
 NAME = "sparse_cache"
@@ -32,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--passkey-trials", type=int, default=3)
+    parser.add_argument("--train-rows", type=int, default=4, help="rows of the timed training step")
+    parser.add_argument("--train-len", type=int, default=512, help="tokens per row of the timed training step")
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
@@ -48,6 +50,18 @@ def state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
         model(ids, **cache_kwargs(cache), use_cache=True)
     return sum(x.numel() * x.element_size() for layer in cache.layers
                for x in getattr(layer, "state", None) or () if isinstance(x, torch.Tensor))
+
+
+def train_step_seconds(model: torch.nn.Module, stream: torch.Tensor, rows: int, length: int) -> float:
+    """CPU seconds of one forward + backward (next-token loss) over rows x length held-out tokens."""
+    ids = stream[: rows * length].view(rows, length)
+    model.train()
+    start = time.process_time()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    seconds = time.process_time() - start
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return seconds
 
 
 def main() -> None:
@@ -82,8 +96,10 @@ def main() -> None:
                           "mean_accuracy": keys["mean_accuracy"]}
         row["passkey_cpu_s"] = time.process_time() - start
         row["state_bytes_at"] = {str(n): state_bytes(model, heldout.stream[None, :n]) for n in (1024, 2048)}
+        row["train_step_cpu_s"] = train_step_seconds(model, heldout.stream, args.train_rows, args.train_len)
         rows.append(row)
-        print(row["cache_budget"], row["ppl"], keys["accuracy"], row["state_bytes_at"], flush=True)
+        print(row["cache_budget"], row["ppl"], keys["accuracy"], row["state_bytes_at"], row["train_step_cpu_s"],
+              flush=True)
 
     def draw(out: Path, device: str) -> None:
         with figure(out, 1, 2, size=(11, 4)) as (fig, axes):

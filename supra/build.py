@@ -32,8 +32,8 @@ from torch import nn
 
 from .config import ConfigError
 from .factorize import apply_record, factorize_model, plan_layouts
-from .layers.factorized import FactorizeSpec
 from .layers.linearize import LinearizeSpec, linearize, recorded_spec, set_cache_budget
+from .layers.specs import FactorizeSpec
 from .models import SourceError
 from .softmax_select import choose_softmax_layers, converted_layers, restore_layers, restore_softmax_layers
 from .train.stages import LoraSpec, add_lora

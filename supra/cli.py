@@ -84,8 +84,6 @@ def _main(argv: list[str]) -> int:
     if command not in COMMANDS:
         return fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
     logging.basicConfig(level=os.environ.get("SUPRA_LOG", "INFO"), format="%(message)s")
-    _quiet_libraries()
-
     from omegaconf import OmegaConf
 
     from .config import load_config
@@ -110,6 +108,7 @@ def _main(argv: list[str]) -> int:
         except BrokenPipeError:
             sys.stdout = open(os.devnull, "w")
         return 0
+    _quiet_libraries()  # after the settings are checked: transformers alone takes a second to import
     module = importlib.import_module(f"supra.commands.{command}")
     try:
         result = module.run(cfg)

@@ -20,10 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .data import DataConfig, DataError, as_data_config
 from .data.config import DATA_RANGES
 from .errors import FRACTION, NON_NEGATIVE, POSITIVE, Range, UserError, check_ranges, count
-from .layers.factorized import FactorizeSpec
-from .layers.linearize import LinearizeSpec
-from .softmax_select import parse_auto
-from .train.stages import STAGE_KINDS, check_stage
+from .layers.specs import FactorizeSpec, LinearizeSpec, parse_auto
 
 
 class ConfigError(UserError):
@@ -119,7 +116,7 @@ class RecipeConfig:
     out: str | None = None  # run directory; each command has a default under runs/
     overwrite: bool = False  # convert/export: replace an existing output directory
     step: int | None = None  # eval/export of a run: this checkpoint step (default: model/, else the newest)
-    # conversion (see supra.layers.linearize.LinearizeSpec)
+    # conversion (see supra.layers.specs.LinearizeSpec)
     method: str = "lolcats"
     decay: str = "supra"
     gate: str = "key"  # gla/gdn: key | learned
@@ -129,7 +126,7 @@ class RecipeConfig:
     window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
-    cache_budget: int = 0  # lolcats terrace: pairs per layer and head kept beyond the window (LoLA sparse cache)
+    cache_budget: int = 0  # lolcats terrace: LoLA sparse cache, pairs per head; uptrain adds it after training
     state_decay: str = "none"  # lolcats: decay of the linear part (none | supra | retnet | learned)
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
@@ -351,20 +348,22 @@ def _one_of(name: str, value: Any, valid: tuple) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks the schema's types cannot express, before anything is loaded."""
-    from .models import DTYPES
-
     check_ranges(OmegaConf.to_container(cfg, resolve=True), RANGES, ConfigError)
     try:
         linearize_spec(cfg).validate()
         factorize_spec(cfg).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    from .models import DTYPES  # torch: after the checks a typo fails
+
     _one_of("dtype", cfg.dtype, tuple(DTYPES))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device):
         raise ConfigError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda, cuda:N, mps")
     _one_of("select", cfg.select, ("similarity", "last"))
     _one_of("train.logger", cfg.train.logger, LOGGERS)
     _one_of("train.param_dtype", cfg.train.param_dtype, tuple(DTYPES))
+    from .train.stages import STAGE_KINDS, check_stage  # torch: after the checks a typo fails
+
     if not cfg.train.stages:
         raise ConfigError(f"train.stages is empty; give at least one stage ({', '.join(STAGE_KINDS)})")
     for stage in cfg.train.stages:

@@ -16,8 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from .build import BuildPlan, Calibration, build_model
 from .config import factorize_spec, linearize_spec
-from .layers.factorized import FactorizeSpec
-from .softmax_select import parse_auto
+from .layers.linearize import set_cache_budget
+from .layers.specs import FactorizeSpec, parse_auto
 from .train.stages import LoraSpec
 
 
@@ -32,8 +32,19 @@ def build_plan(cfg: DictConfig, factorize: bool = False, lora: bool = False) -> 
 
 def student_plan(plan: BuildPlan) -> BuildPlan:
     """What uptrain's stages train: with softmax_layers=auto:K every layer converted (the K softmax
-    layers are chosen on the trained student, after the stages)."""
-    return replace(plan, softmax_auto=None)
+    layers are chosen on the trained student, after the stages), and no sparse cache: it is
+    training-free (LoLA), and training through it cost ~5x per step on CPU
+    (benchmarks/results/cpu/sparse_cache_budgets.json), so the trained model takes it at the end
+    (`with_cache`)."""
+    conversion = plan.conversion and replace(plan.conversion, cache_budget=0)
+    return replace(plan, softmax_auto=None, conversion=conversion)
+
+
+def with_cache(model: nn.Module, plan: BuildPlan) -> nn.Module:
+    """A trained student with the plan's sparse cache (`student_plan` trains without it)."""
+    if plan.conversion is not None and plan.conversion.cache_budget:
+        set_cache_budget(model, plan.conversion.cache_budget)
+    return model
 
 
 def calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None) -> Calibration | None:

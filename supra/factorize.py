@@ -19,7 +19,6 @@ from torch import nn
 from .config import ConfigError
 from .layers.factorized import (
     FACTORIZED,
-    FactorizeSpec,
     LowRankLinear,
     TensorTrainLinear,
     balanced_modes,
@@ -29,7 +28,8 @@ from .layers.factorized import (
     tt_parameters,
     tt_svd,
 )
-from .layers.linearize import LinearizeSpec, decoder_layers, record_spec, recorded_spec
+from .layers.linearize import decoder_layers, record_spec, recorded_spec
+from .layers.specs import FactorizeSpec, LinearizeSpec
 
 
 class FactorizeError(ConfigError):

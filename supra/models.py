@@ -117,24 +117,33 @@ def resolve_source(source: str) -> tuple[str, dict]:
     return source, {}  # a hub id
 
 
-@functools.cache
 def check_hub_reachable(repo_id: str) -> None:
     """A hub id that is not in the local cache needs the network: say so at once, in one line, rather
     than after transformers' retries (50 s) with an error that blames the tokenizer."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return  # cached: transformers loads it offline
-    where = f"model {repo_id!r} is a Hugging Face hub id that is not in the local cache"
+    reason = hub_unreachable()
+    if reason:
+        raise SourceError(f"model {repo_id!r} is a Hugging Face hub id that is not in the local cache, and {reason}: "
+                          "download it where there is network (hf download), or give a local model directory")
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be answering (offline mode, no connection), or None. One quick
+    connection, so that offline work fails or falls back to the cache at once instead of retrying."""
+    from huggingface_hub import constants
+
     if constants.HF_HUB_OFFLINE:
-        raise SourceError(f"{where}, and HF_HUB_OFFLINE is set: download it where there is network "
-                          "(huggingface-cli download), or give a local model directory")
+        return "HF_HUB_OFFLINE is set"
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError as err:
-        raise SourceError(f"{where}, and {host} cannot be reached (offline? {err.strerror or err}): download it "
-                          "where there is network, or give a local model directory") from None
+        return f"{host} cannot be reached (offline? {err.strerror or err})"
+    return None
 
 
 def _describe(directory: Path) -> str:

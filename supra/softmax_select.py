@@ -20,7 +20,6 @@ form fits worst are deep ones. That is why uptrain measures after training.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +32,6 @@ from torch import nn
 from .layers.attention import RecurrentAttention
 from .layers.linearize import LinearizeSpec, SkippedAttention, decoder_layers, linearize, record_spec, recorded_spec
 from .train.stages import teacher_layers
-
-
-def parse_auto(value: Any) -> int | None:
-    """K for "auto:K", None for an explicit list of layers; ValueError for anything else."""
-    match = re.fullmatch(r"auto:(\d+)", value.strip()) if isinstance(value, str) else None
-    if match is not None:
-        return int(match.group(1))
-    if not isinstance(value, str) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        return None
-    raise ValueError(f"softmax_layers must be a list of layer indices or auto:K (K layers chosen by "
-                     f"measurement), got {value!r}")
 
 
 def converted_layers(model: nn.Module) -> dict[int, RecurrentAttention]:

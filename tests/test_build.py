@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from supra.build import STEPS, BuildPlan, build_model
 from supra.config import ConfigError, StageConfig, load_config
 from supra.convert import build_plan
-from supra.layers.factorized import FactorizeSpec
 from supra.layers.linearize import LinearizeSpec, decoder_layers
+from supra.layers.specs import FactorizeSpec
 from supra.models import SourceError, load_model
 from supra.train.stages import STAGE_KINDS, LoraSpec, check_stage
 
@@ -106,3 +106,11 @@ def replace_stage(stage, **values):
     for key, value in values.items():
         copy[key] = value
     return copy
+
+
+def test_every_method_name_builds_a_layer():
+    """The settings name the methods without importing torch (layers/specs.py); the layers are here."""
+    from supra.layers.linearize import METHODS
+    from supra.layers.specs import METHOD_NAMES
+
+    assert (*METHODS, "softmax") == METHOD_NAMES

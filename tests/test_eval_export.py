@@ -125,7 +125,7 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from supra.factorize import factorize_model
-    from supra.layers.factorized import FactorizeSpec
+    from supra.layers.specs import FactorizeSpec
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     specs = []

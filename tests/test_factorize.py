@@ -18,7 +18,6 @@ from supra.cli import main
 from supra.export import export
 from supra.factorize import factorize_model
 from supra.layers.factorized import (
-    FactorizeSpec,
     LowRankLinear,
     TensorTrainLinear,
     balanced_modes,
@@ -27,7 +26,8 @@ from supra.layers.factorized import (
     low_rank_factors,
     tt_svd,
 )
-from supra.layers.linearize import LinearizeSpec, linearize, recorded_spec
+from supra.layers.linearize import linearize, recorded_spec
+from supra.layers.specs import FactorizeSpec, LinearizeSpec
 from supra.models import load_model
 from supra.skip import apply_skip
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from supra.kernels import parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
+from supra.kernels import hybrid, parallel_window_hybrid_attention, window_hybrid_attention, window_hybrid_step
 from test_decode import WINDOW, random_hybrid_inputs
 from test_layers import relative_error, tiny_model
 
-from supra.kernels import hybrid
 from supra.layers import attention as attention_module
 from supra.layers.feature_maps import log_decay_rates
 from supra.layers.linearize import LinearizeSpec, new_parameter_names

@@ -15,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,7 +286,7 @@ def test_a_recipe_prints_as_valid_yaml_and_runs_from_a_path(tmp_path, capsys):
 
 def test_help_describes_every_key_and_puts_the_commands_own_first(capsys):
     from supra.config import key_help
-    from supra.layers.linearize import METHOD_NAMES
+    from supra.layers.specs import METHOD_NAMES
 
     assert all(len(text) > 8 for text in key_help().values())
     assert main(["factorize", "--help"]) == 0
@@ -322,7 +323,29 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line(tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
 
 
+def test_lm_eval_offline_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from supra.evaluate import lm_eval_task
+
+    monkeypatch.setattr(lm_eval_task, "hub_unreachable", lambda: "huggingface.co cannot be reached (offline?)")
+    monkeypatch.setattr("supra.commands.eval.load_model_and_tokenizer", lambda cfg: pytest.fail("model loaded"))
+    start = time.perf_counter()
+    assert main(["eval", "recipe=tiny", "tasks=[lm_eval:hellaswag]", f"out={tmp_path / 'eval'}"]) == 2
+    line = one_error_line(capsys)
+    assert "hellaswag need datasets that are not in the local cache, and huggingface.co cannot be reached" in line
+    assert time.perf_counter() - start < 60 and not (tmp_path / "eval").exists()
+
+
 # ------------------------------------------------------------------------------------ 12. piped logs
+
+@pytest.mark.parametrize("args", [["uptrain", "recipe=tiny", "sed_len=5"], ["eval", "method=lolcat"],
+                                  ["convert", "window=-1"], ["uptrain", "--model", "x"]])
+def test_a_typo_is_refused_before_torch_is_imported(args):
+    """Torch and transformers take seconds to import: settings are checked without them."""
+    script = (f"import sys; from supra.cli import main; code = main({args!r}); "
+              "sys.exit(3 if 'torch' in sys.modules or 'transformers' in sys.modules else code)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("supra: error:"), result.stderr
+
 
 def test_a_piped_dry_run_is_whole_and_in_readable_units(capsys):
     assert main(["uptrain", "recipe=tiny", "train.dry_run=true"]) == 0

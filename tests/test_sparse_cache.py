@@ -141,3 +141,28 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
         assert relative_error(model(ids).logits, after) < 1e-10
     with pytest.raises(ConfigError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
         convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=3", "window_kind=terrace"]))
+
+
+def test_uptrain_trains_without_the_cache_and_saves_the_model_with_it(tmp_path):
+    """The stages of cache_budget=C and of no cache are the same steps (same losses); the saved model,
+    and a checkpoint rebuilt as a model, have the cache."""
+    import json
+
+    from supra.cli import main
+    from supra.commands.uptrain import model_at_checkpoint
+    from supra.layers.linearize import recorded_spec
+
+    args = ["recipe=tiny", "window_kind=terrace", "train.eval_baselines=false", "train.sample_tokens=0",
+            "train.logger=none", "eval.max_tokens=128", "eval.long_factor=1",
+            "train.stages=[{name: attention_transfer, tokens: 512, lr: 1e-2}]"]
+    losses = {}
+    for budget in (0, 8):
+        run = tmp_path / f"cache-{budget}"
+        assert main(["uptrain", *args, f"cache_budget={budget}", f"out={run}"]) == 0
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[budget] = [line["loss"] for line in lines if "loss" in line]
+        saved = json.loads((run / "model" / "config.json").read_text())["supra"]
+        assert saved["cache_budget"] == budget
+    assert losses[0] == losses[8] and losses[0]
+    model, _ = model_at_checkpoint(tmp_path / "cache-8", None, torch.device("cpu"))
+    assert recorded_spec(model).cache_budget == 8

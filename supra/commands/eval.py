@@ -10,7 +10,6 @@ passkey and speed on a second model too (e.g. the original), for comparison.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,7 +21,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, run_dir, save_snapshot
-from ..errors import UserError
 from ..evaluate import plots
 from ..evaluate.passkey import passkey
 from ..evaluate.perplexity import HeldoutPerplexity
@@ -47,27 +45,10 @@ def lm_eval_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Dict
                  names: list[str]) -> tuple[dict, Rows]:
     from ..evaluate.lm_eval_task import run_lm_eval, summarize
 
-    try:
-        results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
-                              limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
-                              batch_size=cfg.eval.batch_size)
-    except Exception as err:
-        if not _offline(err):
-            raise
-        raise UserError(f"lm-eval task(s) {', '.join(names)} need their datasets from the Hugging Face hub, which "
-                        "cannot be reached (offline?): pre-fetch them into HF_HOME where there is network and set "
-                        "HF_DATASETS_OFFLINE=1, or give local task YAMLs with eval.lm_eval_include_path") from None
+    results = run_lm_eval(model, tokenizer, names, include_path=cfg.eval.lm_eval_include_path,
+                          limit=cfg.eval.lm_eval_limit, num_fewshot=cfg.eval.lm_eval_fewshot,
+                          batch_size=cfg.eval.batch_size)
     return summarize(results)
-
-
-def _offline(err: BaseException | None) -> bool:
-    """Whether an error, or one it came from, is the network's (no connection, DNS, offline mode)."""
-    while err is not None:
-        if isinstance(err, (ConnectionError, socket.gaierror, TimeoutError)) or "offline" in str(err).lower() \
-                or type(err).__name__ in ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def passkey_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
@@ -126,16 +107,24 @@ TASKS: dict[str, Task] = {"ppl": ppl_task, "passkey": passkey_task, "speed": spe
 
 def task_function(name: str) -> Task:
     """The function for a task name; `lm_eval:a,b` is lm-eval on tasks a and b."""
-    base, _, argument = name.partition(":")
-    if base == "lm_eval":
-        names = [n.strip() for n in argument.split(",") if n.strip()]
-        if not names:
-            raise ConfigError("lm_eval needs task names, e.g. tasks=[lm_eval:hellaswag,lm_eval:piqa]")
+    names = lm_eval_names(name)
+    if names is not None:
         return lambda model, tokenizer, cfg, out: lm_eval_task(model, tokenizer, cfg, out, names)
-    if base not in TASKS:
+    if name not in TASKS:
         valid = ", ".join([*TASKS, "lm_eval:<task,...>"])
         raise ConfigError(f"unknown eval task {name!r}; valid tasks: {valid}")
-    return TASKS[base]
+    return TASKS[name]
+
+
+def lm_eval_names(name: str) -> list[str] | None:
+    """The lm-eval task names of `lm_eval:a,b`; None for another task."""
+    base, _, argument = name.partition(":")
+    if base != "lm_eval":
+        return None
+    names = [n.strip() for n in argument.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("lm_eval needs task names, e.g. tasks=[lm_eval:hellaswag,lm_eval:piqa]")
+    return names
 
 
 def default_out(cfg: DictConfig) -> str:
@@ -171,6 +160,10 @@ def _forwards(cfg: DictConfig) -> list[tuple[str, int, int, str, bool]]:
 
 def run(cfg: DictConfig) -> int:
     functions = [(name, task_function(name)) for name in cfg.tasks]  # refuse bad names before loading
+    for names in filter(None, map(lm_eval_names, cfg.tasks)):  # and lm-eval tasks that cannot run
+        from ..evaluate.lm_eval_task import task_manager
+
+        task_manager(names, cfg.eval.lm_eval_include_path)
     out = run_dir(cfg, default_out(cfg))
     read_json_record(out / "eval.json")  # results of earlier tasks are kept: a damaged file stops us first
     model, tokenizer = load_model_and_tokenizer(cfg)

@@ -23,11 +23,11 @@ from torch import nn
 
 from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step
 from ..config import ConfigError, RecipeConfig, check_batch_tokens, recipe_label, run_dir
-from ..convert import build_plan, calibration, student_plan
+from ..convert import build_plan, calibration, student_plan, with_cache
 from ..data import iter_documents
 from ..evaluate.perplexity import HeldoutPerplexity
 from ..factorize import apply_record, plan_layouts
-from ..layers.factorized import FactorizeSpec
+from ..layers.specs import FactorizeSpec, parse_auto
 from ..layers.switches import window_alone
 from ..models import (
     SourceError,
@@ -41,7 +41,7 @@ from ..models import (
     source_spec,
 )
 from ..skip import calibration_batches
-from ..softmax_select import parse_auto, restore_softmax_layers
+from ..softmax_select import restore_softmax_layers
 from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
 from ..train.parallel import World, init_world, parallelize, shutdown_world
 from ..train.plan import memory_per_gpu_gb, plan_stages, trainable_parameters
@@ -109,7 +109,8 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     lengths = report_lengths(cfg, model.config)
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer, lengths)
-    plan = student_plan(build_plan(cfg, factorize=True, lora=True))
+    finished = build_plan(cfg, factorize=True, lora=True)
+    plan = student_plan(finished)
     # Built without its adapters first: the converted model's perplexity and size are measured
     # before them; the LoRA step then runs alone (B = 0: the adapters change nothing yet).
     model, spec = build_model(model, replace(plan, lora=None), calibration(cfg, tokenizer))
@@ -126,9 +127,9 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
         return code
     rebuild = plan.resolved(spec)
     if restore is not None:
-        _save_final(cfg, model, rebuild, tokenizer, student, world)
+        _save_final(cfg, model, rebuild, finished, tokenizer, student, world)
         return _restore_and_report(cfg, run, student, restore, tokenizer, world)
-    _save_final(cfg, model, rebuild, tokenizer, final, world)
+    _save_final(cfg, model, rebuild, finished, tokenizer, final, world)
     if world.is_main:
         trained = load_model(str(final), cfg.dtype, device=world.device).eval()
         _score_uptrained(cfg, run, trained, tokenizer)
@@ -222,8 +223,8 @@ def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, token
             continue
         result = score(model, seq_len)
         update_json(path, {key: result})
-        console.print(f"held-out perplexity, {which.replace('_', ' ')} model at {seq_len:,} tokens: {result['ppl']:.3f} "
-                      f"({result['tokens']:,} tokens)")
+        console.print(f"held-out perplexity, {which.replace('_', ' ')} model at {seq_len:,} tokens: "
+                      f"{result['ppl']:.3f} ({result['tokens']:,} tokens)")
 
 
 def _score_uptrained(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
@@ -256,12 +257,13 @@ def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, token
     return 0
 
 
-def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, tokenizer, final: Path, world: World) -> None:
-    """LoRA merged, float weights, one HF directory. Under FSDP the full state is gathered to rank 0
-    and loaded into an unsharded copy (built by `rebuild`: the first build with its measurements'
-    results), since sharded modules cannot be merged or saved as they are."""
+def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, finished: BuildPlan, tokenizer, final: Path,
+                world: World) -> None:
+    """LoRA merged, float weights, the `finished` plan's sparse cache, one HF directory. Under FSDP the
+    full state is gathered to rank 0 and loaded into an unsharded copy (built by `rebuild`: the first
+    build with its measurements' results), since sharded modules cannot be merged or saved as they are."""
     if not world.distributed:
-        save_model(fold_lora(model), tokenizer, final, overwrite=False)
+        save_model(with_cache(fold_lora(model), finished), tokenizer, final, overwrite=False)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -272,7 +274,7 @@ def _save_final(cfg: DictConfig, model: nn.Module, rebuild: BuildPlan, tokenizer
         plain, _ = load_model_and_tokenizer(local)
         plain, _ = build_model(plain, rebuild)
         plain.load_state_dict(state)
-        save_model(fold_lora(plain), tokenizer, final, overwrite=False)
+        save_model(with_cache(fold_lora(plain), finished), tokenizer, final, overwrite=False)
     torch.distributed.barrier()
 
 
@@ -300,14 +302,15 @@ def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tu
     local = cfg.copy()
     local.device, local.step = "cpu", None
     model, tokenizer = load_model_and_tokenizer(local)
-    plan = student_plan(build_plan(local, factorize=True, lora=True))
+    finished = build_plan(local, factorize=True, lora=True)
+    plan = student_plan(finished)
     model, _ = build_model(model, replace(plan, factorize=FactorizeSpec(), lora=None), calibration(local, tokenizer))
     if plan.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them
         apply_record(model, plan_layouts(model, plan.factorize))
     model = lora_step(model, plan, None)
     load_model_weights(path, model)
     console.print(f"model: {run}, checkpoint {path.name}")
-    return fold_lora(model).to(device), tokenizer
+    return with_cache(fold_lora(model), finished).to(device), tokenizer
 
 
 def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:

@@ -10,6 +10,9 @@ token cannot change that row's logits, and position ids stay 0..n-1 as in an unp
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
+from ..models import hub_unreachable
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 
@@ -126,12 +130,10 @@ class SupraLM(TemplateLM):
         return outputs
 
 
-def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], *,
-                include_path: str | None = None, limit: int | float | None = None, num_fewshot: int | None = None,
-                batch_size: int = 4, log_samples: bool = False) -> dict:
-    """lm_eval.simple_evaluate on `tasks`; offline when every task is a local YAML under include_path."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+def task_manager(tasks: list[str], include_path: str | None) -> Any:
+    """lm-eval's TaskManager for `tasks`, refused in one line when a task is unknown or, with the hub
+    out of reach, its dataset is not in the local cache (checked before a model is loaded)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
 
     if include_path is not None and not Path(include_path).expanduser().exists():
         raise UserError(f"eval.lm_eval_include_path {include_path} does not exist")
@@ -140,10 +142,66 @@ def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: lis
     if unknown:
         where = f" or in {include_path}" if include_path else " (pass eval.lm_eval_include_path for local tasks)"
         raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}: not shipped with lm-eval{where}")
-    results = simple_evaluate(model=SupraLM(model, tokenizer, batch_size), tasks=tasks, num_fewshot=num_fewshot,
-                              limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0,
-                              verbosity="ERROR")
-    return results
+    if hub_unreachable():
+        with offline_datasets(tasks):
+            get_task_dict(tasks, manager)  # what is cached loads in seconds, and again from the cache below
+    return manager
+
+
+def run_lm_eval(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: list[str], *,
+                include_path: str | None = None, limit: int | float | None = None, num_fewshot: int | None = None,
+                batch_size: int = 4, log_samples: bool = False) -> dict:
+    """lm_eval.simple_evaluate on `tasks`; offline when every task is a local YAML under include_path."""
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(tasks, include_path)
+    with offline_datasets(tasks) if hub_unreachable() else contextlib.nullcontext():
+        return simple_evaluate(model=SupraLM(model, tokenizer, batch_size), tasks=tasks, num_fewshot=num_fewshot,
+                               limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=0)
+
+
+@contextlib.contextmanager
+def offline_datasets(tasks: list[str]) -> Iterator[None]:
+    """Datasets from HF_HOME only, while the hub cannot be reached; a missing one is one line."""
+    try:
+        with cache_only():
+            yield
+    except Exception as err:
+        if not _offline(err):
+            raise
+        raise UserError(f"lm-eval task(s) {', '.join(tasks)} need datasets that are not in the local cache, and "
+                        f"{hub_unreachable()}: pre-fetch them into HF_HOME where there is network, or give local "
+                        "task YAMLs with eval.lm_eval_include_path") from None
+
+
+def _offline(err: BaseException | None) -> bool:
+    """Whether an error, or one it came from, is the network's (no connection, DNS, offline mode)."""
+    while err is not None:
+        if isinstance(err, (ConnectionError, socket.gaierror, TimeoutError)) or "offline" in str(err).lower() \
+                or type(err).__name__ in ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextlib.contextmanager
+def cache_only() -> Iterator[None]:
+    """huggingface_hub and datasets in offline mode while the hub cannot be reached: datasets already
+    in HF_HOME load, a missing one fails at once instead of after every retry (minutes, each printed).
+    Both libraries read these flags when a download starts, not only at import."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    flags = [(constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+             (datasets.config, "HF_DATASETS_OFFLINE")]
+    saved = [getattr(module, name) for module, name in flags]
+    for module, name in flags:
+        setattr(module, name, True)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(flags, saved):
+            setattr(module, name, value)
 
 
 def summarize(results: dict) -> tuple[dict, list[tuple[str, str]]]:

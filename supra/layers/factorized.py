@@ -18,55 +18,11 @@ are named by `factor_parameter_prefixes`, so training stages can find them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-FACTORIZE_METHODS = ("none", "low_rank", "tensor_train")
-
-
-@dataclass
-class FactorizeSpec:
-    """What to factorize and how; the `factorize` section of a recipe."""
-
-    method: str = "none"  # none | low_rank | tensor_train
-    # fnmatch patterns on module names inside a decoder layer, e.g. mlp.*, self_attn.q_proj
-    targets: list[str] = field(default_factory=lambda: ["mlp.*"])
-    layers: list[int] = field(default_factory=list)  # decoder layers to factorize (empty: all)
-    rank: int | None = None  # low_rank: the rank; tensor_train: every TT-rank (capped at full per bond)
-    ratio: float | None = None  # instead of rank: fraction of each matrix's parameters kept
-    activation_aware: bool = False  # low_rank: whiten by calibration inputs (SVD-LLM)
-    tt_cores: int = 3  # tensor_train: d, the number of cores
-    # tensor_train: modes for a dimension, e.g. [[8, 8, 9]] factors every 576 as 8 x 8 x 9; other
-    # dimensions get the most balanced d-way factorization
-    tt_shapes: list[list[int]] = field(default_factory=list)
-
-    def validate(self) -> None:
-        if self.method not in FACTORIZE_METHODS:
-            raise ValueError(f"unknown factorize.method {self.method!r}; valid: {', '.join(FACTORIZE_METHODS)}")
-        if self.method == "none":
-            return
-        if (self.rank is None) == (self.ratio is None):
-            raise ValueError(f"factorize.method={self.method} needs exactly one of factorize.rank=R or "
-                             "factorize.ratio=F (fraction of parameters kept)")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"factorize.rank must be >= 1, got {self.rank}")
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ValueError(f"factorize.ratio must be in (0, 1], got {self.ratio}")
-        if not self.targets:
-            raise ValueError("factorize.targets is empty; give name patterns such as [mlp.*] or [self_attn.q_proj]")
-        if self.activation_aware and self.method != "low_rank":
-            raise ValueError("factorize.activation_aware=true is for method=low_rank only")
-        if self.method == "tensor_train":
-            if self.tt_cores < 2:
-                raise ValueError(f"factorize.tt_cores must be >= 2, got {self.tt_cores}")
-            for modes in self.tt_shapes:
-                if len(modes) != self.tt_cores or min(modes) < 1:
-                    raise ValueError(f"factorize.tt_shapes entry {list(modes)} must be {self.tt_cores} "
-                                     "positive numbers (one per core, factorize.tt_cores)")
 
 
 def split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,8 @@ read and written only through `recorded_spec` and `record_spec`: it is a plain d
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2R
 from .cache import handed_cache, recurrent_slot
 from .factorized import rebuild_factorized
 from .gated import GatedDeltaAttention, GlaAttention
+from .specs import LinearizeSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 METHODS: dict[str, type[RecurrentAttention]] = {
@@ -31,101 +31,6 @@ METHODS: dict[str, type[RecurrentAttention]] = {
     "gla": GlaAttention,
     "gdn": GatedDeltaAttention,
 }
-METHOD_NAMES = (*METHODS, "softmax")  # softmax: no conversion (the original model)
-
-
-# Which methods each conversion option changes (window is left out: every recipe sets it, and it
-# is the window of lolcats, gla and gdn alike).
-OPTION_METHODS: dict[str, tuple[str, ...]] = {
-    "decay": ("supra", "gla", "gdn"), "gate": ("gla", "gdn"), "feature_map_init": ("supra", "t2r"),
-    "feature_dim": ("lolcats", "t2r", "gla"), "window_kind": ("lolcats", "gla", "gdn"),
-    "window_mix": ("gla", "gdn"), "sinks": ("lolcats", "gla", "gdn"), "state_decay": ("lolcats",),
-}
-WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks")  # meaningful only with a softmax window
-
-
-@dataclass
-class LinearizeSpec:
-    method: str = "lolcats"  # supra | lolcats | t2r | gla | gdn | softmax
-    decay: str = "supra"  # supra: Lightning slopes (SUPRA's choice); retnet: 1 - 2^(-5-h); none
-    gate: str = "key"  # gla/gdn decay: key (Liger, from the key projection) | learned (starts at `decay`)
-    feature_map_init: str = "default"  # supra/t2r maps: default nn.Linear init (SUPRA) or identity
-    feature_dim: int | None = None  # lolcats/t2r features per head; default head_dim
-    window: int = 64  # softmax window of lolcats, and of gla/gdn (0: none)
-    window_kind: str = "sliding"  # sliding: the last W tokens | terrace: own block of W + the previous one
-    window_mix: str = "head"  # gla/gdn: the window's share per head, or per head and token (gated.py)
-    sinks: int = 0  # first tokens of each document kept in that softmax window for good (kernels/hybrid.py)
-    # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
-    # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
-    state_decay: str = "none"
-    # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the linear state
-    # recalls worst (LoLA; kernels/sparse_cache.py); 0: none
-    cache_budget: int = 0
-    softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
-    skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
-    backend: str = "auto"  # auto | torch | triton
-    # Linear layers replaced by factors (supra factorize): module name -> layout, see factorized.py
-    factorized: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # How softmax_layers=auto:K chose softmax_layers (softmax_select.py): the losses measured, the choice
-    softmax_choice: dict[str, Any] | None = None
-
-    def validate(self, num_layers: int | None = None) -> None:
-        choices = {"method": METHOD_NAMES, "decay": ("supra", "retnet", "none"), "gate": ("key", "learned"),
-                   "feature_map_init": ("default", "identity"), "backend": ("auto", "torch", "triton"),
-                   "window_kind": ("sliding", "terrace"), "window_mix": ("head", "token"),
-                   "state_decay": ("none", "supra", "retnet", "learned")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
-        if self.window < (1 if self.method == "lolcats" else 0):
-            raise ValueError(f"window must be >= 1 for lolcats (>= 0 otherwise), got {self.window}")
-        if self.method in ("gla", "gdn") and self.gate == "learned" and self.decay == "none":
-            raise ValueError("gate=learned starts at the fixed rates of `decay`, and decay=none has none; "
-                             "use decay=supra or decay=retnet")
-        if self.sinks < 0 or (self.sinks and not self.window):
-            raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
-                             f"with window={self.window}")
-        if self.cache_budget < 0 or (self.cache_budget and (self.method != "lolcats" or self.window_kind != "terrace")):
-            raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
-                             f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
-                             f"window_kind={self.window_kind}")
-        if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
-            raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
-        for name in ("softmax_layers", "skip_layers"):
-            for idx in getattr(self, name):
-                if num_layers is not None and not 0 <= idx < num_layers:
-                    raise ValueError(f"{name} has layer {idx}; valid layers are 0..{num_layers - 1}")
-        both = set(self.softmax_layers) & set(self.skip_layers)
-        if both:
-            raise ValueError(f"layers {sorted(both)} are both kept as softmax and skipped; choose one")
-        unused = self.unused_options()
-        if unused:
-            name = unused[0]
-            where = ", ".join(OPTION_METHODS[name])
-            window = " with a softmax window (window >= 1)" if name in WINDOW_OPTIONS and self.window == 0 else ""
-            raise ValueError(f"{name}={getattr(self, name)} does nothing with method={self.method}"
-                             f"{' and window=0' if window else ''}; it is for method={where}{window}. "
-                             f"Remove it, or choose one of those methods")
-
-    def unused_options(self) -> list[str]:
-        """The options set away from their defaults that the method ignores (they would do nothing)."""
-        defaults = LinearizeSpec()
-        unused = []
-        for name, methods in OPTION_METHODS.items():
-            if getattr(self, name) == getattr(defaults, name):
-                continue
-            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0):
-                unused.append(name)
-        return unused
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LinearizeSpec:
-        """The spec a record describes. Keys this version does not know (a newer checkpoint's) are
-        ignored, and fields the record lacks (an older one's) take their defaults. A copy: changing
-        the spec does not change the record."""
-        known = {f.name for f in fields(cls)}
-        values = copy.deepcopy({k: v for k, v in values.items() if k in known})
-        return cls(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
 
 
 def recorded_spec(model_or_config: nn.Module | PretrainedConfig) -> LinearizeSpec | None:
