@@ -302,7 +302,7 @@ def _backward(q, k, v, log_decay, initial_state, cu_seqlens, do, dht, scale, chu
             **lay.meta())
         dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vf, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale,
-            TT, NEED_DG=need_dg, num_stages=2, **lay.meta())  # six tiles per loop step: keep smem in bounds
+            TT, NEED_DG=need_dg, **lay.dqdk_meta())
     shape = lambda x, d: x.view(lay.B, lay.T, lay.H, d)  # noqa: E731
     dg = dg.sum(0).view(lay.B, lay.T, lay.H) if need_dg else q.new_empty(0, dtype=torch.float32)
     return shape(dq, lay.K), shape(dk, lay.K), shape(dv, lay.V), dg, dh0

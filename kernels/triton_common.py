@@ -146,3 +146,11 @@ class ChunkLayout:
     def meta(self) -> dict:
         return {"H": self.H, "K": self.K, "V": self.V, "C": self.C, "BK": self.BK, "BV": self.BV,
                 "DECAY": self.decay, "PREC": self.prec, "UPCAST": self.upcast}
+
+    def dqdk_meta(self) -> dict:
+        """`dqdk_kernel`'s launch (triton_chunk and the delta rule). Two stages: six tiles per loop step, so that
+        shared memory stays in bounds. Eight warps and steps of 16 value columns: the four float32
+        accumulators (two C x C, two C x BK) and a step's tiles then fit 255 registers a thread; four warps
+        and steps of 64 spilled 112-2,296 bytes in a bf16 model, kilobytes more in a float32 one (ptxas,
+        scripts/compile_sweep.py --ptxas)."""
+        return self.meta() | {"BV": 16, "num_warps": 8, "num_stages": 2}

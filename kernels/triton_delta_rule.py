@@ -321,7 +321,7 @@ def _backward(q, k, v, beta, log_decay, initial_state, cu_seqlens, do, dht, scal
     if lay.chunks > 0:
         dqdk_kernel[(lay.NK, lay.chunks, lay.H)](
             qf, kf, vn, dof, g, h, dh, dq, dk, dg, tables["chunk_start"], tables["chunk_len"], scale, TT,
-            NEED_DG=need_dg, num_stages=2, **lay.meta())
+            NEED_DG=need_dg, **lay.dqdk_meta())
         _wy_backward_kernel[(lay.chunks, lay.H)](
             kf, vf, b, g, h, vn, dvn, dk_wy, dv, dbeta, dg_wy, tables["chunk_start"], tables["chunk_len"],
             NEED_DG=need_dg, **_meta(lay, num_stages=1, num_warps=8))

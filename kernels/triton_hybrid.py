@@ -28,9 +28,9 @@ Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
   _dq_kernel       [chunks, B*H]  dq, dfq, the gate's gradient per chunk, and per query dL/dc_n with
                                    the key that holds the max.
   _dsinks_kernel   [B*H]          with sinks: dk, dv of the sink tile, over every query chunk.
-  _dkv_kernel      [chunks, B*H]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus dhs[c]
-                                   (and the sink tile's share for the first S keys); launched twice,
-                                   for dk and dfk, then for dv (shared memory at D = 128).
+  _dkv_kernel      [chunks, B*H, 1 | NV]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus
+                                   dhs[c] (and the sink tile's share for the first S keys); launched twice,
+                                   for dk and dfk, then for dv per block of V (shared memory at D = 128).
 
 Backward: with do' = do_n / z_n and delta_n = do_n.y_n / z_n, dL/dw_nj = do'_n.v_j - delta_n. c_n is no
 normaliser here (the linear part does not share it), so it has a gradient of its own,
@@ -321,12 +321,12 @@ def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_pt
 @triton.jit
 def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_ptr, m_ptr, z_ptr, delta_ptr,
                 do_ptr, dc_ptr, amax_ptr, dks_ptr, dvs_ptr, dk_ptr, dv_ptr, dfk_ptr,
-                scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+                scale, T, H, D, F, V, W, NC, dvs_row, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
                 C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr, DV: tl.constexpr):
-    i, bh = tl.program_id(0), tl.program_id(1)
+    i, bh, jv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
-    rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
+    rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), jv * BV + tl.arange(0, BV)
     j = i * C + tl.arange(0, C)
     g = tl.load(gate_ptr + h).to(tl.float32)
     kb = _rows(k_ptr, b, j, h, T, H, rd, D)
@@ -334,8 +334,11 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
     vb = _rows(v_ptr, b, j, h, T, H, rv, V)
 
     # Tiles are transposed, [key, query]: these keys are "this chunk" for query chunk i, "previous" for i + 1.
-    # DV: this launch computes dv; otherwise dk and dfk. One program doing all three held more C x D tiles
-    # than an H100's shared memory at D = 128, C = 128 (256 KB); each half recomputes the scores s instead.
+    # DV: this launch computes dv, columns rv of it (BV is a block of V, axis 2 of the grid); otherwise dk and
+    # dfk, with all of V (dw sums over it). One program doing all three held more C x D tiles than an H100's
+    # shared memory at D = 128, C = 128; each half recomputes the scores s instead. The dv half with all of
+    # V still needed 256 KB on sm_90 in a float32 model (tf32x3 operands); a block of 64 columns fits, at
+    # the price of recomputing s and the linear scores once per block (scripts/compile_sweep.py).
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BV], dtype=tl.float32)
     dfk = tl.zeros([C, BF], dtype=tl.float32)
@@ -373,7 +376,8 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
         dhs = tl.load(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=m_fv, other=0.0)
         dv += _dot(tl.where(in_state, fkb, 0.0).to(fkb.dtype), dhs.to(fkb.dtype), PREC, UPCAST)
         if S > 0:  # what the sink tile gave the first S keys (float32, added before the one rounding)
-            dv += tl.load(dvs_ptr + (bh.to(tl.int64) * BS + j[:, None]) * BV + rv[None, :], mask=sink_row, other=0.0)
+            dv += tl.load(dvs_ptr + (bh.to(tl.int64) * BS + j[:, None]) * dvs_row + rv[None, :], mask=sink_row,
+                          other=0.0)
         tl.store(dv_ptr + tok[:, None] * V + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=live[:, None] & (rv[None, :] < V))
     else:
@@ -405,7 +409,7 @@ class _HybridLayout:
         self.terrace = terrace
         self.NC = triton.cdiv(self.T, self.C)
         # Whole head dims per tile in the chunk kernels (the denominator needs all of F, the max all of D);
-        # the state walks split F and V into blocks of at most 64. tl.dot needs >= 16.
+        # the state walks split F and V into blocks of at most 64, and so does the dv launch V. tl.dot needs >= 16.
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
@@ -467,9 +471,11 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_
                               D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, TERRACE=lay.terrace, C=lay.C,
                               BD=lay.BD, BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast, num_stages=1)
     dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
-    for part in (False, True):  # dk and dfk, then dv (see the kernel)
-        _dkv_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk, dv,
-                                  dfk, lay.scale, lay.T, DV=part, **lay.chunk_meta())
+    # dk and dfk with all of V, then dv in blocks of V (see the kernel)
+    for part, blocks, bv in ((False, 1, lay.BV), (True, lay.NV, lay.BVS)):
+        _dkv_kernel[(lay.NC, BH, blocks)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk,
+                                          dv, dfk, lay.scale, lay.T, dvs_row=lay.BV, DV=part,
+                                          **(lay.chunk_meta() | {"BV": bv}))
     return dq, dk, dv, dfq, dfk, dg.sum((0, 2))
 
 

@@ -52,14 +52,10 @@ SPECS = {
 MODELS = {64: 9, 128: 16}  # head dim: heads (SmolLM2-135M has 9; 16 specialises as Llama-7B's 32 does)
 # bf16-model launches allowed to spill under ptxas, each with its reason (none at present).
 SPILL_EXCEPTIONS: dict[str, str] = {}
-# (kernel, target, start of the launch label) known to exceed the target's shared memory, with the reason.
-# An entry that no longer matches an over-limit launch fails the check too, so the list stays true.
-SHARED_EXCEPTIONS: dict[tuple[str, int, str], str] = {
-    ("triton_hybrid._dkv_kernel", 90, "float32 DV=True S=4 BS=16 TERRACE=True C=128 BD=128"):
-        "a float32 model at head dim 128 with the terrace window (chunk 128): the dv half holds C x C, C x F and "
-        "C x V float32 tiles, split into tf32 halves for wgmma (256 KB); 'ieee' dots fit sm_90 (192 KB) but not "
-        "sm_80, tf32x3 fits sm_80 (128 KB). Not fixed yet: needs the dv launch split over V blocks.",
-}
+# (kernel, target, start of the launch label) known to exceed the target's shared memory, with the reason
+# (none at present). An entry that no longer matches an over-limit launch fails the check too, so the list
+# stays true.
+SHARED_EXCEPTIONS: dict[tuple[str, int, str], str] = {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
