@@ -283,16 +283,17 @@ def load_config(overrides: list[str]) -> DictConfig:
             rule = DATA_RANGES.get(path[5:]) if path.startswith("data.") else RANGES.get(path)
             valid = f"; valid: {rule}" if rule else ""
             raise ConfigError(f"bad value for {key}: {_first_line(err)}{valid}") from None
-    if "method" in values:
+    if {"method", "window", "window_kind"} & set(values):
         _drop_recipe_options(cfg, set(values))
     validate(cfg)
     return cfg
 
 
 def _drop_recipe_options(cfg: DictConfig, given: set[str]) -> None:
-    """A recipe's options for its own method do not follow a method= override (`recipe=demo
-    method=supra`): those the new method ignores go back to their defaults. Options given on the
-    command line stay, and validate() refuses them if they would do nothing."""
+    """A recipe's options for its own method and window do not follow a method=, window= or
+    window_kind= override (`recipe=demo method=supra`, `recipe=demo window_kind=sliding`): those the
+    new setting ignores go back to their defaults. Options given on the command line stay, and
+    validate() refuses them if they would do nothing."""
     try:
         unused = linearize_spec(cfg).unused_options()
     except (ValueError, TypeError):  # a bad value: validate() says which

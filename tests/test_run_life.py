@@ -159,13 +159,20 @@ def test_ctrl_c_during_uptrain_writes_a_checkpoint_and_says_how_to_resume(tmp_pa
             signal.raise_signal(signal.SIGINT)
 
     run = tmp_path / "run"
-    with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
-        patch.setattr(ProgressLog, "log", log)
-        assert main(["uptrain", *FAST, ONE_STAGE, "train.checkpoint_every=100", f"out={run}"]) == 130
+    # A process started in the background (`cmd &`, nohup) inherits Ctrl-C ignored, and training keeps it
+    # so; this test is about an interactive one.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
+            patch.setattr(ProgressLog, "log", log)
+            assert main(["uptrain", *FAST, ONE_STAGE, "train.checkpoint_every=100", f"out={run}"]) == 130
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert (run / "checkpoints" / "step-00000002").exists() and not (run / "model").exists()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("interrupted:")]
     assert len(said) == 1 and "rerun the same command" in said[0], said
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as usual again
+    assert restored is signal.default_int_handler  # Ctrl-C works as usual again
     assert main(["uptrain", *FAST, ONE_STAGE, "train.checkpoint_every=100", f"out={run}"]) == 0
     assert steps(run) == [1, 2, 3]
 
@@ -250,6 +257,10 @@ def test_a_recipes_own_options_do_not_follow_a_method_override(capsys):
     assert main(["convert", "recipe=demo", "method=supra", "--help"]) == 0  # demo: terrace window, 4 sinks
     text = capsys.readouterr().out
     assert re.search(r"^sinks: 0  # ", text, re.M) and re.search(r"^window_kind: sliding  # ", text, re.M)
+    assert re.search(r"^cache_budget: 0  # ", text, re.M) and re.search(r"^state_decay: none  # ", text, re.M)
+    assert main(["convert", "recipe=demo", "window_kind=sliding", "--help"]) == 0  # the cache needs the terrace
+    text = capsys.readouterr().out
+    assert re.search(r"^cache_budget: 0  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)
 
 
 # ------------------------------------------------------------------- 7. weights others can read

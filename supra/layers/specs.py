@@ -21,6 +21,7 @@ OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "decay": ("supra", "gla", "gdn"), "gate": ("gla", "gdn"), "feature_map_init": ("supra", "t2r"),
     "feature_dim": ("lolcats", "t2r", "gla"), "window_kind": ("lolcats", "gla", "gdn"),
     "window_mix": ("gla", "gdn"), "sinks": ("lolcats", "gla", "gdn"), "state_decay": ("lolcats",),
+    "cache_budget": ("lolcats",),
 }
 WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks")  # meaningful only with a softmax window
 
@@ -95,7 +96,8 @@ class LinearizeSpec:
         for name, methods in OPTION_METHODS.items():
             if getattr(self, name) == getattr(defaults, name):
                 continue
-            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0):
+            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0) \
+                    or (name == "cache_budget" and self.window_kind != "terrace"):
                 unused.append(name)
         return unused
 

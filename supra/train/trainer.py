@@ -67,8 +67,11 @@ class StopSignal:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
         # Ctrl-C during training: the same checkpoint at the step boundary, then exit 130; a second
-        # Ctrl-C stops at once. Only while training: afterwards Ctrl-C interrupts as usual.
-        self._previous_sigint = signal.signal(signal.SIGINT, self._handle_sigint)
+        # Ctrl-C stops at once. Only while training: afterwards Ctrl-C interrupts as usual. A process
+        # started with Ctrl-C ignored (`cmd &`, nohup) keeps ignoring it, as Python itself does.
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+        if self._previous_sigint is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._handle_sigint)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
