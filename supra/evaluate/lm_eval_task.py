@@ -11,6 +11,7 @@ token cannot change that row's logits, and position ids stay 0..n-1 as in an unp
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,8 +133,17 @@ class SupraLM(TemplateLM):
 
 def task_manager(tasks: list[str], include_path: str | None) -> Any:
     """lm-eval's TaskManager for `tasks`, refused in one line when a task is unknown or, with the hub
-    out of reach, its dataset is not in the local cache (checked before a model is loaded)."""
+    out of reach, its dataset is not in the local cache. eval checks this before it loads a model and
+    runs the tasks after: the second call is the first one's answer (indexing every task YAML and
+    loading the datasets offline take seconds each)."""
+    return _checked_task_manager(tuple(tasks), include_path)
+
+
+@functools.cache
+def _checked_task_manager(tasks: tuple[str, ...], include_path: str | None) -> Any:
     from lm_eval.tasks import TaskManager, get_task_dict
+
+    tasks = list(tasks)
 
     if include_path is not None and not Path(include_path).expanduser().exists():
         raise UserError(f"eval.lm_eval_include_path {include_path} does not exist")
