@@ -18,7 +18,7 @@ gate and the same max c as the window:
 A token the cache never took is weighted fq.fk_j, as without the cache, so C = 0 is the terrace.
 
 Three forms make the same choices: `parallel_cached_hybrid_attention` (the definition, T x T masks,
-for tests), `cached_hybrid_attention` (a loop over document blocks, vectorised over rows and heads:
+for tests and measurements), `cached_hybrid_attention` (a loop over document blocks, vectorised over rows and heads:
 prefill, evaluation and training on every device), and `decide_at_block_start`, which the decode step
 (`window_hybrid_step`) calls when a row enters a new block. They share `recall_errors` and `choose`.
 The cache is C slots per row and head (k, v with the ones column, fk for when it is evicted into the
@@ -251,7 +251,7 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
     state.fk[:, :, idx] = state.fk[:, :, idx] * ~rows
 
 
-def parallel_cached_hybrid_attention(
+def parallel_cached_hybrid_weights(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -262,8 +262,10 @@ def parallel_cached_hybrid_attention(
     sinks: int,
     cache_budget: int,
     log_decay: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The definition with full T x T masks (one document per row from its first token), for tests.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query n's unnormalised weight on key j (B, H, T, T), in its two parts: the exact one (window,
+    sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed), zero where
+    the other part holds the key. One document per row from its first token.
     Entering block b, the cache is chosen among its previous entries and block b-2, scored against
     the sum over every token of blocks <= b-2 (what the state and the candidates hold together).
     Decayed, token j weighs gamma^(n-j) in query n's linear part, and gamma^(bW-1-j) in block b's
@@ -297,6 +299,24 @@ def parallel_cached_hybrid_attention(
     linear = (fqf @ fkf.transpose(-1, -2)) * linear
     if log_decay is not None:
         linear = linear * powers(log_decay.to(acc), (n - j).clamp(min=0))
-    weights = gate * (scores - scores.amax(-1, keepdim=True)).exp() + linear
-    y = (weights @ vf) / weights.sum(-1, keepdim=True)
+    return gate * (scores - scores.amax(-1, keepdim=True)).exp(), linear
+
+
+def parallel_cached_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    window_gate: torch.Tensor,
+    window: int,
+    sinks: int,
+    cache_budget: int,
+    log_decay: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The definition with full T x T masks (`parallel_cached_hybrid_weights`), for tests."""
+    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, window_gate, window, sinks, cache_budget,
+                                                   log_decay)
+    weights = exact + linear
+    y = (weights @ v.to(weights.dtype).transpose(1, 2)) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

@@ -108,3 +108,36 @@ def test_bench_long_context_writes_its_json_on_a_tiny_model(tmp_path, monkeypatc
     bench_long_context.main(arguments)
     again = json.loads((tmp_path / "out" / "long_context.json").read_text())
     assert len(again["rows"]) == 1 and again["rows"][0]["reused"] and again["rows"][0]["ppl"] == original["ppl"]
+
+
+def test_bench_state_share_writes_its_json_on_a_tiny_model(tmp_path, monkeypatch):
+    converted = tmp_path / "converted"
+    assert supra_main(["convert", "recipe=tiny", "window_kind=terrace", "sinks=2", "window=8",
+                       f"out={converted}"]) == 0
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_state_share
+
+    record = bench_state_share.main(["--model", str(converted), "--recipe", "tiny", "--set", "cache_budget=3",
+                                     "--seq-len", "48", "--windows", "1", "--out", str(tmp_path / "out")])
+    assert record["benchmark"] == "state_share" and record["spec"]["cache_budget"] == 3
+    assert [row["layer"] for row in record["rows"]] == [0, 1]
+    for row in record["rows"]:
+        assert [b["end"] for b in row["teacher_beyond"]] == [48]
+        for key in ("teacher_beyond", "student_linear"):
+            assert 0 < row[key][0]["mean"] < 1
+        assert -1 <= row["direction_cosine"][0]["mean"] <= 1
+    assert (tmp_path / "out" / "state_share.png").stat().st_size > 0
+
+
+def test_the_hybrid_weights_split_every_key_between_the_exact_part_and_the_state():
+    from supra.kernels.sparse_cache import parallel_cached_hybrid_weights
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 3, 8, dtype=torch.float64) for _ in range(3))
+    fq, fk = (F.softplus(torch.randn(2, 37, 3, 6, dtype=torch.float64)) for _ in range(2))
+    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, torch.full((3,), 0.3, dtype=torch.float64),
+                                                   window=4, sinks=2, cache_budget=3,
+                                                   log_decay=torch.full((3,), -0.05, dtype=torch.float64))
+    causal = torch.ones(37, 37, dtype=torch.bool).tril()
+    assert not ((exact > 0) & (linear > 0)).any()
+    assert ((exact > 0) | (linear > 0))[..., causal].all() and not (exact + linear)[..., ~causal].any()

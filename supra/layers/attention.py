@@ -304,14 +304,19 @@ class LolcatsAttention(RecurrentAttention):
             self._log_decay = torch.tensor(self.log_decay_values, device=device, dtype=torch.float32)
         return self._log_decay
 
-    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+    def hybrid_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What the hybrid computes with, from the projections: rotated q, k and v (one per query
+        head), the feature maps fq, fk, the window gate (H,) and the linear part's log decay (or None)."""
         cos, sin = position_embeddings
         q = rotate(q, cos, sin)
         k = repeat_heads(rotate(k, cos, sin), self.groups)
         v = repeat_heads(v, self.groups)
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        gate = torch.sigmoid(self.window_factor.float())
-        log_decay = self.log_decay(q.device)
+        return q, k, v, fq, fk, torch.sigmoid(self.window_factor.float()), self.log_decay(q.device)
+
+    def mix(self, q, k, v, position_embeddings, state, starts, want_state):
+        q, k, v, fq, fk, gate, log_decay = self.hybrid_inputs(q, k, v, position_embeddings)
         if stepping(q, state):
             restart = restarting_rows(starts)
             if restart is not None:
