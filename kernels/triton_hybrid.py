@@ -12,23 +12,24 @@ and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj over soft(n):
 with S sinks (the sequence's first S tokens, `hybrid.py`).
 
 Chunks of C >= W tokens, C >= 2W for the terrace (like fla's chunked kernels). Query chunk i meets the
-keys of chunks i-1 and i as two masked C x C tiles (the window part, and the linear part for those
-already older than the window); every key before chunk i-1 is older than the window (n - j > C), so
-it enters only through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F
-denominator).
-c_n is exact, not an online running max: both tiles are scored before any exp. With sinks, a third
-tile holds keys 0..S-1 for the queries they have left the window of (a sink inside the window counts
-there, once); sinks never enter the linear state.
+keys of chunks i-1 and i as masked tiles (the window part, and the linear part for those already older
+than the window); every key before chunk i-1 is older than the window (n - j > C), so it enters only
+through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
+A program holds BR rows of a chunk (queries; keys in _dkv_kernel) and steps over the other side BK at a
+time (`_HybridLayout`: 64 and 32, so that a bf16 model's launches fit a thread's registers at C = 128).
+c_n is exact, not an online running max: a first pass over the key blocks finds it before any exp. With
+sinks, a tile of its own holds keys 0..S-1 for the queries they have left the window of (a sink inside
+the window counts there, once); sinks never enter the linear state.
 
-Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
+Kernels (grids in brackets; NF, NV count the F and V blocks of a state; P = chunks x C / BR programs):
   _states_kernel   [NF, NV, B*H]  walk the chunks in order, store hs[i] for every query chunk.
-  _forward_kernel  [chunks, B*H]  y, and per query c_n and z_n, kept for the backward.
+  _forward_kernel  [P, B*H]      y, and per query c_n and z_n, kept for the backward.
   _dstates_kernel  [NF, NV, B*H]  walk backwards: dhs[c] = dL/d(sum over key chunk c of fk [v, 1]),
                                    fed by the queries of chunks >= c + 2.
-  _dq_kernel       [chunks, B*H]  dq, dfq, the gate's gradient per chunk, and per query dL/dc_n with
+  _dq_kernel       [P, B*H]      dq, dfq, the gate's gradient per program, and per query dL/dc_n with
                                    the key that holds the max.
   _dsinks_kernel   [B*H]          with sinks: dk, dv of the sink tile, over every query chunk.
-  _dkv_kernel      [chunks, B*H, 1 | NV]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus
+  _dkv_kernel      [P, B*H, 1 | NV]  dk, dv, dfk: keys of chunk c against query chunks c and c + 1, plus
                                    dhs[c] (and the sink tile's share for the first S keys); launched twice,
                                    for dk and dfk, then for dv per block of V (shared memory at D = 128).
 
