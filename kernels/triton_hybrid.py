@@ -423,8 +423,10 @@ class _HybridLayout:
     # per kernel (scripts/compile_sweep.py --ptxas); so did the walks' BFS x C feature tiles.
     BLOCK, KEYS = 64, 32
     # The chunk kernels: eight warps halve each thread's share of the BLOCK x D accumulators and operands;
-    # two stages prefetch the next key block (three needed 245 KB of shared memory at D = 128).
-    CHUNK_WARPS, CHUNK_STAGES = 8, 2
+    # two stages prefetch the next key block (three needed 245 KB of shared memory at D = 128), except where
+    # a row of the head dim's tiles takes STAGE_ROW_BYTES or more (float32 at D = 128): there two stages of
+    # _dq_kernel needed 182,272 B on an A100 (163 KB) and 229,376 B of an H100's 227 KB, so one stage.
+    CHUNK_WARPS, CHUNK_STAGES, STAGE_ROW_BYTES = 8, 2, 512
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int, terrace: bool,
                  chunk_size: int) -> None:
@@ -441,13 +443,14 @@ class _HybridLayout:
         self.programs = self.NC * (self.C // self.BR)  # the chunk kernels' grid axis 0
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
         self.prec, self.upcast = dot_precision(q.dtype), interpreter_upcast(q.dtype)
+        self.stages = self.CHUNK_STAGES if q.element_size() * self.BD < self.STAGE_ROW_BYTES else 1
         self.scale = self.D**-0.5
 
     def chunk_meta(self) -> dict:
         return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "S": self.S,
                 "BS": self.BS, "TERRACE": self.terrace, "C": self.C, "BR": self.BR, "BK": self.BK, "BD": self.BD,
                 "BF": self.BF, "BV": self.BV, "PREC": self.prec, "UPCAST": self.upcast, "num_warps": self.CHUNK_WARPS,
-                "num_stages": self.CHUNK_STAGES}
+                "num_stages": self.stages}
 
     def sinks_meta(self) -> dict:
         """`_dsinks_kernel`'s launch. One pipeline stage: its loop loads four BK x D tiles a step, and with
