@@ -422,6 +422,10 @@ class _HybridLayout:
     # float32 tiles beside C x D ones) spilled up to 88 KB in a bf16 model at C = 128 and took ptxas minutes
     # per kernel (scripts/compile_sweep.py --ptxas); so did the walks' BFS x C feature tiles.
     BLOCK, KEYS = 64, 32
+    # Rows per program at head dims over 64 (D = 128): at 64 rows, bf16 _dq_kernel spilled 88-26,438 B on sm_80
+    # (ptxas fell back to 32 registers on one launch) and _forward_kernel ~5.5 KB; at 32 rows, 0-500 B
+    # (scripts/compile_sweep.py --ptxas-only). Four warps at 32 rows spilled more (364-1,392 B).
+    WIDE_BLOCK = 32
     # The chunk kernels: eight warps halve each thread's share of the BLOCK x D accumulators and operands;
     # two stages prefetch the next key block (three needed 245 KB of shared memory at D = 128), except where
     # a row of the head dim's tiles takes STAGE_ROW_BYTES or more (float32 at D = 128): there two stages of
@@ -439,7 +443,7 @@ class _HybridLayout:
         # the state walks split F and V into blocks of at most 64, and so does the dv launch V. tl.dot needs >= 16.
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
-        self.BR, self.BK = min(self.C, self.BLOCK), min(self.C, self.KEYS)
+        self.BR, self.BK = min(self.C, self.BLOCK if self.BD <= 64 else self.WIDE_BLOCK), min(self.C, self.KEYS)
         self.programs = self.NC * (self.C // self.BR)  # the chunk kernels' grid axis 0
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
         self.prec, self.upcast = dot_precision(q.dtype), interpreter_upcast(q.dtype)
