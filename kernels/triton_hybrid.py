@@ -16,7 +16,7 @@ keys of chunks i-1 and i as masked tiles (the window part, and the linear part f
 than the window); every key before chunk i-1 is older than the window (n - j > C), so it enters only
 through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
 A program holds BR rows of a chunk (queries; keys in _dkv_kernel) and steps over the other side BK at a
-time (`_HybridLayout`: 64 and 32, so that a bf16 model's launches fit a thread's registers at C = 128).
+time (`_HybridLayout`: 64 rows, 32 at D = 128, and 32 keys, so that a bf16 model's launches spill little).
 c_n is exact, not an online running max: a first pass over the key blocks finds it before any exp. With
 sinks, a tile of its own holds keys 0..S-1 for the queries they have left the window of (a sink inside
 the window counts there, once); sinks never enter the linear state.
