@@ -12,23 +12,24 @@ and key j, with s_nj = q_n.k_j / sqrt(D) and c_n the largest s_nj over soft(n):
 with S sinks (the sequence's first S tokens, `hybrid.py`).
 
 Chunks of C >= W tokens, C >= 2W for the terrace (like fla's chunked kernels). Query chunk i meets the
-keys of chunks i-1 and i as two masked C x C tiles (the window part, and the linear part for those
-already older than the window); every key before chunk i-1 is older than the window (n - j > C), so
-it enters only through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F
-denominator).
-c_n is exact, not an online running max: both tiles are scored before any exp. With sinks, a third
-tile holds keys 0..S-1 for the queries they have left the window of (a sink inside the window counts
-there, once); sinks never enter the linear state.
+keys of chunks i-1 and i as masked tiles (the window part, and the linear part for those already older
+than the window); every key before chunk i-1 is older than the window (n - j > C), so it enters only
+through the linear state hs[i] = sum_{j < (i-1)C} fk_j [v_j, 1] (F x V numerator, F denominator).
+A program holds BR rows of a chunk (queries; keys in _dkv_kernel) and steps over the other side BK at a
+time (`_HybridLayout`: 64 rows, 32 at D = 128, and 32 keys, so that a bf16 model's launches spill little).
+c_n is exact, not an online running max: a first pass over the key blocks finds it before any exp. With
+sinks, a tile of its own holds keys 0..S-1 for the queries they have left the window of (a sink inside
+the window counts there, once); sinks never enter the linear state.
 
-Kernels (grids in brackets; NF, NV count the F and V blocks of a state):
+Kernels (grids in brackets; NF, NV count the F and V blocks of a state; P = chunks x C / BR programs):
   _states_kernel   [NF, NV, B*H]  walk the chunks in order, store hs[i] for every query chunk.
-  _forward_kernel  [chunks, B*H]  y, and per query c_n and z_n, kept for the backward.
+  _forward_kernel  [P, B*H]      y, and per query c_n and z_n, kept for the backward.
   _dstates_kernel  [NF, NV, B*H]  walk backwards: dhs[c] = dL/d(sum over key chunk c of fk [v, 1]),
                                    fed by the queries of chunks >= c + 2.
-  _dq_kernel       [chunks, B*H]  dq, dfq, the gate's gradient per chunk, and per query dL/dc_n with
+  _dq_kernel       [P, B*H]      dq, dfq, the gate's gradient per program, and per query dL/dc_n with
                                    the key that holds the max.
   _dsinks_kernel   [B*H]          with sinks: dk, dv of the sink tile, over every query chunk.
-  _dkv_kernel      [chunks, B*H, 1 | NV]  dk, dv, dfk: key chunk c against query chunks c and c + 1, plus
+  _dkv_kernel      [P, B*H, 1 | NV]  dk, dv, dfk: keys of chunk c against query chunks c and c + 1, plus
                                    dhs[c] (and the sink tile's share for the first S keys); launched twice,
                                    for dk and dfk, then for dv per block of V (shared memory at D = 128).
 
@@ -107,7 +108,7 @@ def _sink_mask(n, j, T, W, S, TERRACE: tl.constexpr):
 
 @triton.jit
 def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC, S,
-                   C: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
+                   C: tl.constexpr, BK: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr):
     jf, jv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -120,54 +121,62 @@ def _states_kernel(fk_ptr, v_ptr, hs_ptr, hden_ptr, T, H, F, V, NC, S,
         tl.store(hs_ptr + base * F * V + rf[:, None] * V + rv[None, :], acc, mask=m_fv)
         if jv == 0:
             tl.store(hden_ptr + base * F + rf, acc_den, mask=rf < F)
-        j = (i - 1) * C + tl.arange(0, C)  # query chunk i + 1 reads what chunk i - 1 adds
-        fkt = _cols(fk_ptr, b, tl.where(j >= S, j, -1), h, T, H, rf, F)  # sinks stay out of the state
-        vb = _rows(v_ptr, b, j, h, T, H, rv, V)
-        acc += _dot(fkt, vb.to(fkt.dtype), PREC, UPCAST)
-        acc_den += tl.sum(fkt.to(tl.float32), 1)
+        for j0 in range(tl.maximum(i - 1, 0) * C, i * C, BK):  # query chunk i + 1 reads what chunk i - 1 adds
+            j = j0 + tl.arange(0, BK)
+            fkt = _cols(fk_ptr, b, tl.where(j >= S, j, -1), h, T, H, rf, F)  # sinks stay out of the state
+            vb = _rows(v_ptr, b, j, h, T, H, rv, V)
+            acc += _dot(fkt, vb.to(fkt.dtype), PREC, UPCAST)
+            acc_den += tl.sum(fkt.to(tl.float32), 1)
 
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, o_ptr, m_ptr, z_ptr,
                     scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
-                    C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    i, bh = tl.program_id(0), tl.program_id(1)
+                    C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+                    BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    p, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
-    n = i * C + tl.arange(0, C)
+    n = p * BR + tl.arange(0, BR)  # BR queries of chunk i
+    i = p * BR // C
+    lo, hi = tl.maximum(i - 1, 0) * C, tl.minimum((p + 1) * BR, T)  # their keys not in the state hs[i]
     g = tl.load(gate_ptr + h).to(tl.float32)
     qb = _rows(q_ptr, b, n, h, T, H, rd, D)
     fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
 
-    # Both tiles' scores first, so c_n is the exact window max before any exp.
-    jp, jc = n - C, n  # keys of the previous chunk and of this one
-    sp = _dot(qb, _cols(k_ptr, b, jp, h, T, H, rd, D), PREC, UPCAST) * scale
-    sc = _dot(qb, _cols(k_ptr, b, jc, h, T, H, rd, D), PREC, UPCAST) * scale
-    win_p, old_p = _masks(n[:, None], jp[None, :], T, W, S, TERRACE)
-    win_c, old_c = _masks(n[:, None], jc[None, :], T, W, S, TERRACE)
-    c = tl.maximum(tl.max(tl.where(win_p, sp, float("-inf")), 1), tl.max(tl.where(win_c, sc, float("-inf")), 1))
-    if S > 0:  # the sinks that have left the window: a third tile, in the same max
+    # A first pass over the key blocks finds c_n, the exact window max, before any exp.
+    c = tl.full([BR], float("-inf"), dtype=tl.float32)
+    if S > 0:  # the sinks that have left the window: a tile of their own, in the same max
         js = tl.arange(0, BS)
         sink = _sink_mask(n[:, None], js[None, :], T, W, S, TERRACE)
         ss = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
         c = tl.maximum(c, tl.max(tl.where(sink, ss, float("-inf")), 1))
+    for j0 in range(lo, hi, BK):
+        j = j0 + tl.arange(0, BK)
+        s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
+        window, _ = _masks(n[:, None], j[None, :], T, W, S, TERRACE)
+        c = tl.maximum(c, tl.max(tl.where(window, s, float("-inf")), 1))
     c = tl.where(n < T, c, 0.0)  # rows past T see no key
 
-    wp = g * tl.exp(tl.where(win_p, sp - c[:, None], float("-inf")))
-    wp += tl.where(old_p, _dot(fqb, _cols(fk_ptr, b, jp, h, T, H, rf, F), PREC, UPCAST), 0.0)
-    wc = g * tl.exp(tl.where(win_c, sc - c[:, None], float("-inf")))
-    wc += tl.where(old_c, _dot(fqb, _cols(fk_ptr, b, jc, h, T, H, rf, F), PREC, UPCAST), 0.0)
-    vp = _rows(v_ptr, b, jp, h, T, H, rv, V)
-    vc = _rows(v_ptr, b, jc, h, T, H, rv, V)
+    # The second pass recomputes the scores (cheaper than keeping a row of them live) and sums the weights.
+    num = tl.zeros([BR, BV], dtype=tl.float32)
+    den = tl.zeros([BR], dtype=tl.float32)
+    for j0 in range(lo, hi, BK):
+        j = j0 + tl.arange(0, BK)
+        s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
+        window, older = _masks(n[:, None], j[None, :], T, W, S, TERRACE)
+        w = g * tl.exp(tl.where(window, s - c[:, None], float("-inf")))
+        w += tl.where(older, _dot(fqb, _cols(fk_ptr, b, j, h, T, H, rf, F), PREC, UPCAST), 0.0)
+        vb = _rows(v_ptr, b, j, h, T, H, rv, V)
+        num += _dot(w.to(vb.dtype), vb, PREC, UPCAST)
+        den += tl.sum(w, 1)
 
     base = bh.to(tl.int64) * NC + i
     hs = tl.load(hs_ptr + base * F * V + rf[:, None] * V + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < V),
                  other=0.0)
     hden = tl.load(hden_ptr + base * F + rf, mask=rf < F, other=0.0)
-    num = (_dot(wp.to(vp.dtype), vp, PREC, UPCAST) + _dot(wc.to(vc.dtype), vc, PREC, UPCAST)
-           + _dot(fqb, hs.to(fqb.dtype), PREC, UPCAST))
-    den = tl.sum(wp, 1) + tl.sum(wc, 1) + tl.sum(fqb.to(tl.float32) * hden[None, :], 1)
+    num += _dot(fqb, hs.to(fqb.dtype), PREC, UPCAST)
+    den += tl.sum(fqb.to(tl.float32) * hden[None, :], 1)
     if S > 0:
         ws = g * tl.exp(tl.where(sink, ss - c[:, None], float("-inf")))
         vs = _rows(v_ptr, b, js, h, T, H, rv, V)
@@ -185,7 +194,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_
 
 @triton.jit
 def _dstates_kernel(fq_ptr, do_ptr, z_ptr, delta_ptr, dhs_ptr, dhden_ptr, T, H, F, V, NC,
-                    C: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, BFS: tl.constexpr, BVS: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr):
     jf, jv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -199,24 +208,27 @@ def _dstates_kernel(fq_ptr, do_ptr, z_ptr, delta_ptr, dhs_ptr, dhden_ptr, T, H, 
         tl.store(dhs_ptr + base * F * V + rf[:, None] * V + rv[None, :], acc, mask=m_fv)
         if jv == 0:
             tl.store(dhden_ptr + base * F + rf, acc_den, mask=rf < F)
-        n = (i + 1) * C + tl.arange(0, C)  # key chunk i - 1 is first read by query chunk i + 1
-        fqt = _cols(fq_ptr, b, n, h, T, H, rf, F)
-        z = _per_token(z_ptr, b, n, h, T, H, 1.0)
-        dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
-        acc += _dot(fqt, dos.to(fqt.dtype), PREC, UPCAST)
-        acc_den -= tl.sum(fqt.to(tl.float32) * _per_token(delta_ptr, b, n, h, T, H, 0.0)[None, :], 1)
+        for n0 in range((i + 1) * C, tl.minimum((i + 2) * C, T), BK):  # key chunk i - 1 is first read by query
+            n = n0 + tl.arange(0, BK)  # chunk i + 1
+            fqt = _cols(fq_ptr, b, n, h, T, H, rf, F)
+            z = _per_token(z_ptr, b, n, h, T, H, 1.0)
+            dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / z[:, None]
+            acc += _dot(fqt, dos.to(fqt.dtype), PREC, UPCAST)
+            acc_den -= tl.sum(fqt.to(tl.float32) * _per_token(delta_ptr, b, n, h, T, H, 0.0)[None, :], 1)
 
 
 @triton.jit
 def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, m_ptr, z_ptr, delta_ptr,
                do_ptr, dq_ptr, dfq_ptr, dc_ptr, amax_ptr, dg_ptr,
                scale, T, H, D, F, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
-               C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
-    i, bh = tl.program_id(0), tl.program_id(1)
+               C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+               BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    p, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), tl.arange(0, BV)
-    n = i * C + tl.arange(0, C)
+    n = p * BR + tl.arange(0, BR)  # BR queries of chunk i, as in _forward_kernel
+    i = p * BR // C
+    lo, hi = tl.maximum(i - 1, 0) * C, tl.minimum((p + 1) * BR, T)
     g = tl.load(gate_ptr + h).to(tl.float32)
     qb = _rows(q_ptr, b, n, h, T, H, rd, D)
     fqb = _rows(fq_ptr, b, n, h, T, H, rf, F)
@@ -224,34 +236,40 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
     delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
     dos = _rows(do_ptr, b, n, h, T, H, rv, V).to(tl.float32) / _per_token(z_ptr, b, n, h, T, H, 1.0)[:, None]
 
-    dq = tl.zeros([C, BD], dtype=tl.float32)
-    dfq = tl.zeros([C, BF], dtype=tl.float32)
-    dc = tl.zeros([C], dtype=tl.float32)
-    dg = tl.zeros([C], dtype=tl.float32)
-    best = tl.full([C], float("-inf"), dtype=tl.float32)
-    amax = tl.full([C], -1, dtype=tl.int32)
+    # The state's share first: dos in float32 (a tf32 operand beside the float32 state) is then dead in the loop.
+    base = bh.to(tl.int64) * NC + i
+    hst = tl.load(hs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
+                  other=0.0)
+    hden = tl.load(hden_ptr + base * F + rf, mask=rf < F, other=0.0)
+    dfq = _dot(dos.to(fqb.dtype), hst.to(fqb.dtype), PREC, UPCAST) - delta[:, None] * hden[None, :]
+    dos = dos.to(v_ptr.dtype.element_ty)
+    dq = tl.zeros([BR, BD], dtype=tl.float32)
+    dc = tl.zeros([BR], dtype=tl.float32)
+    dg = tl.zeros([BR], dtype=tl.float32)
+    best = tl.full([BR], float("-inf"), dtype=tl.float32)
+    amax = tl.full([BR], -1, dtype=tl.int32)
     if S > 0:  # the sinks past the window first: the lowest keys, so they take a tied max
         js = tl.arange(0, BS)
         sink = _sink_mask(n[:, None], js[None, :], T, W, S, TERRACE)
-        s = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale
-        e = tl.exp(tl.where(sink, s - c[:, None], float("-inf")))
-        vt = _cols(v_ptr, b, js, h, T, H, rv, V)
-        dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
-        dpw = dw * g * e
+        ss = _dot(qb, _cols(k_ptr, b, js, h, T, H, rd, D), PREC, UPCAST) * scale  # names of their own: a tile
+        es = tl.exp(tl.where(sink, ss - c[:, None], float("-inf")))  # of another shape than the loop's
+        vst = _cols(v_ptr, b, js, h, T, H, rv, V)
+        dws = _dot(dos, vst, PREC, UPCAST) - delta[:, None]
+        dpws = dws * g * es
         ks = _rows(k_ptr, b, js, h, T, H, rd, D)
-        dq += _dot(dpw.to(ks.dtype), ks, PREC, UPCAST)
-        dc -= tl.sum(dpw, 1)
-        dg += tl.sum(dw * e, 1)
-        masked = tl.where(sink, s, float("-inf"))
-        best = tl.max(masked, 1)
-        amax = tl.where(best > float("-inf"), tl.argmax(masked, 1, tie_break_left=True).to(tl.int32), amax)
-    for t in tl.static_range(2):  # keys of the previous chunk, then of this one
-        j = (i - 1 + t) * C + tl.arange(0, C)
+        dq += _dot(dpws.to(ks.dtype), ks, PREC, UPCAST)
+        dc -= tl.sum(dpws, 1)
+        dg += tl.sum(dws * es, 1)
+        masked_s = tl.where(sink, ss, float("-inf"))
+        best = tl.max(masked_s, 1)
+        amax = tl.where(best > float("-inf"), tl.argmax(masked_s, 1, tie_break_left=True).to(tl.int32), amax)
+    for j0 in range(lo, hi, BK):  # key blocks in order, so that the first of tied keys takes the max
+        j = j0 + tl.arange(0, BK)
         s = _dot(qb, _cols(k_ptr, b, j, h, T, H, rd, D), PREC, UPCAST) * scale
         window, older = _masks(n[:, None], j[None, :], T, W, S, TERRACE)
         e = tl.exp(tl.where(window, s - c[:, None], float("-inf")))
         vt = _cols(v_ptr, b, j, h, T, H, rv, V)
-        dw = _dot(dos.to(vt.dtype), vt, PREC, UPCAST) - delta[:, None]
+        dw = _dot(dos, vt, PREC, UPCAST) - delta[:, None]
         dpw = dw * g * e
         kb = _rows(k_ptr, b, j, h, T, H, rd, D)
         fkb = _rows(fk_ptr, b, j, h, T, H, rf, F)
@@ -262,17 +280,12 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
         # The key holding the max: strict > keeps the first of tied keys.
         masked = tl.where(window, s, float("-inf"))
         tile_best = tl.max(masked, 1)
-        tile_arg = (i - 1 + t) * C + tl.argmax(masked, 1, tie_break_left=True).to(tl.int32)
+        tile_arg = j0 + tl.argmax(masked, 1, tie_break_left=True).to(tl.int32)
         amax = tl.where(tile_best > best, tile_arg, amax)
         best = tl.maximum(best, tile_best)
     live = n < T
     dq += dc[:, None] * _rows(k_ptr, b, amax, h, T, H, rd, D).to(tl.float32)
 
-    base = bh.to(tl.int64) * NC + i
-    hst = tl.load(hs_ptr + base * F * V + rf[None, :] * V + rv[:, None], mask=(rv[:, None] < V) & (rf[None, :] < F),
-                  other=0.0)
-    hden = tl.load(hden_ptr + base * F + rf, mask=rf < F, other=0.0)
-    dfq += _dot(dos.to(fqb.dtype), hst.to(fqb.dtype), PREC, UPCAST) - delta[:, None] * hden[None, :]
 
     tok = (b * T + n).to(tl.int64) * H + h
     tl.store(dq_ptr + tok[:, None] * D + rd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -281,13 +294,13 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, hs_ptr, hden_ptr, 
              mask=live[:, None] & (rf[None, :] < F))
     tl.store(dc_ptr + tok, dc, mask=live)
     tl.store(amax_ptr + tok, amax, mask=live)
-    tl.store(dg_ptr + base, tl.sum(tl.where(live, dg, 0.0), 0))
+    tl.store(dg_ptr + bh.to(tl.int64) * tl.num_programs(0) + p, tl.sum(tl.where(live, dg, 0.0), 0))
 
 
 @triton.jit
 def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_ptr, dc_ptr, amax_ptr, dks_ptr,
-                   dvs_ptr, scale, T, H, D, V, W, NC, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
-                   C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   dvs_ptr, scale, T, H, D, V, W, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
+                   BK: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     rd, rv = tl.arange(0, BD), tl.arange(0, BV)
@@ -297,8 +310,8 @@ def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_pt
     vb = _rows(v_ptr, b, j, h, T, H, rv, V)
     dk = tl.zeros([BS, BD], dtype=tl.float32)
     dv = tl.zeros([BS, BV], dtype=tl.float32)
-    for i in range(W // C, NC):  # [key, query] tiles; a sink leaves the window at query W at the earliest
-        n = i * C + tl.arange(0, C)
+    for n0 in range(W // BK * BK, T, BK):  # [key, query] tiles; a sink leaves the window at query W at the earliest
+        n = n0 + tl.arange(0, BK)
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
         delta = _per_token(delta_ptr, b, n, h, T, H, 0.0)
@@ -322,28 +335,30 @@ def _dsinks_kernel(q_ptr, k_ptr, v_ptr, gate_ptr, m_ptr, z_ptr, delta_ptr, do_pt
 def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_ptr, m_ptr, z_ptr, delta_ptr,
                 do_ptr, dc_ptr, amax_ptr, dks_ptr, dvs_ptr, dk_ptr, dv_ptr, dfk_ptr,
                 scale, T, H, D, F, V, W, NC, dvs_row, S: tl.constexpr, BS: tl.constexpr, TERRACE: tl.constexpr,
-                C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, DV: tl.constexpr):
-    i, bh, jv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                C: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, DV: tl.constexpr):
+    p, bh, jv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rd, rf, rv = tl.arange(0, BD), tl.arange(0, BF), jv * BV + tl.arange(0, BV)
-    j = i * C + tl.arange(0, C)
+    j = p * BR + tl.arange(0, BR)  # BR keys of chunk i
+    i = p * BR // C
     g = tl.load(gate_ptr + h).to(tl.float32)
     kb = _rows(k_ptr, b, j, h, T, H, rd, D)
     fkb = _rows(fk_ptr, b, j, h, T, H, rf, F)
     vb = _rows(v_ptr, b, j, h, T, H, rv, V)
 
-    # Tiles are transposed, [key, query]: these keys are "this chunk" for query chunk i, "previous" for i + 1.
+    # Tiles are transposed, [key, query]: these keys are "this chunk" for query chunk i, "previous" for i + 1;
+    # later queries see them through the state (dhs[i], below). Query blocks from the first key on (causal).
     # DV: this launch computes dv, columns rv of it (BV is a block of V, axis 2 of the grid); otherwise dk and
     # dfk, with all of V (dw sums over it). One program doing all three held more C x D tiles than an H100's
     # shared memory at D = 128, C = 128; each half recomputes the scores s instead. The dv half with all of
     # V still needed 256 KB on sm_90 in a float32 model (tf32x3 operands); a block of 64 columns fits, at
     # the price of recomputing s and the linear scores once per block (scripts/compile_sweep.py).
-    dk = tl.zeros([C, BD], dtype=tl.float32)
-    dv = tl.zeros([C, BV], dtype=tl.float32)
-    dfk = tl.zeros([C, BF], dtype=tl.float32)
-    for t in tl.static_range(2):
-        n = (i + t) * C + tl.arange(0, C)
+    dk = tl.zeros([BR, BD], dtype=tl.float32)
+    dv = tl.zeros([BR, BV], dtype=tl.float32)
+    dfk = tl.zeros([BR, BF], dtype=tl.float32)
+    for n0 in range(p * BR, tl.minimum((i + 2) * C, T), BK):
+        n = n0 + tl.arange(0, BK)
         c = _per_token(m_ptr, b, n, h, T, H, 0.0)
         z = _per_token(z_ptr, b, n, h, T, H, 1.0)
         window, older = _masks(n[None, :], j[:, None], T, W, S, TERRACE)
@@ -399,7 +414,23 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gate_ptr, dhs_ptr, dhden_pt
 
 
 class _HybridLayout:
-    """Shapes, block sizes and launch options shared by the forward and backward."""
+    """Shapes, block sizes and launch options shared by the forward and backward: the one place where the
+    kernels' tiles, warps and stages are chosen."""
+
+    # Rows (queries; keys in _dkv_kernel) per program of the chunk kernels, and the block of keys (queries)
+    # their loops, and the state walks, step by. Whole chunks with both key chunks scored at once (two C x C
+    # float32 tiles beside C x D ones) spilled up to 88 KB in a bf16 model at C = 128 and took ptxas minutes
+    # per kernel (scripts/compile_sweep.py --ptxas); so did the walks' BFS x C feature tiles.
+    BLOCK, KEYS = 64, 32
+    # Rows per program at head dims over 64 (D = 128): at 64 rows, bf16 _dq_kernel spilled 88-26,438 B on sm_80
+    # (ptxas fell back to 32 registers on one launch) and _forward_kernel ~5.5 KB; at 32 rows, 0-500 B
+    # (scripts/compile_sweep.py --ptxas-only). Four warps at 32 rows spilled more (364-1,392 B).
+    WIDE_BLOCK = 32
+    # The chunk kernels: eight warps halve each thread's share of the BLOCK x D accumulators and operands;
+    # two stages prefetch the next key block (three needed 245 KB of shared memory at D = 128), except where
+    # a row of the head dim's tiles takes STAGE_ROW_BYTES or more (float32 at D = 128): there two stages of
+    # _dq_kernel needed 182,272 B on an A100 (163 KB) and 229,376 B of an H100's 227 KB, so one stage.
+    CHUNK_WARPS, CHUNK_STAGES, STAGE_ROW_BYTES = 8, 2, 512
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, window: int, sinks: int, terrace: bool,
                  chunk_size: int) -> None:
@@ -412,17 +443,29 @@ class _HybridLayout:
         # the state walks split F and V into blocks of at most 64, and so does the dv launch V. tl.dot needs >= 16.
         self.BD, self.BF, self.BV = (max(16, triton.next_power_of_2(x)) for x in (self.D, self.F, self.V))
         self.BFS, self.BVS = min(64, self.BF), min(64, self.BV)
+        self.BR, self.BK = min(self.C, self.BLOCK if self.BD <= 64 else self.WIDE_BLOCK), min(self.C, self.KEYS)
+        self.programs = self.NC * (self.C // self.BR)  # the chunk kernels' grid axis 0
         self.NF, self.NV = triton.cdiv(self.F, self.BFS), triton.cdiv(self.V, self.BVS)
         self.prec, self.upcast = dot_precision(q.dtype), interpreter_upcast(q.dtype)
+        self.stages = self.CHUNK_STAGES if q.element_size() * self.BD < self.STAGE_ROW_BYTES else 1
         self.scale = self.D**-0.5
 
     def chunk_meta(self) -> dict:
         return {"H": self.H, "D": self.D, "F": self.F, "V": self.V, "W": self.W, "NC": self.NC, "S": self.S,
-                "BS": self.BS, "TERRACE": self.terrace, "C": self.C, "BD": self.BD, "BF": self.BF, "BV": self.BV,
-                "PREC": self.prec, "UPCAST": self.upcast}
+                "BS": self.BS, "TERRACE": self.terrace, "C": self.C, "BR": self.BR, "BK": self.BK, "BD": self.BD,
+                "BF": self.BF, "BV": self.BV, "PREC": self.prec, "UPCAST": self.upcast, "num_warps": self.CHUNK_WARPS,
+                "num_stages": self.stages}
+
+    def sinks_meta(self) -> dict:
+        """`_dsinks_kernel`'s launch. One pipeline stage: its loop loads four BK x D tiles a step, and with
+        whole chunks (C x D) buffering them three deep needed 273 KB of shared memory at D = 128
+        (scripts/compile_sweep.py), over an H100's 227 KB."""
+        return {"H": self.H, "D": self.D, "V": self.V, "W": self.W, "S": self.S, "BS": self.BS,
+                "TERRACE": self.terrace, "BK": self.BK, "BD": self.BD, "BV": self.BV, "PREC": self.prec,
+                "UPCAST": self.upcast, "num_stages": 1}
 
     def walk_meta(self) -> dict:
-        return {"H": self.H, "F": self.F, "V": self.V, "NC": self.NC, "C": self.C, "BFS": self.BFS,
+        return {"H": self.H, "F": self.F, "V": self.V, "NC": self.NC, "C": self.C, "BK": self.BK, "BFS": self.BFS,
                 "BVS": self.BVS, "PREC": self.prec, "UPCAST": self.upcast}
 
     def state_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,7 +486,7 @@ def _forward(q, k, v, fq, fk, gate, window, sinks, terrace, chunk_size):
     o = alloc(v.shape, q.dtype, q.device)
     m = alloc(q.shape[:3], torch.float32, q.device)
     z = alloc(q.shape[:3], torch.float32, q.device)
-    _forward_kernel[(lay.NC, lay.B * lay.H)](q, k, v, fq, fk, gate, hs, hden, o, m, z, lay.scale, lay.T,
+    _forward_kernel[(lay.programs, lay.B * lay.H)](q, k, v, fq, fk, gate, hs, hden, o, m, z, lay.scale, lay.T,
                                             **lay.chunk_meta())
     return o, m, z
 
@@ -459,23 +502,20 @@ def _backward(q, k, v, fq, fk, gate, o, m, z, do, window, sinks, terrace, chunk_
     dq, dfq = alloc(q.shape, q.dtype, dev), alloc(fq.shape, fq.dtype, dev)
     dc = alloc(q.shape[:3], torch.float32, dev)
     amax = torch.empty(q.shape[:3], dtype=torch.int32, device=dev)
-    dg = alloc((lay.B, lay.H, lay.NC), torch.float32, dev)  # per chunk; summed below
-    _dq_kernel[(lay.NC, BH)](q, k, v, fq, fk, gate, hs, hden, m, z, delta, do, dq, dfq, dc, amax, dg,
+    dg = alloc((lay.B, lay.H, lay.programs), torch.float32, dev)  # per program; summed below
+    _dq_kernel[(lay.programs, BH)](q, k, v, fq, fk, gate, hs, hden, m, z, delta, do, dq, dfq, dc, amax, dg,
                              lay.scale, lay.T, **lay.chunk_meta())
-    # The sinks' gradient from the queries past the window, in float32 for the chunk kernel to add. One
-    # pipeline stage: its loop loads four C x D tiles a step, and buffering them three deep needed 273 KB
-    # of shared memory at D = 128 (scripts/compile_sweep.py), over an H100's 227 KB.
+    # The sinks' gradient from the queries past the window, in float32 for the chunk kernel to add.
     dks, dvs = (torch.zeros(BH, lay.BS, x, dtype=torch.float32, device=dev) for x in (lay.BD, lay.BV))
     if lay.S:
-        _dsinks_kernel[(BH,)](q, k, v, gate, m, z, delta, do, dc, amax, dks, dvs, lay.scale, lay.T, H=lay.H,
-                              D=lay.D, V=lay.V, W=lay.W, NC=lay.NC, S=lay.S, BS=lay.BS, TERRACE=lay.terrace, C=lay.C,
-                              BD=lay.BD, BV=lay.BV, PREC=lay.prec, UPCAST=lay.upcast, num_stages=1)
+        _dsinks_kernel[(BH,)](q, k, v, gate, m, z, delta, do, dc, amax, dks, dvs, lay.scale, lay.T,
+                              **lay.sinks_meta())
     dk, dv, dfk = alloc(k.shape, k.dtype, dev), alloc(v.shape, v.dtype, dev), alloc(fk.shape, fk.dtype, dev)
     # dk and dfk with all of V, then dv in blocks of V (see the kernel)
     for part, blocks, bv in ((False, 1, lay.BV), (True, lay.NV, lay.BVS)):
-        _dkv_kernel[(lay.NC, BH, blocks)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks, dvs, dk,
-                                          dv, dfk, lay.scale, lay.T, dvs_row=lay.BV, DV=part,
-                                          **(lay.chunk_meta() | {"BV": bv}))
+        _dkv_kernel[(lay.programs, BH, blocks)](q, k, v, fq, fk, gate, dhs, dhden, m, z, delta, do, dc, amax, dks,
+                                                dvs, dk, dv, dfk, lay.scale, lay.T, dvs_row=lay.BV, DV=part,
+                                                **(lay.chunk_meta() | {"BV": bv}))
     return dq, dk, dv, dfq, dfk, dg.sum((0, 2))
 
 

@@ -17,6 +17,9 @@ shared memory a program needs is known after its LLVM stage (before ptxas). This
 
     python scripts/compile_sweep.py                 # shared memory only, ~1-2 minutes on 2 cores
     python scripts/compile_sweep.py --ptxas         # + registers and spills (ptxas), longer
+    python scripts/compile_sweep.py --ptxas-only "triton_hybrid bfloat16"
+        # every launch's shared memory; ptxas for the launches whose "module.kernel label" holds every word
+        # (each row of the JSON says "ptxas": true or false)
 """
 
 from __future__ import annotations
@@ -50,8 +53,27 @@ SPECS = {
     "gdn-token-mix": {"method": "gdn", "window_mix": "token", "window_kind": "terrace", "sinks": 4},
 }
 MODELS = {64: 9, 128: 16}  # head dim: heads (SmolLM2-135M has 9; 16 specialises as Llama-7B's 32 does)
-# bf16-model launches allowed to spill under ptxas, each with its reason (none at present).
-SPILL_EXCEPTIONS: dict[str, str] = {}
+# bf16-model launches allowed to spill under ptxas: (kernel, words that its launch label holds) -> the measured
+# reason.
+SPILL_EXCEPTIONS: dict[tuple[str, str], str] = {
+    ("triton_hybrid._dstates_kernel", "bfloat16"): "8 B on sm_80 at 168 registers: ptxas spills a register of the "
+    "64 x 64 float32 state accumulator in the backward walk; negligible local-memory traffic",
+    ("triton_hybrid._dkv_kernel", "bfloat16 BD=64"): "8-28 B at D = 64: ptxas spills a few registers of the "
+    "64 x 32 score tiles beside the dk, dv, dfk accumulators at 8 warps; negligible local-memory traffic",
+    ("triton_hybrid._dq_kernel", "bfloat16 BD=64"): "32 B at D = 64 on sm_80 (with sinks): a few registers of the "
+    "64 x 32 score tiles beside the dq accumulator and the sink tile at 8 warps; negligible",
+    ("triton_hybrid._dsinks_kernel", "bfloat16 BD=128"): "12 B on sm_90 (terrace): a few registers of the BK x D "
+    "tiles at 4 warps; negligible",
+    ("triton_hybrid._dkv_kernel", "bfloat16 BD=128"): "44-176 B at D = 128, F = 16 only (32 rows x 8 warps; "
+    "F = 128 launches do not spill since 32 rows; 64 rows spilled 28-360 B): the dk, dv accumulators (32 x 128 "
+    "float32) and two score tiles at 255 registers",
+    ("triton_hybrid._dq_kernel", "bfloat16 BD=128"): "40-344 B at D = 128 with 32 rows x 8 warps (64 rows spilled "
+    "88-26,438 B, ptxas falling back to 32 registers on one sm_80 launch; 4 warps 760-1,020 B): dq, the dfq "
+    "accumulator and the score tiles at 255 registers",
+    ("triton_hybrid._forward_kernel", "bfloat16 BD=128"): "432-832 B at D = 128 with sinks, F = 128 (32 rows x 8 "
+    "warps; 64 rows spilled ~5.5 KB on sm_80 at 128 registers and 0 on sm_90; 4 warps 1,112-1,392 B): the "
+    "32 x 128 numerator, the sink tile and the score tiles at 255 registers",
+}
 # (kernel, target, start of the launch label) known to exceed the target's shared memory, with the reason
 # (none at present). An entry that no longer matches an over-limit launch fails the check too, so the list
 # stays true.
@@ -65,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma separated")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per compile")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ptxas-only", default=None, metavar="WORDS",
+                        help="run ptxas only for launches whose 'module.kernel label' contains every word; the "
+                        "others get the shared-memory pass, and the JSON still holds every launch")
     parser.add_argument("--only", default="", help="compile only launches whose kernel or label contains this "
                         "(e.g. bfloat16 with --ptxas: the spill check of the bf16 paths)")
     parser.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)  # the interpreter child
@@ -258,6 +283,12 @@ def known_over_limit(row: dict) -> tuple[str, int, str] | None:
                  if key[:2] == (row["kernel"], row["target"]) and row["launch"].startswith(key[2])), None)
 
 
+def spill_exception(row: dict) -> tuple[str, str] | None:
+    """The SPILL_EXCEPTIONS entry that covers this result, if any."""
+    return next((key for key in SPILL_EXCEPTIONS
+                 if key[0] == row["kernel"] and all(word in row["launch"] for word in key[1].split())), None)
+
+
 def problems(row: dict) -> list[str]:
     """Why a (launch, target) result fails the check; empty when it fits."""
     found = []
@@ -268,7 +299,7 @@ def problems(row: dict) -> list[str]:
     if row.get("ptxas_timeout"):
         found.append("ptxas ran past the time bound")
     bf16 = "bfloat16" in row["launch"]
-    if bf16 and row.get("spill_bytes", 0) > 0 and row["kernel"] not in SPILL_EXCEPTIONS:
+    if bf16 and row.get("spill_bytes", 0) > 0 and not spill_exception(row):
         found.append(f"spills {row['spill_bytes']} B in a bf16 model")
     return found
 
@@ -291,18 +322,26 @@ def main(argv: list[str] | None = None) -> int:
     launches = [x for x in json.loads(child.stdout)
                 if args.only in x["kernel"] or args.only in launch_label(x)]
     targets = [int(x) for x in args.targets.split(",")]
-    jobs = [(launch, cc, args.ptxas, args.timeout) for launch in launches for cc in targets]
+
+    def wants_ptxas(launch: dict) -> bool:
+        if args.ptxas_only is None:
+            return args.ptxas
+        name = f"{launch['module']}.{launch['kernel']} {launch_label(launch)}"
+        return all(word in name for word in args.ptxas_only.split())
+
+    jobs = [(launch, cc, wants_ptxas(launch), args.timeout) for launch in launches for cc in targets]
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(compile_job, jobs))
     rows = []
-    for (launch, cc, _, _), result in zip(jobs, results):
+    for (launch, cc, ptxas, _), result in zip(jobs, results):
         rows.append({"kernel": f"{launch['module'].rsplit('.', 1)[-1]}.{launch['kernel']}", "target": cc,
                      "launch": launch_label(launch), "launch_index": launches.index(launch),
-                     "used_by": sorted(set(launch["used_by"])), **result})
+                     "used_by": sorted(set(launch["used_by"])), "ptxas": ptxas, **result})
     # The shared-memory pass against the whole pipeline (LLVM, PTX, ptxas) on the launch that needs the most.
-    if not args.ptxas and rows:
-        top = max((r for r in rows if "shared_bytes" in r), key=lambda r: (r["shared_bytes"], r["target"]))
+    if any(not r["ptxas"] for r in rows):
+        top = max((r for r in rows if "shared_bytes" in r and not r["ptxas"]),
+                  key=lambda r: (r["shared_bytes"], r["target"]))
         full = compile_job((launches[top["launch_index"]], top["target"], True, args.timeout))
         shared_check = {"kernel": top["kernel"], "target": top["target"], "launch": top["launch"],
                         "allocation_pass_bytes": top["shared_bytes"], "full_pipeline": full,
@@ -327,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
               f"  {r['launch']}{'  <- ' + '; '.join(r['problems']) if r['problems'] else ''}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "compile_sweep", **provenance(), "limits_shared_bytes": SHARED_LIMIT,
-              "spill_exceptions": SPILL_EXCEPTIONS,
+              "spill_exceptions": [{"kernel": k[0], "launch_words": k[1], "reason": v}
+                                   for k, v in SPILL_EXCEPTIONS.items()],
               "shared_exceptions": [{"kernel": k[0], "target": k[1], "launch": k[2], "reason": v}
                                     for k, v in SHARED_EXCEPTIONS.items()],
               "launches": len(launches), "compiles": len(rows),
-              "ptxas": args.ptxas, "wall_seconds": round(time.perf_counter() - start, 1),
+              "ptxas": args.ptxas, "ptxas_only": args.ptxas_only,
+              "ptxas_compiles": sum(r["ptxas"] for r in rows), "wall_seconds": round(time.perf_counter() - start, 1),
               "failing": len(failing), "shared_check": shared_check, "results": rows, "launch_records": launches}
     path = args.out / "kernels.json"
     path.write_text(json.dumps(record, indent=1) + "\n")

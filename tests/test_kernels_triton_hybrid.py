@@ -260,3 +260,14 @@ def test_torch_compile_fullgraph():
     torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*compiled).backward()
     for a, b in zip(compiled, eager):
         assert rel_rms(a.grad, b.grad) < FP32_TOL
+
+
+@pytest.mark.parametrize("terrace, sinks", [(False, 0), (True, 3)])
+def test_programs_split_a_chunk(monkeypatch, terrace, sinks):
+    """Blocks of rows and of keys smaller than the chunk, as on a GPU (C = 128 in programs of 64 rows that
+    step over keys 32 at a time): chunks of 64 in programs of 32 rows, 16 keys a step; odd T, window and
+    block edges that differ."""
+    monkeypatch.setattr(triton_hybrid._HybridLayout, "BLOCK", 32)
+    monkeypatch.setattr(triton_hybrid._HybridLayout, "KEYS", 16)
+    errors = compare_with_reference(1, 151, 2, 16, 16, 24, 29 if terrace else 50, 64, sinks=sinks, terrace=terrace)
+    assert max(errors.values()) < FP32_TOL, errors
