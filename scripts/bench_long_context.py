@@ -124,11 +124,11 @@ def load(source: str, recipe: str, changes: dict[str, Any]) -> tuple[nn.Module, 
 def heldout_streams(tokenizer: PreTrainedTokenizerBase, recipe: str, texts: dict[str, list[str]],
                     tokens: int) -> dict[str, torch.Tensor]:
     """Each corpus's held-out token stream (tokens + 1 ids), formatted as `supra eval` formats it."""
+    from supra.commands.settings import heldout_perplexity
     from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
 
-    return {corpus: HeldoutPerplexity(load_config([f"recipe={recipe}", f"eval.max_tokens={tokens}", *overrides]),
-                                      tokenizer).tokens()
+    return {corpus: heldout_perplexity(load_config([f"recipe={recipe}", f"eval.max_tokens={tokens}", *overrides]),
+                                       tokenizer).tokens()
             for corpus, overrides in texts.items()}
 
 

@@ -199,13 +199,13 @@ def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dic
     import torch
 
     from supra.commands.common import load_model_and_tokenizer
+    from supra.commands.settings import heldout_perplexity
     from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
 
     cfg = load_config([f"recipe={recipe}", f"model={model_source}", f"eval.max_tokens={tokens}", *corpus])
     model, tokenizer = load_model_and_tokenizer(cfg)
     with torch.no_grad():
-        return HeldoutPerplexity(cfg, tokenizer)(model.eval())
+        return heldout_perplexity(cfg, tokenizer)(model.eval())
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:

@@ -12,8 +12,8 @@ from test_layers import tiny_model
 from test_uptrain import FAST, losses, uptrain_process
 
 from supra.cli import main
+from supra.commands.settings import convert_model
 from supra.config import load_config
-from supra.convert import convert_model
 from supra.models import load_model
 from supra.train.cached import build_cache, cached_micro_loss, epoch_order
 from supra.train.stages import LoraSpec, add_lora, distill_loss, micro_batch_loss, set_trainable

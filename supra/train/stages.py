@@ -12,25 +12,25 @@ token and parameter, and the loop that runs it (trainer.LOOPS).
   is the same model with softmax attention and no adapters (`teacher_mode`): no second copy.
 
 Adding a kind: its loss function and a `StageKind` entry here; settings only it reads are fields of
-`config.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
+`settings.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from ..data.packing import IGNORE_INDEX
 from ..layers.attention import RecurrentAttention, teacher_only
 from ..layers.factorized import FACTORIZED, factor_parameter_names
 from ..layers.linearize import new_parameter_names
+from .settings import StageConfig
 
 TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
 
@@ -45,7 +45,7 @@ class LoraSpec:
     targets: tuple[str, ...]
 
     @classmethod
-    def of_stages(cls, stages: list[DictConfig]) -> LoraSpec | None:
+    def of_stages(cls, stages: Sequence[StageConfig]) -> LoraSpec | None:
         stage = next((s for s in stages if trained_set(s) == "lora"), None)
         if stage is None:
             return None
@@ -69,12 +69,12 @@ def add_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def trained_set(stage: DictConfig) -> str:
+def trained_set(stage: StageConfig) -> str:
     """new (feature maps, window factors), lora (adapters) or all, for every stage."""
     return STAGE_KINDS[stage.name].trains(stage)
 
 
-def set_trainable(model: nn.Module, stage: DictConfig) -> None:
+def set_trainable(model: nn.Module, stage: StageConfig) -> None:
     which = trained_set(stage)
     if which == "new":
         new = set(new_parameter_names(model))
@@ -99,13 +99,13 @@ def recurrent_layers(model: nn.Module) -> list[RecurrentAttention]:
     return [m for m in model.modules() if isinstance(m, RecurrentAttention)]
 
 
-def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                      layerwise: bool) -> torch.Tensor:
     """Backpropagate the loss of one micro-batch (scaled by loss_scale); returns it, detached."""
     return STAGE_KINDS[stage.name].loss(model, batch, stage, loss_scale, layerwise)
 
 
-def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                           layerwise: bool) -> torch.Tensor:
     loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                  use_cache=False).loss
@@ -113,14 +113,14 @@ def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stag
     return loss.detach()
 
 
-def distill_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def distill_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                        layerwise: bool) -> torch.Tensor:
     loss = distill_loss(model, batch, stage.ce_weight)
     (loss * loss_scale).backward()
     return loss.detach()
 
 
-def transfer_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def transfer_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                         layerwise: bool) -> torch.Tensor:
     """Attention transfer needs no LM head (logits for one position only). With `layerwise`, each
     layer's backward runs as soon as its loss exists, so one layer's graph is alive at a time;
@@ -229,7 +229,7 @@ def _one_of(what: str, value: Any, valid: tuple) -> None:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
-def _check_transfer(stage: DictConfig) -> None:
+def _check_transfer(stage: StageConfig) -> None:
     from ..models import DTYPES
 
     if stage.cache_tokens and stage.block_layers:
@@ -237,11 +237,11 @@ def _check_transfer(stage: DictConfig) -> None:
     _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
 
 
-def _check_distill(stage: DictConfig) -> None:
+def _check_distill(stage: StageConfig) -> None:
     _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
 
 
-def _transfer_loop(stage: DictConfig) -> str:
+def _transfer_loop(stage: StageConfig) -> str:
     return "blockwise" if stage.block_layers else "cached" if stage.cache_tokens else "plain"
 
 
@@ -252,12 +252,12 @@ class StageKind:
     FLOPs per token and parameter (plan.py: the dry run and MFU) and the loop that runs it
     (trainer.py: plain, cached or blockwise)."""
 
-    trains: Callable[[DictConfig], str]
+    trains: Callable[[StageConfig], str]
     loss: Callable[..., torch.Tensor]
     flops_per_param: float
     fields: tuple[str, ...] = ()
-    check: Callable[[DictConfig], None] = lambda stage: None
-    loop: Callable[[DictConfig], str] = lambda stage: "plain"
+    check: Callable[[StageConfig], None] = lambda stage: None
+    loop: Callable[[StageConfig], str] = lambda stage: "plain"
 
 
 # Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
@@ -273,17 +273,17 @@ STAGE_KINDS: dict[str, StageKind] = {
 }
 
 
-def check_stage(stage: DictConfig, defaults: Any) -> None:
+def check_stage(stage: StageConfig) -> None:
     """ValueError naming what is wrong: an unknown kind, a setting another kind owns changed from its
-    default (`defaults`: the schema's StageConfig), or the kind's own check."""
+    default, or the kind's own check."""
     _one_of("stage name", stage.name, tuple(STAGE_KINDS))
-    kind = STAGE_KINDS[stage.name]
+    kind, defaults = STAGE_KINDS[stage.name], StageConfig()
     for other, owner in STAGE_KINDS.items():
         for name in owner.fields:
-            if other != stage.name and name not in kind.fields and stage[name] != getattr(defaults, name):
+            if other != stage.name and name not in kind.fields and getattr(stage, name) != getattr(defaults, name):
                 raise ValueError(f"stage {stage.name}: {name} is for {other} only")
     kind.check(stage)
 
 
-def stage_loop(stage: DictConfig) -> str:
+def stage_loop(stage: StageConfig) -> str:
     return STAGE_KINDS[stage.name].loop(stage)
