@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_quality import corpora
 from provenance import REPO, figure, write_results
+
+from supra.evaluate.heldout import corpora
 
 NAME = "window_share"
 
