@@ -2,6 +2,9 @@
 
 A recipe (recipes/<name>.yaml) is merged over these defaults, then command-line overrides (Hydra
 syntax) over the recipe. The merged config is validated here, once, so commands can trust it.
+The sections the library takes as they are live beside the code that reads them, each field with
+its one default: `data` (supra.data.config), `factorize` (supra.layers.specs), `train` and its
+stages (supra.train.settings); supra.commands.settings hands each part of the library its own.
 """
 
 from __future__ import annotations
