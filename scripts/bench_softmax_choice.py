@@ -36,7 +36,7 @@ from supra.layers.linearize import decoder_layers, recorded_spec
 from supra.models import load_model, load_tokenizer
 from supra.skip import calibration_batches
 from supra.softmax_select import choose_softmax_layers
-from supra.train.stages import teacher_layers
+from supra.train.transfer import teacher_layers
 
 
 @torch.no_grad()

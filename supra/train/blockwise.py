@@ -30,7 +30,7 @@ from ..layers.linearize import decoder_layers
 from .optim import optimizer_step
 from .plan import StagePlan
 from .settings import StageConfig
-from .stages import reported_transfer_loss, teacher_layers, transfer_losses
+from .transfer import reported_transfer_loss, teacher_layers, transfer_losses
 
 # Called after every optimizer step with (loss, grad_norm, optimizer, seconds); True means stop now.
 StepDone = Callable[[float, float, torch.optim.Optimizer, float], bool]

@@ -27,12 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.packing import IGNORE_INDEX
-from ..layers.attention import RecurrentAttention, teacher_only
+from ..layers.attention import RecurrentAttention
 from ..layers.factorized import FACTORIZED, factor_parameter_names
 from ..layers.linearize import new_parameter_names
 from .settings import StageConfig
-
-TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
+from .transfer import reported_transfer_loss, teacher_layers, transfer_losses
 
 
 @dataclass(frozen=True)
@@ -145,18 +144,6 @@ def teacher_mode(model: nn.Module) -> Iterator[None]:
             yield
 
 
-@contextmanager
-def teacher_layers(layers: list[RecurrentAttention]) -> Iterator[None]:
-    """The converted `layers` compute the softmax attention they replaced, and nothing else."""
-    for layer in layers:
-        layer.transfer = teacher_only
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.transfer = None
-
-
 def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_weight: float) -> torch.Tensor:
     """Mean over scored positions of KL(teacher || student) on the next-token distribution, mixed
     with the next-token cross-entropy as (1 - ce_weight) KL + ce_weight CE. Positions whose next
@@ -172,56 +159,6 @@ def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_weight: fl
         return kl
     ce = F.nll_loss(student[scored], targets[scored])
     return (1 - ce_weight) * kl + ce_weight * ce
-
-
-@contextmanager
-def transfer_losses(layers: list[RecurrentAttention], loss_scale: float, layerwise: bool) -> Iterator[list]:
-    """Put `layers` in attention-transfer mode; yields the list their (detached) MSEs land in.
-    Layerwise, each loss is backpropagated at once; otherwise it is attached to the layer's output."""
-    losses: list[torch.Tensor] = []
-
-    def collect(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        losses.append(loss.detach())
-        scaled = scaled_transfer_loss(loss, loss_scale)
-        if layerwise:
-            scaled.backward()
-            return output
-        return AttachLoss.apply(output, scaled)
-
-    for layer in layers:
-        layer.transfer = collect
-    try:
-        yield losses
-    finally:
-        for layer in layers:
-            layer.transfer = None
-
-
-class AttachLoss(torch.autograd.Function):
-    """Identity on `output` whose backward also gives `loss` a gradient of one. Under FSDP the
-    gradient must flow through each layer's output for its hooks to reduce the layer's gradients;
-    attaching the layer's loss to its output routes the transfer loss that way."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, dtype, device = ctx.loss_meta
-        return grad_output, torch.ones(shape, dtype=dtype, device=device)
-
-
-def scaled_transfer_loss(mse: torch.Tensor, loss_scale: float) -> torch.Tensor:
-    """What a layer's attention-transfer MSE contributes to the gradient (LoLCATs' x1000, times the
-    micro-batch's share `loss_scale`): the whole-model, cached and block-wise loops all use it."""
-    return mse * TRANSFER_LOSS_SCALE * loss_scale
-
-
-def reported_transfer_loss(losses: list[torch.Tensor]) -> torch.Tensor:
-    """The transfer loss of one micro-batch as logged: the layers' MSEs summed, x1000."""
-    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
 
 
 def _one_of(what: str, value: Any, valid: tuple) -> None:
