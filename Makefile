@@ -60,9 +60,10 @@ lock: test-latest
 	rm -rf $(LATEST_VENV)
 	@echo "$(LOCK) updated; 'make test' reinstalls from it. Commit it."
 
-# fla (ANCHORS.md section 4), the GPU campaign's reference kernels: its pure-Python wheels and einops,
-# downloaded into .whl/ (gitignored) to travel to a device machine that reaches no registry, where
-# `SUPRA_SITE=<dir> bash scripts/gpu_campaign.sh all` installs them (without them it skips fla, saying so).
+# fla (flash-linear-attention, github.com/fla-org/flash-linear-attention), the GPU campaign's reference
+# kernels: its pure-Python wheels and einops, downloaded into .whl/ (gitignored) to travel to a device
+# machine that reaches no registry, where `SUPRA_SITE=<dir> bash scripts/gpu_campaign.sh all` installs
+# them (without them it skips fla, saying so).
 wheels: install
 	$(BIN)/python -m pip download -q --no-deps --dest .whl flash-linear-attention==0.6.0 fla-core==0.6.0 einops
 

@@ -21,7 +21,7 @@ from provenance import figure, write_results
 from supra.commands.common import load_model_and_tokenizer
 from supra.config import load_config
 from supra.data import iter_documents
-from supra.evaluate.perplexity import heldout_stream
+from supra.evaluate.perplexity import token_stream
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +58,7 @@ def main() -> None:
     cfg = load_config([f"recipe={args.recipe}", "method=softmax"])
     model, tokenizer = load_model_and_tokenizer(cfg)
     model.config._attn_implementation = "eager"  # the attention weights themselves
-    stream = heldout_stream(tokenizer, iter_documents(cfg.data, "heldout", tokenizer), args.windows * cfg.seq_len)
+    stream = token_stream(tokenizer, iter_documents(cfg.data, "heldout", tokenizer), args.windows * cfg.seq_len)
     rows = stream[: args.windows * cfg.seq_len].view(args.windows, cfg.seq_len)
     shares = [attention_shares(model.eval(), row[None], args.window) for row in rows]
     layers = [{key: sum(s[i][key] for s in shares) / len(shares) for key in shares[0][i]}

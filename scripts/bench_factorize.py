@@ -184,9 +184,10 @@ def main() -> None:
         return
     torch.set_num_threads(1)
 
+    from supra.commands.settings import heldout_perplexity
     from supra.config import load_config
     from supra.data import iter_documents
-    from supra.evaluate.perplexity import HeldoutPerplexity, heldout_stream
+    from supra.evaluate.perplexity import token_stream
     from supra.factorize import factorized_fraction
     from supra.models import count_parameters, load_model, load_tokenizer, smollm2_dir
 
@@ -201,8 +202,8 @@ def main() -> None:
             " warmup_steps: 1}]"]
     cfg = load_config(common)
     tokenizer = load_tokenizer("smollm2-135m")
-    heldout = HeldoutPerplexity(cfg, tokenizer)  # one held-out stream for every model
-    prompt = heldout_stream(tokenizer, iter_documents(cfg.data, "heldout"), args.prompt_tokens)
+    heldout = heldout_perplexity(cfg, tokenizer)  # one held-out stream for every model
+    prompt = token_stream(tokenizer, iter_documents(cfg.data, "heldout"), args.prompt_tokens)
     prompt = prompt[: args.prompt_tokens].unsqueeze(0)
     bases = {"original": "smollm2-135m"}
     rows: list[dict] = []

@@ -23,8 +23,8 @@ import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
+from supra.commands.settings import heldout_perplexity
 from supra.config import load_config
-from supra.evaluate.perplexity import HeldoutPerplexity
 from supra.layers.linearize import LinearizeSpec, linearize
 
 VARIANTS = {  # name: conversion (None: the original model)
@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(["recipe=smollm2-135m", f"eval.max_tokens={args.tokens}"])
     base, tokenizer = load_model_and_tokenizer(cfg)
-    score = HeldoutPerplexity(cfg, tokenizer)
+    score = heldout_perplexity(cfg, tokenizer)
     rows = []
     for name, spec in VARIANTS.items():
         if spec is not None and name not in args.only:

@@ -37,15 +37,14 @@ from typing import Any
 
 import torch
 import yaml
-from bench_quality import corpora
 from provenance import REPO, figure, write_results
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from supra.evaluate.heldout import ORIGINAL, corpora, heldout_streams, load_measured, perplexities, run_label
+
 NAME = "long_context"
-ORIGINAL = "smollm2-135m"
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-BATCH_TOKENS = 4096  # tokens per forward when scoring: batch 8 at 512, 1 at 4,096
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,47 +98,17 @@ def parse_change(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def label(path: str) -> str:
-    """runs/x/demo/model -> demo; runs/x/y-restore2/converted -> y-restore2; runs/x/gdn-untrained -> itself."""
-    where = Path(path)
-    return where.parent.name if where.name in ("model", "converted") else where.name
-
-
 def load(source: str, recipe: str, changes: dict[str, Any]) -> tuple[nn.Module, PreTrainedTokenizerBase, Any]:
     """(model in eval mode, tokenizer, config) of a model source, with `changes` to its options."""
-    from supra.commands.common import load_model_and_tokenizer
-    from supra.config import load_config
     from supra.layers.switches import respecify
 
-    cfg = load_config([f"recipe={recipe}", f"model={source}"])
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer, cfg = load_measured(source, recipe)
     if changes:
         try:
             respecify(model, changes)
         except ValueError as err:
             raise SystemExit(f"bench_long_context: error: {source}: {err}") from None
-    return model.eval(), tokenizer, cfg
-
-
-def heldout_streams(tokenizer: PreTrainedTokenizerBase, recipe: str, texts: dict[str, list[str]],
-                    tokens: int) -> dict[str, torch.Tensor]:
-    """Each corpus's held-out token stream (tokens + 1 ids), formatted as `supra eval` formats it."""
-    from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
-
-    return {corpus: HeldoutPerplexity(load_config([f"recipe={recipe}", f"eval.max_tokens={tokens}", *overrides]),
-                                      tokenizer).tokens()
-            for corpus, overrides in texts.items()}
-
-
-def perplexities(model: nn.Module, streams: dict[str, torch.Tensor], lengths: list[int],
-                 tokens: list[int]) -> dict[str, dict]:
-    """{corpus: {length: perplexity result (ppl, loss, by_position, ...)}} on the first tokens of each stream."""
-    from supra.evaluate.perplexity import perplexity
-
-    return {corpus: {str(length): perplexity(model, stream[:count + 1], length, max(1, BATCH_TOKENS // length))
-                     for length, count in zip(lengths, tokens)}
-            for corpus, stream in streams.items()}
+    return model.eval(), tokenizer, cfg  # the layers respecify rebuilt, too
 
 
 def passkey_grid(model: nn.Module, tokenizer: PreTrainedTokenizerBase, lengths: list[int], depths: list[float],
@@ -191,7 +160,7 @@ def measure(source: str, args: argparse.Namespace, texts: dict[str, list[str]], 
     spec = recorded_spec(model)
     streams = heldout_streams(tokenizer, args.recipe, texts, max(args.heldout_tokens))
     lap("load")
-    row: dict[str, Any] = {"model": source, "label": label(source), "method": spec.method if spec else "softmax",
+    row: dict[str, Any] = {"model": source, "label": run_label(source), "method": spec.method if spec else "softmax",
                            "spec": None if spec is None else {k: v for k, v in vars(spec).items()
                                                               if k not in ("factorized", "softmax_choice")},
                            "changes": changes}

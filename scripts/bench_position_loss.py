@@ -21,9 +21,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_long_context import ORIGINAL, heldout_streams, label, load, perplexities
-from bench_quality import corpora
 from provenance import REPO, figure, write_results
+
+from supra.evaluate.heldout import ORIGINAL, corpora, heldout_streams, load_measured, perplexities, run_label
 
 NAME = "position_loss"
 
@@ -61,7 +61,7 @@ def main() -> None:
     length = str(args.seq_len)
     rows = []
     for path in ([] if args.no_original else [ORIGINAL]) + args.models:
-        model, tokenizer, _ = load(path, args.recipe, {})
+        model, tokenizer, _ = load_measured(path, args.recipe)
         streams = heldout_streams(tokenizer, args.recipe, texts, args.heldout_tokens)
         with torch.no_grad():
             scores = {"as trained": perplexities(model, streams, [args.seq_len], [args.heldout_tokens])}
@@ -93,7 +93,7 @@ def main() -> None:
                     middle = [(b["start"] + b["end"]) / 2 for b in row["by_position"]]
                     ax.plot(middle, [b["loss"] for b in row["by_position"]], marker=".",
                             linestyle="--" if row["variant"] == "window only" else "-",
-                            label=f"{label(row['model'])} ({row['variant']})")
+                            label=f"{run_label(row['model'])} ({row['variant']})")
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("position in the window (bucket middle)")
                 ax.set_ylabel("held-out loss (nats/token)")

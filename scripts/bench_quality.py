@@ -24,7 +24,6 @@ Prints a markdown table; writes benchmarks/results/cpu/quality_smollm2.json and 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -38,8 +37,9 @@ from typing import NamedTuple
 
 from provenance import REPO, figure, write_results
 
+from supra.evaluate.heldout import ORIGINAL, PROSE_SOURCE, corpora
+
 PASSKEY_DEPTHS = [0.0, 0.5, 1.0]
-PROSE_SOURCE = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
 NAME = "quality_smollm2"
 
 class Variant(NamedTuple):
@@ -132,39 +132,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def prose_corpus(work: Path) -> Path:
-    """The Debian Reference as a jsonl of documents (blank-line paragraphs joined to ~4,000 chars)."""
-    if not PROSE_SOURCE.exists():
-        raise SystemExit(f"{PROSE_SOURCE} is missing: apt-get install debian-reference-en (make bench-quality does)")
-    path = work / "prose.jsonl"
-    if path.exists():
-        return path
-    work.mkdir(parents=True, exist_ok=True)
-    text = gzip.decompress(PROSE_SOURCE.read_bytes()).decode("utf-8")
-    documents, current = [], ""
-    for paragraph in text.split("\n\n"):
-        current += paragraph + "\n\n"
-        if len(current) > 4000:
-            documents.append(current.strip())
-            current = ""
-    documents.append(current.strip())
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents if d))
-    return path
-
-
-def corpora(work: Path, names: list[str] | tuple[str, ...] = ("stdlib", "prose")) -> dict[str, list[str]]:
-    """The config overrides that select each named corpus's held-out text."""
-    # prose: every document is new to the model; heldout_fraction only picks enough of them to score
-    choices = {"stdlib": lambda: ["data.source=stdlib"],
-               "prose": lambda: [f"data.source={prose_corpus(work)}", "data.heldout_fraction=0.9"]}
-    return {name: choices[name]() for name in names}
-
-
 def original_scores(args: argparse.Namespace, texts: dict[str, list[str]]) -> dict[str, dict]:
     """The original model on both corpora, computed once per recipe and token count (kept in --work)."""
     path = args.work / f"original-{args.recipe}-{args.heldout_tokens}.json"
     if not path.exists():
-        scores = {c: score("smollm2-135m", args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
+        scores = {c: score(ORIGINAL, args.recipe, o, args.heldout_tokens) for c, o in texts.items()}
         path.write_text(json.dumps(scores))
     return json.loads(path.read_text())
 
@@ -183,7 +155,7 @@ def passkey_score(model_source: str, recipe: str, lengths: list[int], trials: in
 def original_passkey(args: argparse.Namespace) -> dict:
     path = args.work / f"original-passkey-{'-'.join(map(str, args.passkey))}-{args.passkey_trials}.json"
     if not path.exists():
-        path.write_text(json.dumps(passkey_score("smollm2-135m", args.recipe, args.passkey, args.passkey_trials)))
+        path.write_text(json.dumps(passkey_score(ORIGINAL, args.recipe, args.passkey, args.passkey_trials)))
     return json.loads(path.read_text())
 
 
@@ -199,13 +171,13 @@ def score(model_source: str, recipe: str, corpus: list[str], tokens: int) -> dic
     import torch
 
     from supra.commands.common import load_model_and_tokenizer
+    from supra.commands.settings import heldout_perplexity
     from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
 
     cfg = load_config([f"recipe={recipe}", f"model={model_source}", f"eval.max_tokens={tokens}", *corpus])
     model, tokenizer = load_model_and_tokenizer(cfg)
     with torch.no_grad():
-        return HeldoutPerplexity(cfg, tokenizer)(model.eval())
+        return heldout_perplexity(cfg, tokenizer)(model.eval())
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:

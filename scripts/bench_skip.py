@@ -49,10 +49,10 @@ def cli(*args: str) -> None:
 
 def heldout_prompt(length: int) -> torch.Tensor:
     from supra.data import DataConfig, iter_documents
-    from supra.evaluate.perplexity import heldout_stream
+    from supra.evaluate.perplexity import token_stream
     from supra.models import load_tokenizer
 
-    stream = heldout_stream(load_tokenizer("smollm2-135m"), iter_documents(DataConfig(), "heldout"), length)
+    stream = token_stream(load_tokenizer("smollm2-135m"), iter_documents(DataConfig(), "heldout"), length)
     return stream[:length].unsqueeze(0)
 
 

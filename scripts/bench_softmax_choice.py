@@ -30,12 +30,13 @@ import torch.nn.functional as F
 from provenance import figure, write_results
 
 from supra.config import load_config
+from supra.data import as_data_config
 from supra.layers.attention import RecurrentAttention
 from supra.layers.linearize import decoder_layers, recorded_spec
 from supra.models import load_model, load_tokenizer
 from supra.skip import calibration_batches
 from supra.softmax_select import choose_softmax_layers
-from supra.train.stages import teacher_layers
+from supra.train.transfer import teacher_layers
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config([f"recipe={args.recipe}", f"calibration_tokens={args.calibration_tokens}"])
     tokenizer = load_tokenizer(cfg.model)
-    batches = calibration_batches(tokenizer, cfg)
+    batches = calibration_batches(tokenizer, as_data_config(cfg.data), cfg.calibration_tokens, cfg.seq_len)
     teacher = load_model(cfg.model).eval()
     started = time.process_time()
     with torch.no_grad():

@@ -61,10 +61,9 @@ def train_step_seconds(model: torch.nn.Module, stream: torch.Tensor, rows: int, 
 
 def main() -> None:
     from supra.commands.common import load_model_and_tokenizer
+    from supra.commands.settings import convert_model, heldout_perplexity
     from supra.config import load_config
-    from supra.convert import convert_model
     from supra.evaluate.passkey import passkey
-    from supra.evaluate.perplexity import HeldoutPerplexity
     from supra.layers.linearize import recorded_spec, set_cache_budget
 
     args = parse_args()
@@ -75,7 +74,7 @@ def main() -> None:
     if converted_here:
         convert_model(model, cfg)
     model.eval()
-    heldout = HeldoutPerplexity(cfg, tokenizer)
+    heldout = heldout_perplexity(cfg, tokenizer)
     rows = []
     for budget in args.budgets:
         set_cache_budget(model, budget)

@@ -29,8 +29,8 @@ import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
+from supra.commands.settings import convert_model, train_config
 from supra.config import load_config
-from supra.convert import convert_model
 from supra.layers.linearize import recorded_spec
 from supra.models import torch_dtype
 from supra.train.parallel import World
@@ -96,7 +96,8 @@ def measure(name: str, method: str, seq_len: int, args: argparse.Namespace, devi
     cfg = load_config(overrides)
     model, tokenizer = load_model_and_tokenizer(cfg)
     convert_model(model, cfg, tokenizer)
-    stage, plan = cfg.train.stages[0], plan_stages(cfg, 1)[0]
+    train_cfg = train_config(cfg)
+    stage, plan = train_cfg.stages[0], plan_stages(train_cfg, cfg.seq_len, 1)[0]
     set_trainable(model, stage)
     model.train()
     optimizer, _ = make_optimizer(model, stage, plan.steps)
@@ -105,12 +106,12 @@ def measure(name: str, method: str, seq_len: int, args: argparse.Namespace, devi
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    precision = partial(compute_precision, cfg.train, torch_dtype(cfg.dtype), world)
+    precision = partial(compute_precision, train_cfg, torch_dtype(cfg.dtype), world)
     for _ in range(args.warmup):
-        train_step(model, batches, optimizer, stage, plan, cfg.train.grad_clip, world, precision)
+        train_step(model, batches, optimizer, stage, plan, train_cfg.grad_clip, world, precision)
     sync()
     started = time.perf_counter()
-    losses = [train_step(model, batches, optimizer, stage, plan, cfg.train.grad_clip, world, precision)[0]
+    losses = [train_step(model, batches, optimizer, stage, plan, train_cfg.grad_clip, world, precision)[0]
               for _ in range(args.steps)]
     sync()
     seconds = (time.perf_counter() - started) / args.steps

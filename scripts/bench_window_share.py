@@ -15,8 +15,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_quality import corpora
 from provenance import REPO, figure, write_results
+
+from supra.evaluate.heldout import corpora
 
 NAME = "window_share"
 
@@ -33,8 +34,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     from supra.commands.common import load_model_and_tokenizer
+    from supra.commands.settings import heldout_perplexity
     from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
     from supra.layers.switches import forced_window_share
 
     args = parse_args()
@@ -47,7 +48,7 @@ def main() -> None:
                                *overrides])
             model, tokenizer = load_model_and_tokenizer(cfg)
             model.eval()
-            heldout = HeldoutPerplexity(cfg, tokenizer)
+            heldout = heldout_perplexity(cfg, tokenizer)
             for which, share in (("trained", None), ("window_only", 1.0), ("recurrent_only", 0.0)):
                 seen: dict[int, list[float]] = {}
                 with torch.no_grad(), forced_window_share(model, share, seen) as gated:

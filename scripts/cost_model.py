@@ -1,5 +1,5 @@
 """What one kernel call should cost: FLOPs and bytes moved through HBM, and the roofline time they give
-on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s HBM3; ANCHORS.md section 4).
+on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s HBM3: NVIDIA's H100 datasheet).
 
 The roofline time max(FLOPs / peak, bytes / bandwidth) is a floor no implementation beats by much;
 a measured time is read against it (`roofline`), so a first GPU run says how far from the floor each

@@ -18,7 +18,7 @@ same module tree again without measuring anything (uptrain's FSDP rebuild for th
 measured choices become explicit lists. No step writes into the plan or a recipe.
 
 Adding a step: a function `(model, plan, context) -> model` in `STEPS`, its settings as a field of
-`BuildPlan` (read from the recipe in `supra/convert.py`), and a test in tests/test_build.py.
+`BuildPlan` (read from the recipe in `supra/commands/settings.py`), and a test in tests/test_build.py.
 """
 
 from __future__ import annotations
@@ -68,6 +68,22 @@ class BuildPlan:
             conversion.skip_layers = list(spec.skip_layers)
         return replace(self, conversion=conversion, softmax_auto=None, n=0, factorize=FactorizeSpec(),
                        factorized=dict(spec.factorized))
+
+
+def student_plan(plan: BuildPlan) -> BuildPlan:
+    """What uptrain's stages train: with softmax_layers=auto:K every layer converted (the K softmax
+    layers are chosen on the trained student, after the stages), and no sparse cache: it is
+    training-free (LoLA), so the stages train the same maps whatever the budget, and the trained
+    model takes it at the end (`with_cache`), as `supra convert cache_budget=C` would."""
+    conversion = plan.conversion and replace(plan.conversion, cache_budget=0)
+    return replace(plan, softmax_auto=None, conversion=conversion)
+
+
+def with_cache(model: nn.Module, plan: BuildPlan) -> nn.Module:
+    """A trained student with the plan's sparse cache (`student_plan` trains without it)."""
+    if plan.conversion is not None and plan.conversion.cache_budget:
+        set_cache_budget(model, plan.conversion.cache_budget)
+    return model
 
 
 @dataclass

@@ -19,13 +19,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError
-from .data import iter_documents
-from .evaluate.perplexity import heldout_stream
+from .data import DataConfig, iter_documents
+from .evaluate.perplexity import token_stream
 from .layers.linearize import LinearizeSpec, decoder_layers, linearize, record_spec, recorded_spec, swap_attention
 
 SELECTIONS = ("similarity", "last")
@@ -127,16 +126,19 @@ def apply_skip(model: nn.Module, layers: list[int]) -> nn.Module:
     return model
 
 
-def calibration_batches(tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, batch_size: int = 4) -> list[torch.Tensor]:
-    """`cfg.calibration_tokens` tokens of training text (documents joined by EOS) as rows of
-    `cfg.seq_len`, in batches; fewer rows when the training text is shorter."""
-    if cfg.calibration_tokens < 1:
-        raise ConfigError(f"calibration_tokens must be >= 1, got {cfg.calibration_tokens}")
+def calibration_batches(tokenizer: PreTrainedTokenizerBase, data: DataConfig, tokens: int, seq_len: int,
+                        batch_size: int = 4) -> list[torch.Tensor]:
+    """`tokens` tokens of `data`'s training text (documents joined by EOS) as rows of `seq_len`, in
+    batches; fewer rows when the training text is shorter."""
+    if tokens < 1:
+        raise ConfigError(f"calibration_tokens must be >= 1, got {tokens}")
     try:
-        stream = heldout_stream(tokenizer, iter_documents(cfg.data, "train"), cfg.calibration_tokens)
-    except ValueError:
-        raise ConfigError("no training text to calibrate on (check data=)") from None
-    seq_len = min(cfg.seq_len, len(stream))
+        stream = token_stream(tokenizer, iter_documents(data, "train"), tokens)
+    except ValueError:  # data= names text that cannot be read: said as for no text at all
+        stream = None
+    if stream is None or len(stream) < 2:
+        raise ConfigError("no training text to calibrate on (check data=)")
+    seq_len = min(seq_len, len(stream))
     rows = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
     return list(rows.split(batch_size))
 
@@ -145,7 +147,7 @@ def calibration_batches(tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, bat
 class SkipResult:
     scores: list[float] | None  # per layer, for select=similarity
     candidates: list[int]
-    chosen: list[int]  # skipped by this call: cfg.skip_layers and the n chosen
+    chosen: list[int]  # skipped by this call: `skip_layers` and the n chosen
     skip_layers: list[int]  # all skipped layers of the model afterwards
 
 

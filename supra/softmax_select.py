@@ -31,7 +31,7 @@ from torch import nn
 
 from .layers.attention import RecurrentAttention
 from .layers.linearize import LinearizeSpec, SkippedAttention, decoder_layers, linearize, record_spec, recorded_spec
-from .train.stages import teacher_layers
+from .train.transfer import teacher_layers
 
 
 def converted_layers(model: nn.Module) -> dict[int, RecurrentAttention]:

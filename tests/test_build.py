@@ -11,11 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from supra.build import STEPS, BuildPlan, build_model
-from supra.config import ConfigError, StageConfig, load_config
-from supra.convert import build_plan
+from supra.commands.settings import build_plan, train_config
+from supra.config import ConfigError, load_config
 from supra.layers.linearize import LinearizeSpec, decoder_layers
 from supra.layers.specs import FactorizeSpec
 from supra.models import SourceError, load_model
+from supra.train.settings import StageConfig
 from supra.train.stages import STAGE_KINDS, LoraSpec, check_stage
 
 ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
@@ -80,15 +81,15 @@ def test_a_plan_without_conversion_leaves_the_model_alone():
 
 
 def test_every_stage_kind_owns_its_settings():
-    defaults = OmegaConf.structured(StageConfig)
+    defaults = StageConfig()
     for name in STAGE_KINDS:
-        check_stage(replace_stage(defaults, name=name), StageConfig)
+        check_stage(replace(defaults, name=name))
     with pytest.raises(ValueError, match="stage full: epochs is for attention_transfer only"):
-        check_stage(replace_stage(defaults, name="full", epochs=2), StageConfig)
+        check_stage(replace(defaults, name="full", epochs=2))
     with pytest.raises(ValueError, match="stage lora: ce_weight is for distill only"):
-        check_stage(replace_stage(defaults, name="lora", ce_weight=0.5), StageConfig)
+        check_stage(replace(defaults, name="lora", ce_weight=0.5))
     with pytest.raises(ValueError, match="unknown stage distill train 'some'"):
-        check_stage(replace_stage(defaults, name="distill", train="some"), StageConfig)
+        check_stage(replace(defaults, name="distill", train="some"))
     with pytest.raises(ConfigError, match="block_layers is for attention_transfer only"):
         load_config(["recipe=tiny", "train.stages=[{name: lora, block_layers: 2}]"])
 
@@ -96,16 +97,9 @@ def test_every_stage_kind_owns_its_settings():
 def test_the_first_stage_that_trains_lora_gives_the_adapters():
     cfg = load_config(["recipe=tiny", "train.stages=[{name: attention_transfer}, {name: distill, train: lora, "
                        "lora_r: 4}, {name: lora, lora_r: 2}]"])
-    assert LoraSpec.of_stages(list(cfg.train.stages)).r == 4
+    assert LoraSpec.of_stages(train_config(cfg).stages).r == 4
     assert replace(build_plan(cfg, lora=True), lora=None).lora is None
     assert build_plan(cfg).lora is None
-
-
-def replace_stage(stage, **values):
-    copy = stage.copy()
-    for key, value in values.items():
-        copy[key] = value
-    return copy
 
 
 def test_every_method_name_builds_a_layer():

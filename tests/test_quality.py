@@ -12,8 +12,8 @@ from test_layers import tiny_model
 from test_uptrain import FAST, losses, uptrain_process
 
 from supra.cli import main
+from supra.commands.settings import convert_model
 from supra.config import load_config
-from supra.convert import convert_model
 from supra.models import load_model
 from supra.train.cached import build_cache, cached_micro_loss, epoch_order
 from supra.train.stages import LoraSpec, add_lora, distill_loss, micro_batch_loss, set_trainable
@@ -45,7 +45,7 @@ def test_cached_transfer_gives_the_on_the_fly_gradients():
     loss = cached_micro_loss(model, cache[0], 0.5, torch.device("cpu"))
     got = new_grads(model)
     assert expected.keys() == got.keys() and len(got) == 3 * 3  # per layer: q map, k map, window gate
-    assert loss == expected_loss.item()  # one transfer loss (stages.reported_transfer_loss) for both
+    assert loss == expected_loss.item()  # one transfer loss (transfer.reported_transfer_loss) for both
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
     assert all(not p.requires_grad or p.grad is not None for p in model.parameters())

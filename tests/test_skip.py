@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from supra.cli import main
+from supra.commands.settings import calibration
 from supra.config import ConfigError, load_config
-from supra.convert import calibration
 from supra.layers.cache import cache_kwargs
 from supra.layers.linearize import (
     LinearizeSpec,

@@ -16,7 +16,7 @@ from supra.layers.linearize import LinearizeSpec, decoder_layers, linearize, rec
 from supra.layers.specs import parse_auto
 from supra.models import load_model
 from supra.softmax_select import choose_softmax_layers, next_token_loss
-from supra.train.stages import teacher_layers
+from supra.train.transfer import teacher_layers
 
 TINY4 = ["recipe=tiny", "architecture.num_hidden_layers=4", "calibration_tokens=512"]
 

@@ -122,8 +122,8 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     feature maps stay, the spec is recorded, and the forward is the definition's; other methods refuse."""
     from test_layers import tiny_model, use_parallel_forms
 
+    from supra.commands.settings import convert_model
     from supra.config import ConfigError, load_config
-    from supra.convert import convert_model
     from supra.layers.linearize import recorded_spec
 
     model = tiny_model(2, window_kind="terrace", sinks=2)

@@ -18,15 +18,15 @@ from rich.console import Console
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..build import build_model, lora_step
+from ..build import build_model, lora_step, student_plan, with_cache
 from ..config import ConfigError, RecipeConfig
-from ..convert import build_plan, calibration, student_plan, with_cache
 from ..errors import UserError
 from ..factorize import apply_record, plan_layouts
 from ..layers.specs import FactorizeSpec
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
 from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
 from ..train.stages import fold_lora
+from .settings import build_plan, calibration
 
 # Piped into a file (SLURM, CI), rich would lay tables out for 80 columns and cut values short
 # (`2,097,1...`); a log has no width, so tables get the room they need there.

@@ -7,10 +7,10 @@ from rich.table import Table
 
 from ..build import build_model
 from ..config import run_dir, save_snapshot
-from ..convert import build_plan, calibration
 from ..errors import check_output_dir
 from ..models import count_parameters, save_model
 from .common import console, load_model_and_tokenizer, write_softmax_choice
+from .settings import build_plan, calibration
 
 
 def run(cfg: DictConfig) -> int:

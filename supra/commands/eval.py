@@ -23,18 +23,18 @@ from transformers import PreTrainedTokenizerBase
 from ..config import ConfigError, run_dir, save_snapshot
 from ..evaluate import plots
 from ..evaluate.passkey import passkey
-from ..evaluate.perplexity import HeldoutPerplexity
 from ..evaluate.speed import speed
 from ..layers.linearize import LinearizeSpec, recorded_spec
 from ..models import load_model, resolve_device
 from .common import check_memory, console, load_model_and_tokenizer, perplexity_forward, read_json_record, update_json
+from .settings import heldout_perplexity
 
 Rows = list[tuple[str, str]]
 Task = Callable[[nn.Module, PreTrainedTokenizerBase, DictConfig, Path], tuple[dict, Rows]]
 
 
 def ppl_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: DictConfig, out: Path) -> tuple[dict, Rows]:
-    result = HeldoutPerplexity(cfg, tokenizer)(model)
+    result = heldout_perplexity(cfg, tokenizer)(model)
     rows = [("perplexity", f"{result['ppl']:.3f}"), ("tokens scored", f"{result['tokens']:,}")]
     rows += [(f"  ppl at positions {b['start']}-{b['end']}", f"{b['ppl']:.3f}") for b in result["by_position"]]
     plots.plot_loss_by_position(result, out / "ppl_by_position.png", label=_label(cfg.model))

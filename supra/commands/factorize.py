@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from ..config import ConfigError, factorize_spec, run_dir, save_snapshot
-from ..convert import calibration
 from ..factorize import factorize_model
 from ..models import SourceError, count_parameters, save_model
 from .common import console, load_model_and_tokenizer
+from .settings import calibration
 
 
 def default_out(cfg: DictConfig) -> str:

@@ -16,12 +16,12 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from ..config import ConfigError, linearize_spec, run_dir, save_snapshot
-from ..convert import calibration
 from ..errors import check_output_dir
 from ..layers.linearize import decoder_layers, recorded_spec
 from ..models import save_model
 from ..skip import select_and_skip, skip_candidates
 from .common import console, load_model_and_tokenizer
+from .settings import calibration
 
 
 def default_out(cfg: DictConfig) -> str:

@@ -21,11 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from torch import nn
 
-from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step
+from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step, student_plan, with_cache
 from ..config import ConfigError, check_batch_tokens, recipe_label, run_dir
-from ..convert import build_plan, calibration, student_plan, with_cache
 from ..data import iter_documents
-from ..evaluate.perplexity import HeldoutPerplexity
 from ..layers.specs import parse_auto
 from ..layers.switches import window_alone
 from ..models import (
@@ -39,7 +37,6 @@ from ..models import (
     source_config,
     source_spec,
 )
-from ..skip import calibration_batches
 from ..softmax_select import restore_softmax_layers
 from ..train.checkpoint import checkpoint_root
 from ..train.parallel import World, init_world, parallelize, shutdown_world
@@ -56,6 +53,7 @@ from .common import (
     update_json,
     write_softmax_choice,
 )
+from .settings import build_plan, calibration, heldout_perplexity, train_config, train_settings
 
 # Keys that may differ when a run is resumed: they change how it is watched, not what it computes.
 # `out` names the run folder, which is what stays the same (however it is spelled, or after a move);
@@ -121,7 +119,8 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     model = lora_step(model, plan, None)
     model = parallelize(model, world, cfg.train.param_dtype, cfg.train.activation_checkpointing, cfg.train.compile)
     model.train()
-    code = train(cfg, run, model, tokenizer, world, counts["total"])
+    code = train(train_settings(cfg), run, model, tokenizer, heldout_perplexity(cfg, tokenizer), world,
+                 counts["total"])
     if code:
         return code
     rebuild = plan.resolved(spec)
@@ -215,7 +214,7 @@ def ppl_key(cfg: DictConfig, which: str, seq_len: int) -> str:
 def _heldout_ppl(cfg: DictConfig, run: Path, which: str, model: nn.Module, tokenizer, lengths: list[int]) -> None:
     """Held-out perplexity once per run, model and length (a resumed run does not redo the baselines)."""
     path = run / "eval.json"
-    score = HeldoutPerplexity(cfg, tokenizer)
+    score = heldout_perplexity(cfg, tokenizer)
     for seq_len in lengths:
         key = ppl_key(cfg, which, seq_len)
         if key in read_json_record(path):
@@ -243,8 +242,7 @@ def _restore_and_report(cfg: DictConfig, run: Path, student: Path, k: int, token
     if world.is_main:
         model = load_model(str(student), cfg.dtype, device=world.device).eval()
         try:
-            choice = restore_softmax_layers(model, k, calibration_batches(tokenizer, cfg, cfg.eval.batch_size),
-                                            console.print)
+            choice = restore_softmax_layers(model, k, calibration(cfg, tokenizer)(), console.print)
         except ValueError as err:  # K larger than the number of converted layers
             raise ConfigError(str(err)) from None
         write_softmax_choice(run, cfg, choice)
@@ -339,18 +337,19 @@ def dry_run(cfg: DictConfig) -> int:
         build = replace(build, n=0, conversion=replace(build.conversion, skip_layers=skip))
     model, spec = build_model(model, build)  # on meta, factorization plans its layouts only
     counts = count_parameters(model)
-    plans = plan_stages(cfg, world_size)
+    train_cfg = train_config(cfg)
+    plans = plan_stages(train_cfg, cfg.seq_len, world_size)
     table = Table(title=f"dry run: {cfg.recipe or cfg.model} on {world_size} GPUs")
     for column in ("stage", "tokens", "steps", "tokens/step", "micro x accum", "trainable", "memory/GPU",
                    "est. time"):
         table.add_column(column, justify="right")
     total_hours = 0.0
-    for stage, plan in zip(cfg.train.stages, plans):
+    for stage, plan in zip(train_cfg.stages, plans):
         trainable = trainable_parameters(model, stage)
         flops = plan.tokens * STAGE_KINDS[stage.name].flops_per_param * counts["total"]
         hours = flops / (world_size * cfg.train.gpu_tflops * 1e12 * cfg.train.expected_mfu) / 3600
         total_hours += hours
-        memory = memory_per_gpu_gb(model, cfg, world_size, trainable)
+        memory = memory_per_gpu_gb(model, train_cfg, cfg.seq_len, world_size, trainable)
         warn = " (!)" if memory > cfg.train.gpu_memory_gb else ""
         table.add_row(stage.name, f"{plan.tokens / 1e9:.3f}B", f"{plan.steps:,}", f"{plan.tokens_per_step:,}",
                       f"{cfg.train.micro_batch_size} x {plan.accumulation}", f"{trainable / 1e9:.3f}B",

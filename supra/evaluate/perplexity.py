@@ -13,15 +13,15 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..data import DataError, iter_documents
+from ..data import DataConfig, DataError, iter_documents
 
 
-def heldout_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], max_tokens: int) -> torch.Tensor:
-    """Token ids of documents separated by EOS, cut at max_tokens + 1 (the +1 is the last target)."""
+def token_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str], max_tokens: int) -> torch.Tensor:
+    """Token ids of documents separated by EOS, cut at max_tokens + 1 (the +1 is the last target);
+    fewer than two ids when the documents hold no text."""
     separator = tokenizer.eos_token_id
     ids: list[int] = []
     for text in documents:
@@ -30,10 +30,7 @@ def heldout_stream(tokenizer: PreTrainedTokenizerBase, documents: Iterable[str],
             ids.append(separator)
         if len(ids) > max_tokens:
             break
-    if len(ids) < 2:
-        raise DataError("the held-out split has no text to score; set data.heldout_fraction > 0 (or "
-                        "train.eval_baselines=false train.eval_every=0 to train without held-out perplexity)")
-    return torch.tensor(ids[: max_tokens + 1])
+    return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
 
 
 def position_buckets(seq_len: int) -> list[tuple[int, int]]:
@@ -68,28 +65,35 @@ def perplexity(model: nn.Module, stream: torch.Tensor, seq_len: int, batch_size:
 
 
 class HeldoutPerplexity:
-    """The recipe's held-out perplexity (data's held-out split, eval.max_tokens, seq_len), for a model
-    in training or not: its train/eval mode is restored. The text is tokenized once, on first use."""
+    """Perplexity on the first `max_tokens` of `data`'s held-out split, in windows of `seq_len` tokens
+    and batches of `batch_size` windows, for a model in training or not: its train/eval mode is
+    restored. The text is tokenized once, on first use."""
 
-    def __init__(self, cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, data: DataConfig, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_tokens: int,
+                 batch_size: int) -> None:
+        self.data, self.tokenizer = data, tokenizer
+        self.seq_len, self.max_tokens, self.batch_size = seq_len, max_tokens, batch_size
         self.stream: torch.Tensor | None = None
 
     def tokens(self) -> torch.Tensor:
-        """The held-out token stream (eval.max_tokens + 1 ids), tokenized on first use."""
+        """The held-out token stream (max_tokens + 1 ids), tokenized on first use."""
         if self.stream is None:
             # Formatted as training formats it (chat templates), so a document cut in two between
             # training and held-out text is cut in the same text.
-            documents = iter_documents(self.cfg.data, "heldout", self.tokenizer)
-            self.stream = heldout_stream(self.tokenizer, documents, self.cfg.eval.max_tokens)
+            documents = iter_documents(self.data, "heldout", self.tokenizer)
+            stream = token_stream(self.tokenizer, documents, self.max_tokens)
+            if len(stream) < 2:
+                raise DataError("the held-out split has no text to score; set data.heldout_fraction > 0 (or "
+                                "train.eval_baselines=false train.eval_every=0 to train without held-out perplexity)")
+            self.stream = stream
         return self.stream
 
     def __call__(self, model: nn.Module, seq_len: int | None = None) -> dict:
-        """Scored in windows of seq_len tokens (default: the recipe's)."""
+        """Scored in windows of seq_len tokens (default: the one given at construction)."""
         stream = self.tokens()
         was_training = model.training
         model.eval()
         try:
-            return perplexity(model, stream, seq_len or self.cfg.seq_len, self.cfg.eval.batch_size)
+            return perplexity(model, stream, seq_len or self.seq_len, self.batch_size)
         finally:
             model.train(was_training)

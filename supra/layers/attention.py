@@ -13,6 +13,7 @@ state that decoding continues from.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,14 +33,20 @@ from .cache import handed_cache, recurrent_slot
 from .feature_maps import HedgehogFeatureMap, ReluFeatureMap, dense_relu_map, log_decay_rates
 
 
-def teacher_only(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """As `RecurrentAttention.transfer`: the layer passes the softmax output on and computes no student."""
-    return output
+@dataclass(frozen=True)
+class TransferMode:
+    """A converted layer in attention transfer (LoLCATs stage 1; set by supra.train.transfer): it
+    computes the softmax attention it replaced on its own inputs and passes that on (teacher
+    forcing). With `score`, it also computes its own output: score(its transfer_mse to the softmax
+    output, the softmax output) records the loss (it may run its backward at once, so one layer's
+    graph is alive at a time) and returns the output to pass on."""
+
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def transfer_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Attention transfer's per-layer loss (LoLCATs stage 1): MSE of the layer's output to the softmax
-    output it replaces, in float32. The training loops scale it (supra.train.stages)."""
+    """Attention transfer's per-layer loss: MSE of the layer's output to the softmax output it
+    replaces, in float32. The training loops scale it (supra.train.transfer)."""
     return F.mse_loss(student.float(), teacher.float())
 
 
@@ -143,8 +150,7 @@ class RecurrentAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
-        # Set by the attention-transfer stage: (loss, softmax output) -> output; None otherwise.
-        self.transfer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.transfer: TransferMode | None = None  # None: the layer's own attention
 
     def factory(self) -> dict:
         weight = next(self.q_proj.parameters())  # q_proj may be factorized (no .weight)
@@ -171,18 +177,16 @@ class RecurrentAttention(nn.Module):
     def attention_transfer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            position_embeddings: tuple[torch.Tensor, torch.Tensor],
                            starts: torch.Tensor | None) -> torch.Tensor:
-        """LoLCATs stage 1: score this layer against the softmax attention it replaces, on the same
-        inputs, and hand the softmax output on (teacher forcing). `self.transfer(loss, output)`
-        records the loss (it may run its backward at once, so one layer's graph is alive at a time)
-        and returns the output to pass on."""
+        """The layer in its `TransferMode`: the softmax attention it replaces, on the same inputs, is
+        what it passes on; scoring, its own output's MSE to it goes to `score` as well."""
         B, T = q.shape[:2]
         with torch.no_grad():
             teacher = softmax_heads(q, k, v, position_embeddings, starts, self.groups)
-        if self.transfer is teacher_only:  # only the inputs of later layers are wanted
+        if self.transfer.score is None:  # the teacher: only the inputs of later layers are wanted
             return teacher.reshape(B, T, -1).to(q.dtype)
         with torch.enable_grad():
             student, _ = self.mix(q, k, v, position_embeddings, None, starts, want_state=False)
-            return self.transfer(transfer_mse(student, teacher), teacher.reshape(B, T, -1).to(q.dtype))
+            return self.transfer.score(transfer_mse(student, teacher), teacher.reshape(B, T, -1).to(q.dtype))
 
     def linear_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    scale: float, state: torch.Tensor | None, starts: torch.Tensor | None,

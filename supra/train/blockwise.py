@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError
@@ -30,7 +29,8 @@ from ..layers.attention import RecurrentAttention
 from ..layers.linearize import decoder_layers
 from .optim import optimizer_step
 from .plan import StagePlan
-from .stages import reported_transfer_loss, teacher_layers, transfer_losses
+from .settings import StageConfig
+from .transfer import reported_transfer_loss, teacher_layers, transfer_losses
 
 # Called after every optimizer step with (loss, grad_norm, optimizer, seconds); True means stop now.
 StepDone = Callable[[float, float, torch.optim.Optimizer, float], bool]
@@ -51,7 +51,7 @@ def finished_blocks(run: Path, stage_index: int) -> int:
     return done
 
 
-def transfer_blockwise(model: nn.Module, loader: Any, stage: DictConfig, plan: StagePlan,
+def transfer_blockwise(model: nn.Module, loader: Any, stage: StageConfig, plan: StagePlan,
                        make_optimizer: Callable, device: torch.device, grad_clip: float, run: Path,
                        stage_index: int, step_done: StepDone) -> bool:
     """Train every unfinished block; returns True when step_done asked to stop (the block restarts)."""
@@ -167,7 +167,7 @@ def _atomic_save(value: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def check_blockwise(stages: list[DictConfig], distributed: bool) -> None:
+def check_blockwise(stages: list[StageConfig], distributed: bool) -> None:
     if distributed and any(s.block_layers for s in stages):
         raise ConfigError("block_layers (block-wise attention transfer) runs in one process: the blocks are what "
                           "keep memory small; launch without torchrun, or set block_layers=0 to use FSDP")

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..layers.attention import RecurrentAttention, document_starts, transfer_mse
-from .stages import recurrent_layers, reported_transfer_loss, scaled_transfer_loss, teacher_layers
+from .stages import recurrent_layers
+from .transfer import reported_transfer_loss, scaled_transfer_loss, teacher_layers
 
 
 @dataclass
@@ -52,7 +53,7 @@ def build_cache(model: nn.Module, batches: list[dict[str, torch.Tensor]], dtype:
 
 
 def cached_micro_loss(model: nn.Module, item: CachedBatch, loss_scale: float, device: torch.device) -> float:
-    """Backpropagate each layer's transfer loss (`stages.scaled_transfer_loss`) on one cached
+    """Backpropagate each layer's transfer loss (`transfer.scaled_transfer_loss`) on one cached
     micro-batch, one layer's graph at a time; returns the loss as reported. Same loss and gradient as
     `stages.micro_batch_loss` on the batch the cache was made from."""
     layers = recurrent_layers(model)

@@ -7,8 +7,9 @@ import math
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
+
+from .settings import StageConfig
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
@@ -19,7 +20,7 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, stage: DictConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(model: nn.Module, stage: StageConfig, steps: int) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
     floor = stage.min_lr / stage.lr

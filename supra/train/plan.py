@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
 from torch import nn
 
 from ..layers.linearize import new_parameter_names
+from .settings import StageConfig, TrainConfig
 from .stages import stage_loop, trained_set
 
 
@@ -27,14 +27,14 @@ class StagePlan:
         return self.steps * self.tokens_per_step // self.epochs
 
 
-def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
-    """Gradient accumulation is derived from batch_tokens, rows per micro-batch and the world size
-    (rounded to the nearest whole number; the plan reports the batch it really uses)."""
-    tokens_per_micro = cfg.train.micro_batch_size * cfg.seq_len * world_size
-    accumulation = max(1, round(cfg.train.batch_tokens / tokens_per_micro))
+def plan_stages(train: TrainConfig, seq_len: int, world_size: int) -> list[StagePlan]:
+    """Gradient accumulation is derived from batch_tokens, rows per micro-batch of seq_len tokens and
+    the world size (rounded to the nearest whole number; the plan reports the batch it really uses)."""
+    tokens_per_micro = train.micro_batch_size * seq_len * world_size
+    accumulation = max(1, round(train.batch_tokens / tokens_per_micro))
     tokens_per_step = accumulation * tokens_per_micro
     plans = []
-    for stage in cfg.train.stages:
+    for stage in train.stages:
         steps = math.ceil(stage.tokens / tokens_per_step)
         if stage_loop(stage) == "cached":  # whole chunks of cached steps, each trained `epochs` times
             chunk_steps = max(1, round(stage.cache_tokens / tokens_per_step))
@@ -46,7 +46,7 @@ def plan_stages(cfg: DictConfig, world_size: int) -> list[StagePlan]:
     return plans
 
 
-def trainable_parameters(model: nn.Module, stage: DictConfig) -> int:
+def trainable_parameters(model: nn.Module, stage: StageConfig) -> int:
     """Counted on the converted model without building LoRA modules (works on the meta device)."""
     which = trained_set(stage)
     if which == "all":
@@ -61,7 +61,7 @@ def trainable_parameters(model: nn.Module, stage: DictConfig) -> int:
     return total
 
 
-def memory_per_gpu_gb(model: nn.Module, cfg: DictConfig, world_size: int, trainable: int) -> float:
+def memory_per_gpu_gb(model: nn.Module, train: TrainConfig, seq_len: int, world_size: int, trainable: int) -> float:
     """FSDP2 estimate: float32 sharded parameters, gradients and AdamW moments of the trainable
     ones, one gathered layer in bf16, plus activations of one micro-batch (checkpointed: one layer's
     input per layer; otherwise ~34 values per token and hidden unit per layer, Korthikanti et al.)."""
@@ -70,7 +70,7 @@ def memory_per_gpu_gb(model: nn.Module, cfg: DictConfig, world_size: int, traina
     layers, hidden = config.num_hidden_layers, config.hidden_size
     sharded = (4 * params + 12 * trainable) / world_size
     gathered_layer = 2 * params / layers
-    tokens = cfg.train.micro_batch_size * cfg.seq_len
-    per_layer = 2 * tokens * hidden if cfg.train.activation_checkpointing else 34 * tokens * hidden
+    tokens = train.micro_batch_size * seq_len
+    per_layer = 2 * tokens * hidden if train.activation_checkpointing else 34 * tokens * hidden
     logits = 4 * tokens * config.vocab_size * 2
     return (sharded + 2 * gathered_layer + layers * per_layer + logits) / 1e9

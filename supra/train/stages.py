@@ -12,27 +12,26 @@ token and parameter, and the loop that runs it (trainer.LOOPS).
   is the same model with softmax attention and no adapters (`teacher_mode`): no second copy.
 
 Adding a kind: its loss function and a `StageKind` entry here; settings only it reads are fields of
-`config.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
+`settings.StageConfig` (with a range in config.RANGES if numeric) named in the entry's `fields`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from ..data.packing import IGNORE_INDEX
-from ..layers.attention import RecurrentAttention, teacher_only
+from ..layers.attention import RecurrentAttention
 from ..layers.factorized import FACTORIZED, factor_parameter_names
 from ..layers.linearize import new_parameter_names
-
-TRANSFER_LOSS_SCALE = 1000.0  # LoLCATs multiplies the attention MSE by 1000
+from .settings import StageConfig
+from .transfer import reported_transfer_loss, teacher_layers, transfer_losses
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class LoraSpec:
     targets: tuple[str, ...]
 
     @classmethod
-    def of_stages(cls, stages: list[DictConfig]) -> LoraSpec | None:
+    def of_stages(cls, stages: Sequence[StageConfig]) -> LoraSpec | None:
         stage = next((s for s in stages if trained_set(s) == "lora"), None)
         if stage is None:
             return None
@@ -69,12 +68,12 @@ def add_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def trained_set(stage: DictConfig) -> str:
+def trained_set(stage: StageConfig) -> str:
     """new (feature maps, window factors), lora (adapters) or all, for every stage."""
     return STAGE_KINDS[stage.name].trains(stage)
 
 
-def set_trainable(model: nn.Module, stage: DictConfig) -> None:
+def set_trainable(model: nn.Module, stage: StageConfig) -> None:
     which = trained_set(stage)
     if which == "new":
         new = set(new_parameter_names(model))
@@ -99,13 +98,13 @@ def recurrent_layers(model: nn.Module) -> list[RecurrentAttention]:
     return [m for m in model.modules() if isinstance(m, RecurrentAttention)]
 
 
-def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                      layerwise: bool) -> torch.Tensor:
     """Backpropagate the loss of one micro-batch (scaled by loss_scale); returns it, detached."""
     return STAGE_KINDS[stage.name].loss(model, batch, stage, loss_scale, layerwise)
 
 
-def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                           layerwise: bool) -> torch.Tensor:
     loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                  use_cache=False).loss
@@ -113,14 +112,14 @@ def next_token_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stag
     return loss.detach()
 
 
-def distill_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def distill_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                        layerwise: bool) -> torch.Tensor:
     loss = distill_loss(model, batch, stage.ce_weight)
     (loss * loss_scale).backward()
     return loss.detach()
 
 
-def transfer_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: DictConfig, loss_scale: float,
+def transfer_micro_loss(model: nn.Module, batch: dict[str, torch.Tensor], stage: StageConfig, loss_scale: float,
                         layerwise: bool) -> torch.Tensor:
     """Attention transfer needs no LM head (logits for one position only). With `layerwise`, each
     layer's backward runs as soon as its loss exists, so one layer's graph is alive at a time;
@@ -145,18 +144,6 @@ def teacher_mode(model: nn.Module) -> Iterator[None]:
             yield
 
 
-@contextmanager
-def teacher_layers(layers: list[RecurrentAttention]) -> Iterator[None]:
-    """The converted `layers` compute the softmax attention they replaced, and nothing else."""
-    for layer in layers:
-        layer.transfer = teacher_only
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.transfer = None
-
-
 def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_weight: float) -> torch.Tensor:
     """Mean over scored positions of KL(teacher || student) on the next-token distribution, mixed
     with the next-token cross-entropy as (1 - ce_weight) KL + ce_weight CE. Positions whose next
@@ -174,62 +161,12 @@ def distill_loss(model: nn.Module, batch: dict[str, torch.Tensor], ce_weight: fl
     return (1 - ce_weight) * kl + ce_weight * ce
 
 
-@contextmanager
-def transfer_losses(layers: list[RecurrentAttention], loss_scale: float, layerwise: bool) -> Iterator[list]:
-    """Put `layers` in attention-transfer mode; yields the list their (detached) MSEs land in.
-    Layerwise, each loss is backpropagated at once; otherwise it is attached to the layer's output."""
-    losses: list[torch.Tensor] = []
-
-    def collect(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        losses.append(loss.detach())
-        scaled = scaled_transfer_loss(loss, loss_scale)
-        if layerwise:
-            scaled.backward()
-            return output
-        return AttachLoss.apply(output, scaled)
-
-    for layer in layers:
-        layer.transfer = collect
-    try:
-        yield losses
-    finally:
-        for layer in layers:
-            layer.transfer = None
-
-
-class AttachLoss(torch.autograd.Function):
-    """Identity on `output` whose backward also gives `loss` a gradient of one. Under FSDP the
-    gradient must flow through each layer's output for its hooks to reduce the layer's gradients;
-    attaching the layer's loss to its output routes the transfer loss that way."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, dtype, device = ctx.loss_meta
-        return grad_output, torch.ones(shape, dtype=dtype, device=device)
-
-
-def scaled_transfer_loss(mse: torch.Tensor, loss_scale: float) -> torch.Tensor:
-    """What a layer's attention-transfer MSE contributes to the gradient (LoLCATs' x1000, times the
-    micro-batch's share `loss_scale`): the whole-model, cached and block-wise loops all use it."""
-    return mse * TRANSFER_LOSS_SCALE * loss_scale
-
-
-def reported_transfer_loss(losses: list[torch.Tensor]) -> torch.Tensor:
-    """The transfer loss of one micro-batch as logged: the layers' MSEs summed, x1000."""
-    return torch.stack(losses).sum() * TRANSFER_LOSS_SCALE
-
-
 def _one_of(what: str, value: Any, valid: tuple) -> None:
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
-def _check_transfer(stage: DictConfig) -> None:
+def _check_transfer(stage: StageConfig) -> None:
     from ..models import DTYPES
 
     if stage.cache_tokens and stage.block_layers:
@@ -237,11 +174,11 @@ def _check_transfer(stage: DictConfig) -> None:
     _one_of(f"stage {stage.name} cache_dtype", stage.cache_dtype, tuple(DTYPES))
 
 
-def _check_distill(stage: DictConfig) -> None:
+def _check_distill(stage: StageConfig) -> None:
     _one_of(f"stage {stage.name} train", stage.train, ("lora", "new", "all"))
 
 
-def _transfer_loop(stage: DictConfig) -> str:
+def _transfer_loop(stage: StageConfig) -> str:
     return "blockwise" if stage.block_layers else "cached" if stage.cache_tokens else "plain"
 
 
@@ -252,12 +189,12 @@ class StageKind:
     FLOPs per token and parameter (plan.py: the dry run and MFU) and the loop that runs it
     (trainer.py: plain, cached or blockwise)."""
 
-    trains: Callable[[DictConfig], str]
+    trains: Callable[[StageConfig], str]
     loss: Callable[..., torch.Tensor]
     flops_per_param: float
     fields: tuple[str, ...] = ()
-    check: Callable[[DictConfig], None] = lambda stage: None
-    loop: Callable[[DictConfig], str] = lambda stage: "plain"
+    check: Callable[[StageConfig], None] = lambda stage: None
+    loop: Callable[[StageConfig], str] = lambda stage: "plain"
 
 
 # Training FLOPs per token and parameter: forward 2, backward 4; LoRA skips the base weights'
@@ -273,17 +210,17 @@ STAGE_KINDS: dict[str, StageKind] = {
 }
 
 
-def check_stage(stage: DictConfig, defaults: Any) -> None:
+def check_stage(stage: StageConfig) -> None:
     """ValueError naming what is wrong: an unknown kind, a setting another kind owns changed from its
-    default (`defaults`: the schema's StageConfig), or the kind's own check."""
+    default, or the kind's own check."""
     _one_of("stage name", stage.name, tuple(STAGE_KINDS))
-    kind = STAGE_KINDS[stage.name]
+    kind, defaults = STAGE_KINDS[stage.name], StageConfig()
     for other, owner in STAGE_KINDS.items():
         for name in owner.fields:
-            if other != stage.name and name not in kind.fields and stage[name] != getattr(defaults, name):
+            if other != stage.name and name not in kind.fields and getattr(stage, name) != getattr(defaults, name):
                 raise ValueError(f"stage {stage.name}: {name} is for {other} only")
     kind.check(stage)
 
 
-def stage_loop(stage: DictConfig) -> str:
+def stage_loop(stage: StageConfig) -> str:
     return STAGE_KINDS[stage.name].loop(stage)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..data import build_train_loader
@@ -40,6 +39,7 @@ from .optim import make_optimizer, optimizer_step
 from .parallel import World, all_reduce_max, all_reduce_mean
 from .plan import StagePlan, plan_stages
 from .progress import ProgressLog
+from .settings import StageConfig, TrainConfig, TrainSettings
 from .stages import STAGE_KINDS, micro_batch_loss, set_trainable, stage_loop
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: scripts/slurm/uptrain.sbatch requeues the job on it
@@ -100,13 +100,13 @@ class Counters:
     """The run's step and token counts, and the bookkeeping after every optimizer step (non-finite
     guard, metrics, stop signal) that every stage strategy shares."""
 
-    def __init__(self, train_cfg: DictConfig, world: World, flops_params: int) -> None:
+    def __init__(self, train_cfg: TrainConfig, world: World, flops_params: int) -> None:
         self.train_cfg, self.world, self.flops_params = train_cfg, world, flops_params
         self.step = self.tokens = self.bad_in_a_row = 0
         self.log: ProgressLog | None = None
         self.stop = StopSignal()
 
-    def step_done(self, stage: DictConfig, plan: StagePlan, loss: float, grad_norm: float,
+    def step_done(self, stage: StageConfig, plan: StagePlan, loss: float, grad_norm: float,
                   optimizer: torch.optim.Optimizer, elapsed: float) -> bool:
         """Count, guard and log one optimizer step; True when a stop signal arrived (on any rank)."""
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -131,13 +131,13 @@ class StageRun:
 
     run: Path
     index: int
-    stage: DictConfig
+    stage: StageConfig
     plan: StagePlan
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: Any
-    train_cfg: DictConfig
+    train_cfg: TrainConfig
     world: World
     counters: Counters
     heldout: HeldoutPerplexity
@@ -175,13 +175,16 @@ class StageRun:
         return stopping
 
 
-def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: World, flops_params: int) -> int:
+def train(settings: TrainSettings, run: Path, model: nn.Module, tokenizer: Any, heldout: HeldoutPerplexity,
+          world: World, flops_params: int) -> int:
     """Run (or resume) every stage; returns 0 when done, REQUEUE_EXIT_CODE when stopped by a signal,
-    INTERRUPTED_EXIT_CODE after a Ctrl-C (a checkpoint is written in both cases)."""
-    stages = list(cfg.train.stages)
+    INTERRUPTED_EXIT_CODE after a Ctrl-C (a checkpoint is written in both cases). `heldout` scores
+    the model every train.eval_every steps."""
+    train_cfg = settings.train
+    stages = list(train_cfg.stages)
     check_blockwise(stages, world.distributed)
-    plans = plan_stages(cfg, world.world_size)
-    loader = build_train_loader(cfg.data, tokenizer, cfg.seq_len, cfg.train.micro_batch_size, world.rank,
+    plans = plan_stages(train_cfg, settings.seq_len, world.world_size)
+    loader = build_train_loader(settings.data, tokenizer, settings.seq_len, train_cfg.micro_batch_size, world.rank,
                                 world.world_size)
     if world.is_main:
         remove_partial_checkpoints(run)
@@ -190,10 +193,9 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
     layers = len(decoder_layers(model))
     total_steps = sum(p.steps * (len(block_ranges(layers, s.block_layers)) if s.block_layers else 1)
                       for p, s in zip(plans, stages))
-    heldout = HeldoutPerplexity(cfg, tokenizer)
-    precision = partial(compute_precision, cfg.train, torch_dtype(cfg.dtype), world)
+    precision = partial(compute_precision, train_cfg, torch_dtype(settings.dtype), world)
     # Last before the try: it takes Ctrl-C over, and only the finally below gives it back.
-    counters = Counters(cfg.train, world, flops_params)
+    counters = Counters(train_cfg, world, flops_params)
     try:
         for index in range(first, len(plans)):
             stage, plan = stages[index], plans[index]
@@ -212,21 +214,21 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
                 done = finished_blocks(run, index) * plan.steps
                 counters.step, counters.tokens = counters.step + done, counters.tokens + done * plan.tokens_per_step
             if counters.log is None:
-                counters.log = ProgressLog(run, total_steps, counters.step, cfg.train.logger,
-                                           OmegaConf.to_container(cfg, resolve=True), world.is_main)
+                counters.log = ProgressLog(run, total_steps, counters.step, train_cfg.logger, settings.logged,
+                                           world.is_main)
                 if counters.step:
                     counters.log.message(f"resumed from step {counters.step} (stage {stage.name}, "
                                          f"step {stage_step})")
             counters.bad_in_a_row = 0
             if stage_step < plan.steps:
-                stage_run = StageRun(run, index, stage, plan, model, optimizer, scheduler, loader, cfg.train, world,
+                stage_run = StageRun(run, index, stage, plan, model, optimizer, scheduler, loader, train_cfg, world,
                                      counters, heldout, precision)
                 strategy = LOOPS[stage_loop(stage)]
                 counters.log.message(f"stage {index + 1}/{len(plans)} {stage.name}: {plan.steps} steps of "
                                      f"{plan.tokens_per_step:,} tokens ({plan.accumulation} micro-batches/rank)"
                                      f"{_strategy_note(stage)}")
                 counters.log.log_stage_start(counters.step, stage.name)
-                if strategy(stage_run, stage_step, cfg.seed):
+                if strategy(stage_run, stage_step, settings.seed):
                     return counters.stop.exit_code
             if world.is_main:
                 loader.log_stats()
@@ -237,7 +239,7 @@ def train(cfg: DictConfig, run: Path, model: nn.Module, tokenizer: Any, world: W
     return 0
 
 
-def _strategy_note(stage: DictConfig) -> str:
+def _strategy_note(stage: StageConfig) -> str:
     if stage.block_layers:
         return f", in blocks of {stage.block_layers} layers"
     if stage.cache_tokens:
@@ -310,7 +312,7 @@ def _blockwise_stage(s: StageRun, stage_step: int, seed: int) -> bool:
 LOOPS = {"plain": _plain_stage, "cached": _cached_transfer_stage, "blockwise": _blockwise_stage}
 
 
-def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: DictConfig, plan: StagePlan,
+def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stage: StageConfig, plan: StagePlan,
                grad_clip: float, world: World, precision: Any, scheduler: Any | None = None) -> tuple[float, float]:
     """One optimizer step over `plan.accumulation` micro-batches; a non-finite step is not applied."""
     optimizer.zero_grad(set_to_none=True)
@@ -328,7 +330,7 @@ def train_step(model: nn.Module, batches, optimizer: torch.optim.Optimizer, stag
     return loss, optimizer_step(model, optimizer, scheduler, loss, grad_clip)
 
 
-def compute_precision(train_cfg: DictConfig, weights_dtype: torch.dtype, world: World) -> Any:
+def compute_precision(train_cfg: TrainConfig, weights_dtype: torch.dtype, world: World) -> Any:
     """bf16 (train.param_dtype) matmuls over float32 weights on one GPU; FSDP2 casts by itself, and
     CPU runs stay in the weights' dtype so they are exact and reproducible."""
     dtype = torch_dtype(train_cfg.param_dtype)
@@ -337,7 +339,7 @@ def compute_precision(train_cfg: DictConfig, weights_dtype: torch.dtype, world: 
 
 
 def _record(step: int, stage: str, loss: float, grad_norm: float, optimizer: torch.optim.Optimizer,
-            plan: StagePlan, tokens: int, elapsed: float, flops_params: int, train_cfg: DictConfig,
+            plan: StagePlan, tokens: int, elapsed: float, flops_params: int, train_cfg: TrainConfig,
             world: World) -> dict[str, Any]:
     tokens_per_s = plan.tokens_per_step / elapsed
     mfu = None
