@@ -84,23 +84,19 @@ def by_bucket(values: torch.Tensor, length: int) -> list[dict]:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from supra.commands.common import load_model_and_tokenizer
-    from supra.config import load_config
-    from supra.evaluate.perplexity import HeldoutPerplexity
+    from supra.evaluate.heldout import heldout_streams, load_measured
     from supra.layers.attention import LolcatsAttention
     from supra.layers.linearize import recorded_spec
     from supra.layers.switches import respecify
 
-    cfg = load_config([f"recipe={args.recipe}", f"model={args.model}"])
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer, _ = load_measured(args.model, args.recipe)
     if args.changes:
         respecify(model, args.changes)
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, LolcatsAttention)]
     if not layers:
         raise SystemExit(f"bench_state_share: error: {args.model} has no LoLCATs layer (method=lolcats)")
-    stream = HeldoutPerplexity(load_config([f"recipe={args.recipe}",
-                                            f"eval.max_tokens={args.seq_len * args.windows}"]), tokenizer).tokens()
+    stream = heldout_streams(tokenizer, args.recipe, {"heldout": []}, args.seq_len * args.windows)["heldout"]
     sums: dict[int, dict[str, torch.Tensor]] = {}
 
     def recording(layer: LolcatsAttention):
