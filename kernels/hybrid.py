@@ -88,11 +88,15 @@ class HybridState(NamedTuple):
     cache_fk: torch.Tensor | None = None  # (B, H, C, F): what an evicted entry adds to the linear state
     cache_valid: torch.Tensor | None = None  # (B, H, C) bool: slots that hold a pair
     cache_age: torch.Tensor | None = None  # (B, H, C) long, with a decay: each pair's places before the newest token
+    # What the next choice is scored by: the weight the current block's queries gave so far to each cached pair
+    # and to each token of the previous block (its ring slots; zero in the others)
+    cache_seen: torch.Tensor | None = None  # (B, H, C)
+    ring_seen: torch.Tensor | None = None  # (B, H, R)
 
 
 # The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
 ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase",
-              "cache_k", "cache_v", "cache_fk", "cache_valid", "cache_age")
+              "cache_k", "cache_v", "cache_fk", "cache_valid", "cache_age", "cache_seen", "ring_seen")
 
 
 def state_row(state: HybridState, row: int) -> HybridState:
@@ -470,6 +474,7 @@ def ring_step(
     if state.terrace:  # softmax over the newest W + phase + 1 tokens; the ring's older ones are linear
         age = (slot - torch.arange(ring, device=q.device)) % ring
         inside = age <= ring // 2 + state.phase[:, None]  # (B, 2W)
+        previous_block = inside & (age > state.phase[:, None])
         present = present & inside
         state.phase.add_(1).remainder_(ring // 2)
     present = present[:, None]  # (B, 1, R); per head (B, H, C + R) with the cache
@@ -488,6 +493,11 @@ def ring_step(
             linear = linear * powers(log_decay, age)
         weights[..., -ring:] += linear
     out = (weights.unsqueeze(2) @ values).add_(fq.to(acc).unsqueeze(2) @ state.kv).squeeze(2)
+    if state.cache_seen is not None:  # the cache's next choice is scored by these shares (sparse_cache.py)
+        shares = weights / out[..., E:]
+        C = state.cache_seen.shape[2]
+        state.cache_seen.add_(shares[..., S:S + C])
+        state.ring_seen.add_(shares[..., S + C:] * previous_block[:, None])
     y = out[..., :E] / out[..., E:]
     return y.to(q.dtype), state._replace(next_slot=(slot + 1) % ring)
 

@@ -1,15 +1,20 @@
-"""A sparse global KV cache for the LoLCATs terrace hybrid (LoLA, arXiv 2505.23666).
+"""A sparse global KV cache for the LoLCATs terrace hybrid (after LoLA, arXiv 2505.23666).
 
 Beside the exact window (the query's own block of W and the previous one) and the sinks, each head
-keeps up to C = `cache_budget` older key/value pairs exactly: the ones the linear state recalls
-worst. When a query enters document block b, block b-2 leaves the window. Its tokens (not the sinks,
-not padding) become candidates together with the cache's entries, and each candidate j is scored by
-its self-recall error against the state that would hold all of them,
+keeps up to C = `cache_budget` older key/value pairs exactly. When a query enters document block b,
+block b-2 leaves the window. Its tokens (not the sinks, not padding) become candidates together with
+the cache's entries, and each candidate j is scored by the weight the queries of block b-1 gave it,
+its share of their whole normaliser (window, sinks, cache and linear state),
 
-    S_all = S + sum_{candidates j} fk_j [v_j, 1],
-    v_hat_j = fk_j^T S_all[:, :V] / fk_j^T S_all[:, V],   err_j = ||v_j - v_hat_j||^2.
+    seen_j = sum_{n in block b-1} g e^(s_nj - c_n) / den_n.
 
-The C largest errors stay in the cache (a tie keeps the older token), the other candidates go into
+Block b-1's queries saw every candidate exactly (b-2 was their previous block), so this is the
+attention each pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by
+its last queries. LoLA scores by how badly the state recalls each pair instead (||v_j - v_hat_j||^2);
+on the demo's model at 2,048 tokens that choice scores 1.237x the original, this one 1.107x
+(benchmarks/results/cpu/cache_choice_*.json).
+
+The C largest scores stay in the cache (a tie keeps the older token), the other candidates go into
 the linear state (S += fk_j [v_j, 1]). Cache entries are attended in the softmax part, with the same
 gate and the same max c as the window:
 
@@ -18,20 +23,19 @@ gate and the same max c as the window:
 A token the cache never took is weighted fq.fk_j, as without the cache, so C = 0 is the terrace.
 
 Three forms make the same choices: `parallel_cached_hybrid_attention` (the definition, T x T masks,
-for tests and measurements), `cached_hybrid_attention` (a loop over document blocks, vectorised over rows and heads:
-prefill, evaluation and training on every device), and `decide_at_block_start`, which the decode step
-(`window_hybrid_step`) calls when a row enters a new block. They share `recall_errors` and `choose`.
-The cache is C slots per row and head (k, v with the ones column, fk for when it is evicted into the
-state, valid): constant memory in decode. The choice is not differentiated; the kept pairs are.
+for tests and measurements), `cached_hybrid_attention` (a loop over document blocks, vectorised over
+rows and heads: prefill, evaluation and training on every device), and `decide_at_block_start`, which
+the decode step (`window_hybrid_step`) calls when a row enters a new block; the step adds each query's
+shares to the state's `cache_seen` and `ring_seen` (hybrid.ring_step). They share `choose` and
+`decide`. The cache is C slots per row and head (k, v with the ones column, fk for when it is evicted
+into the state, valid, seen): constant memory in decode. The choice is not differentiated; the kept
+pairs are.
 
 With a decayed linear part (`log_decay`, hybrid.py) a token in the linear state counts for query n
 with gamma^(n-j), j its own place, whether it was folded at a block start or evicted from the cache
 later; cache entries themselves are attended undecayed, like the window. So each entry also keeps its
 age (cache_age: places before the state's newest token), and at a block start every candidate enters
-the scoring sum and the state with gamma^age, the state being taken at the place before the block's
-first token. The recall itself uses the undecayed fk_j: v_hat_j does not change when fk_j is scaled,
-and a strongly decayed fk_j would underflow to zero. Without a decay there is no cache_age and the
-sums are the ones above, operation for operation.
+the state with gamma^age, the state being taken at the place before the block's first token.
 """
 
 from __future__ import annotations
@@ -43,18 +47,11 @@ from .hybrid import HybridState, powers, stack_states, state_row, take_sinks
 from .reference import state_dtype
 
 
-def recall_errors(kv: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """err_j = ||v_j - fk_j^T kv[:, :V] / fk_j^T kv[:, V]||^2: kv (B, H, F, V + 1), fk (B, H, N, F),
-    v (B, H, N, V + 1) with the ones column -> (B, H, N). NaN where fk_j is zero (no token)."""
-    recalled = fk @ kv
-    return (v[..., :-1] - recalled[..., :-1] / recalled[..., -1:]).square().sum(-1)
-
-
-def choose(errors: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices (B, H, min(budget, N)) of the largest errors among the valid candidates (B, H, N),
+def choose(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices (B, H, min(budget, N)) of the largest scores among the valid candidates (B, H, N),
     in candidate order. Candidates come oldest first, and a stable sort keeps the older of equal
-    errors. With fewer valid candidates than the budget, invalid ones fill the rest."""
-    ranked = errors.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    scores. With fewer valid candidates than the budget, invalid ones fill the rest."""
+    ranked = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
     return ranked[..., :budget].sort(-1).values
 
 
@@ -64,18 +61,16 @@ def decay_weights(log_decay: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
 
 
 def decide(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, valid: torch.Tensor,
-           budget: int, log_decay: torch.Tensor | None = None,
+           seen: torch.Tensor, budget: int, log_decay: torch.Tensor | None = None,
            age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The candidates k (B, H, N, D), v (B, H, N, V + 1), fk (B, H, N, F), valid (B, H, N), oldest
-    first, against the linear state kv (B, H, F, V + 1): the new state (the candidates not kept folded
-    in) and the new cache k, v, fk, valid, `budget` slots each. With log_decay (H,), age (B, H, N) is
-    each candidate's places before kv's place: candidates weigh gamma^age in the scoring sum and the
-    state, and the kept ones' ages come back last."""
+    first, with the weight the last block's queries gave each (seen, B, H, N), against the linear
+    state kv (B, H, F, V + 1): the new state (the candidates not kept folded in) and the new cache k,
+    v, fk, valid, `budget` slots each. With log_decay (H,), age (B, H, N) is each candidate's places
+    before kv's place: candidates enter the state with gamma^age, and the kept ones' ages come back last."""
     fk = fk * valid[..., None]
     into_state = fk if log_decay is None else fk * decay_weights(log_decay, age)[..., None]
-    with torch.no_grad():
-        whole = kv + into_state.transpose(-1, -2) @ v
-        idx = choose(recall_errors(whole, fk, v), valid, budget)
+    idx = choose(seen.detach(), valid, budget)
     kept = torch.zeros_like(valid).scatter_(-1, idx, True)
 
     def take(x: torch.Tensor) -> torch.Tensor:
@@ -147,14 +142,19 @@ def cached_hybrid_attention(
         valid[:, :2 * W] = rings[3][..., 0]
     fkx = fkx * valid[:, None, :, None]  # padding and sinks never enter the state or the cache
     qb, fqb = (F.pad(x.to(acc), (0, 0, 0, 0, p, back)).view(B, nb, W, H, -1).permute(0, 3, 1, 2, 4) for x in (q, fq))
+    # seen: per X place, the weight its next block's queries gave it (what the choice is scored by)
+    seen = torch.zeros(B, H, kx.shape[2], dtype=acc, device=q.device)
     if state is None:
         kv = q.new_zeros(B, H, Fd, E + 1, dtype=acc)
         cache = empty_cache(B, H, cache_budget, D, E, Fd, kv, decayed=log_decay is not None)
+        cache_seen = seen.new_zeros(B, H, cache_budget)
     else:
         kv = state.kv.to(acc)
         cache = tuple(x.to(acc) for x in (state.cache_k, state.cache_v, state.cache_fk)) + (state.cache_valid,)
         if log_decay is not None:
             cache = (*cache, state.cache_age)
+        seen[:, :, :2 * W] = state.ring_seen.roll(-state.next_slot, dims=2)
+        cache_seen = state.cache_seen.to(acc)
 
     own_mask = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()
     gate = window_gate.to(acc).view(1, H, 1, 1)
@@ -181,7 +181,9 @@ def cached_hybrid_attention(
                 move(lo + 2 * W - 1)
                 block_age = (held_at - lo - torch.arange(W, device=q.device)).expand(B, H, W)
                 decay = (log_decay, torch.cat([cache[4], block_age], dim=-1))
-            kv, *cache = decide(kv, *candidates, torch.cat([cache[3], block_valid], dim=-1), cache_budget, *decay)
+            kv, *cache = decide(kv, *candidates, torch.cat([cache[3], block_valid], dim=-1),
+                                torch.cat([cache_seen, seen[:, :, lo:lo + W]], dim=-1), cache_budget, *decay)
+            cache_seen = torch.zeros_like(cache_seen)
             decided = lo + W
         prev, own = slice(a + i * W, a + (i + 1) * W), slice(a + (i + 1) * W, a + (i + 2) * W)
         query = qb[:, :, i]
@@ -193,8 +195,8 @@ def cached_hybrid_attention(
                  (query @ cache[0].transpose(-1, -2) * scale).masked_fill(~cache[3][:, :, None], float("-inf"))]
         values = [vx[:, :, prev], vx[:, :, own], cache[1]]
         if sinks:
-            seen = sink_valid[:, None, None] & (arrival[:, None, None] <= place[:, None])
-            parts.append((query @ sink_k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf")))
+            arrived = sink_valid[:, None, None] & (arrival[:, None, None] <= place[:, None])
+            parts.append((query @ sink_k.transpose(-1, -2) * scale).masked_fill(~arrived, float("-inf")))
             values.append(sink_v)
         scores = torch.cat(parts, dim=-1)
         c = scores.amax(-1, keepdim=True)
@@ -203,9 +205,14 @@ def cached_hybrid_attention(
         if log_decay is not None:  # query r is at X place a + (i + 1)W + r; padded ones may precede kv's place
             ahead = (a + (i + 1) * W + torch.arange(W, device=q.device) - held_at).clamp(min=0)
             fq_i = fq_i * powers(log_decay, ahead).view(1, H, W, 1)
-        out = (gate * (scores - c).exp()) @ torch.cat(values, dim=2) + fq_i @ kv
-        den = out[..., E:] + ((place < 0) | (place >= T))[:, None]  # keeps padded rows finite
+        exact = gate * (scores - c).exp()
+        out = exact @ torch.cat(values, dim=2) + fq_i @ kv
+        padded = (place < 0) | (place >= T)
+        den = out[..., E:] + padded[:, None]  # keeps padded rows finite
         outs.append(out[..., :E] / den)
+        shares = (exact / den).detach() * ~padded[:, None]
+        seen[:, :, prev] += shares[..., :W].sum(2)
+        cache_seen = cache_seen + shares[..., 2 * W:2 * W + cache_budget].sum(2)
     y = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
 
     final = None
@@ -216,7 +223,8 @@ def cached_hybrid_attention(
         undecided = torch.arange(T, T + 2 * W, device=q.device) >= decided
         final = HybridState(kv, kx[:, :, ring].contiguous(), vx[:, :, ring].contiguous(),
                             (fkx[:, :, ring] * undecided[:, None]).contiguous(), valid[:, ring].clone(), sink_k,
-                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *cache)
+                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *cache,
+                            cache_seen=cache_seen, ring_seen=seen[:, :, ring].contiguous())
     return y.to(q.dtype), final
 
 
@@ -240,8 +248,9 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
     if log_decay is not None:  # the slot m places after the oldest is ring - 1 - m before the newest token
         block_age = (ring - 1 - torch.arange(ring // 2, device=state.kv.device)).expand(B, H, -1)
         decay = (log_decay.to(state.kv.dtype), torch.cat([state.cache_age, block_age], dim=-1))
-    new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), state.cache_k.shape[2],
-                 *decay)
+    seen = torch.cat([state.cache_seen, state.ring_seen[:, :, idx]], dim=-1)
+    new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), seen,
+                 state.cache_k.shape[2], *decay)
     rows = starting.view(B, 1, 1, 1)
     for old, value in zip((state.kv, state.cache_k, state.cache_v, state.cache_fk), new):
         old.copy_(torch.where(rows, value, old))
@@ -249,12 +258,13 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
     if log_decay is not None:
         state.cache_age.copy_(torch.where(starting.view(B, 1, 1), new[5], state.cache_age))
     state.fk[:, :, idx] = state.fk[:, :, idx] * ~rows
+    for seen in (state.cache_seen, state.ring_seen):  # the new block's queries score the next choice
+        seen.mul_(~starting.view(B, 1, 1))
 
 
 def parallel_cached_hybrid_weights(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     fq: torch.Tensor,
     fk: torch.Tensor,
     window_gate: torch.Tensor,
@@ -264,42 +274,41 @@ def parallel_cached_hybrid_weights(
     log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query n's unnormalised weight on key j (B, H, T, T), in its two parts: the exact one (window,
-    sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed), zero where
-    the other part holds the key. One document per row from its first token.
-    Entering block b, the cache is chosen among its previous entries and block b-2, scored against
-    the sum over every token of blocks <= b-2 (what the state and the candidates hold together).
-    Decayed, token j weighs gamma^(n-j) in query n's linear part, and gamma^(bW-1-j) in block b's
-    scoring sum (a common factor, gamma^(bW-j) would choose the same)."""
+    sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed: times
+    gamma^(n-j)), zero where the other part holds the key. One document per row from its first token.
+    Entering block b, the cache is chosen among its previous entries and block b-2 by the weights
+    block b-1's queries gave them, normalised over their whole rows."""
     B, T, H, D = q.shape
     W = window
     acc = state_dtype(q.dtype)
-    qf, kf, vf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, v, fq, fk))
-    vo = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
+    qf, kf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, fq, fk))
     n = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
     block = torch.arange(T, device=q.device) // W
     sink = torch.arange(T, device=q.device) < sinks
     first = (n // W - 1) * W
     soft = (j <= n) & ((j >= first) | sink[None])
+    scores = qf @ kf.transpose(-1, -2) * D**-0.5
+    gate = window_gate.to(acc).view(1, -1, 1, 1)
+    linear = (fqf @ fkf.transpose(-1, -2)) * ((j < first) & ~sink[None])
+    if log_decay is not None:
+        linear = linear * powers(log_decay.to(acc), (n - j).clamp(min=0))
+
+    def weights(rows: torch.Tensor, cached_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the query rows (T,) bool, with the pairs each attends in the cache (B, H, rows, T)
+        exact = scores[:, :, rows].masked_fill(~(soft[rows] | cached_rows), float("-inf"))
+        return gate * (exact - exact.amax(-1, keepdim=True)).exp(), linear[:, :, rows] * ~cached_rows
+
     member = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)  # in the cache at the current block
     cached = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)  # [n, j]: query n attends j exactly
     for b in range(2, -(-T // W)):
-        old = (block <= b - 2) & ~sink
-        into_state = fkf * old[:, None]
-        if log_decay is not None:
-            into_state = into_state * powers(log_decay.to(acc), (b * W - 1 - j[0]).clamp(min=0))[None, ..., None]
-        whole = into_state.transpose(-1, -2) @ vo
+        exact, linear_part = weights(block == b - 1, cached[:, :, block == b - 1])
+        seen = (exact / (exact + linear_part).sum(-1, keepdim=True)).sum(2)
         candidates = member | ((block == b - 2) & ~sink)
-        idx = choose(recall_errors(whole, fkf, vo), candidates, cache_budget)
+        idx = choose(seen, candidates, cache_budget)
         member = torch.zeros_like(member).scatter_(-1, idx, candidates.gather(-1, idx))
         cached[:, :, block == b] = member[:, :, None]
-    linear = (j < first) & ~sink[None] & ~cached
-    scores = (qf @ kf.transpose(-1, -2) * D**-0.5).masked_fill(~(soft | cached), float("-inf"))
-    gate = window_gate.to(acc).view(1, -1, 1, 1)
-    linear = (fqf @ fkf.transpose(-1, -2)) * linear
-    if log_decay is not None:
-        linear = linear * powers(log_decay.to(acc), (n - j).clamp(min=0))
-    return gate * (scores - scores.amax(-1, keepdim=True)).exp(), linear
+    return weights(torch.ones(T, dtype=torch.bool, device=q.device), cached)
 
 
 def parallel_cached_hybrid_attention(
@@ -315,7 +324,7 @@ def parallel_cached_hybrid_attention(
     log_decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition with full T x T masks (`parallel_cached_hybrid_weights`), for tests."""
-    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, window_gate, window, sinks, cache_budget,
+    exact, linear = parallel_cached_hybrid_weights(q, k, fq, fk, window_gate, window, sinks, cache_budget,
                                                    log_decay)
     weights = exact + linear
     y = (weights @ v.to(weights.dtype).transpose(1, 2)) / weights.sum(-1, keepdim=True)

@@ -53,7 +53,7 @@ def layer_shares(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
 
     q, k, v, fq, fk, gate, log_decay = layer.hybrid_inputs(q, k, v, position_embeddings)
     spec = layer.spec
-    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, gate, spec.window, spec.sinks,
+    exact, linear = parallel_cached_hybrid_weights(q, k, fq, fk, gate, spec.window, spec.sinks,
                                                    spec.cache_budget, log_decay)
     T, D = q.shape[1], q.shape[-1]
     qh, kh, vh = (x.transpose(1, 2).to(exact.dtype) for x in (q, k, v))

@@ -133,9 +133,9 @@ def test_the_hybrid_weights_split_every_key_between_the_exact_part_and_the_state
     from supra.kernels.sparse_cache import parallel_cached_hybrid_weights
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 37, 3, 8, dtype=torch.float64) for _ in range(3))
+    q, k = (torch.randn(2, 37, 3, 8, dtype=torch.float64) for _ in range(2))
     fq, fk = (F.softplus(torch.randn(2, 37, 3, 6, dtype=torch.float64)) for _ in range(2))
-    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, torch.full((3,), 0.3, dtype=torch.float64),
+    exact, linear = parallel_cached_hybrid_weights(q, k, fq, fk, torch.full((3,), 0.3, dtype=torch.float64),
                                                    window=4, sinks=2, cache_budget=3,
                                                    log_decay=torch.full((3,), -0.05, dtype=torch.float64))
     causal = torch.ones(37, 37, dtype=torch.bool).tril()

@@ -1,6 +1,6 @@
 """The sparse global KV cache of the terrace hybrid (kernels/sparse_cache.py): the blocked form, prompt
 chunks and decode steps make the definition's choices and outputs; memory stays constant; the choice
-is deterministic; cache_budget=0 is the terrace. Model-level checks (three forms, left padding,
+is deterministic and keeps what the queries attend; cache_budget=0 is the terrace. Model-level checks (three forms, left padding,
 restarts, packed documents) run through the "lolcats-cache" spec of test_layers.py and test_decode.py."""
 
 from __future__ import annotations
@@ -103,6 +103,23 @@ def test_the_choice_is_deterministic_and_keeps_the_older_of_equal_errors():
     twice = [window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, output_final_state=True, terrace=True,
                                      cache_budget=3)[1] for _ in range(2)]
     assert torch.equal(twice[0].cache_k, twice[1].cache_k) and torch.equal(twice[0].kv, twice[1].kv)
+
+
+def test_the_cache_keeps_the_pair_the_last_block_attended():
+    """A key that every later query attends (a needle among random keys) is chosen into a one-pair
+    cache when it leaves the window and kept there, in the blocked form and in decode steps."""
+    torch.manual_seed(0)
+    T, needle = 6 * WINDOW, 1
+    q, k, v, fq, fk, gate = random_hybrid_inputs(1, T)
+    q[:] = q[:, :1]  # every query the same direction, which the needle's key points along
+    k[:, needle] = 4 * q[:, 0]
+    _, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, terrace=True,
+                                       cache_budget=1)
+    _, state = window_hybrid_attention(*(x[:, :2] for x in (q, k, v, fq, fk)), gate, WINDOW,
+                                       output_final_state=True, terrace=True, cache_budget=1)
+    _, state = steps(state, (q, k, v, fq, fk, gate), 2, T)
+    for held in (whole, state):
+        assert bool(held.cache_valid.all()) and torch.equal(held.cache_k[0, :, 0], k[0, needle])
 
 
 def test_a_zero_budget_is_the_terrace():

@@ -367,4 +367,6 @@ def restart_hybrid_rows(state: HybridState, rows: torch.Tensor) -> HybridState:
     state.phase.mul_(keep)
     if state.cache_valid is not None:
         state.cache_valid.logical_and_(keep[:, None, None])
+        state.cache_seen.mul_(keep.view(-1, 1, 1))
+        state.ring_seen.mul_(keep.view(-1, 1, 1))
     return state
