@@ -40,8 +40,8 @@ class LinearizeSpec:
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
-    # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the linear state
-    # recalls worst (LoLA; kernels/sparse_cache.py); 0: none
+    # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the last block's
+    # queries attended most (a LoLA-style cache; kernels/sparse_cache.py); 0: none
     cache_budget: int = 0
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
