@@ -12,7 +12,7 @@ Block b-1's queries saw every candidate exactly (b-2 was their previous block), 
 attention each pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by
 its last queries. LoLA scores by how badly the state recalls each pair instead (||v_j - v_hat_j||^2);
 on the demo's model at 2,048 tokens that choice scores 1.237x the original, this one 1.107x
-(benchmarks/results/cpu/cache_choice_*.json).
+(benchmarks/results/cpu/demo_cache_budget_256.json, long_context_demo_attention_cache256.json).
 
 The C largest scores stay in the cache (a tie keeps the older token), the other candidates go into
 the linear state (S += fk_j [v_j, 1]). Cache entries are attended in the softmax part, with the same

@@ -84,8 +84,9 @@ def test_kill_9_inside_a_cached_epoch_then_rerun_continues_exactly(tmp_path):
 @pytest.mark.parametrize("trains", ["lora", "new"])
 def test_distill_lowers_the_kl_and_trains_only_its_set(trains):
     # A random model's next-token distributions are near uniform, so distillation is tested on SmolLM2.
-    # rows longer than the (sliding) window, and no sinks: most of the attention goes through the feature maps
-    cfg = load_config(["recipe=smollm2-135m", "window=16", "window_kind=sliding", "sinks=0"])
+    # rows longer than the (sliding) window, no sinks and an undecayed state: most of the attention goes
+    # through the feature maps
+    cfg = load_config(["recipe=smollm2-135m", "window=16", "window_kind=sliding", "sinks=0", "state_decay=none"])
     model = convert_model(load_model("smollm2-135m"), cfg)
     stage = OmegaConf.create({"name": "distill", "train": trains, "lora_r": 4, "lora_alpha": 8,
                               "lora_dropout": 0.0, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]})
