@@ -12,7 +12,7 @@ import torch
 from .backend import triton_dtypes, use_triton
 from .chunked import chunk_linear_attention
 from .delta_rule import chunk_delta_rule
-from .hybrid import HybridState, blocked_hybrid_attention, check_hybrid_call, ring_step
+from .hybrid import CacheRule, HybridState, blocked_hybrid_attention, check_hybrid_call, ring_step
 from .reference import recurrent_step
 from .sparse_cache import cached_hybrid_attention, decide_at_block_start
 
@@ -99,21 +99,25 @@ def window_hybrid_attention(
     terrace: bool = False,
     log_decay: torch.Tensor | None = None,
     cache_budget: int = 0,
+    cache_chunk: int = 1,
+    cache_recall: int = 0,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The LoLCATs hybrid (`hybrid.py`). q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F);
     window_gate (H,) in (0, 1); T >= 1; log_decay (H,) <= 0 or None (the linear part's decay). A state
-    carried in keeps its own number of sink slots, window kind and cache budget (`sinks`, `terrace` and
-    `cache_budget` then must match it), and must come from calls with the same decay.
+    carried in keeps its own number of sink slots, window kind and cache (`sinks`, `terrace` and the
+    `cache_*` arguments then must match it), and must come from calls with the same decay.
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
     unless it has a decay, which they lack, or float64 inputs: then it runs the torch blocked form, as
-    every call with a state does. With a sparse cache (`cache_budget` > 0, terrace only, with or
-    without a decay) every call runs `sparse_cache.py`'s torch form.
+    every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per head, terrace only,
+    with or without a decay) every call runs `sparse_cache.py`'s torch form; the cache keeps runs of
+    `cache_chunk` consecutive tokens, `cache_recall` of its pairs by recall error (`CacheRule`).
     """
-    check_hybrid_call(state, sinks, terrace, cache_budget, log_decay)
-    if cache_budget:
+    cache = CacheRule(cache_budget, cache_chunk, cache_recall) if cache_budget else None
+    check_hybrid_call(state, sinks, terrace, window, cache, log_decay)
+    if cache is not None:
         return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
-                                       cache_budget, log_decay)
+                                       cache, log_decay)
     if state is None and runs_triton(backend, q.device, q, k, v, fq, fk) and log_decay is None:
         from .triton_hybrid import triton_window_hybrid_attention
 

@@ -70,6 +70,15 @@ from .reference import state_dtype
 SEGMENT_TOKENS = 1024
 
 
+class CacheRule(NamedTuple):
+    """How a sparse cache (sparse_cache.py) chooses: `budget` pairs per head, kept and evicted in runs
+    of `chunk` consecutive tokens; `recall` of them are the runs the state recalls worst, the rest
+    the runs the last block attended most."""
+    budget: int
+    chunk: int = 1
+    recall: int = 0
+
+
 class HybridState(NamedTuple):
     kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the ring
     k: torch.Tensor  # (B, H, R, D) ring buffer of the last R tokens (R = W; 2W for the terrace)
@@ -92,6 +101,7 @@ class HybridState(NamedTuple):
     # and to each token of the previous block (its ring slots; zero in the others)
     cache_seen: torch.Tensor | None = None  # (B, H, C)
     ring_seen: torch.Tensor | None = None  # (B, H, R)
+    cache_rule: CacheRule | None = None
 
 
 # The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
@@ -179,7 +189,7 @@ def decayed_queries(fqb: torch.Tensor, log_decay: torch.Tensor | None) -> torch.
     return fqb * powers(log_decay, torch.arange(1, W + 1, device=fqb.device)).view(1, -1, 1, W, 1)
 
 
-def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, cache_budget: int,
+def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, window: int, cache: CacheRule | None,
                       log_decay: torch.Tensor | None) -> None:
     """ValueError unless a call's settings fit together and match the state it carries in (the
     contract of `dispatch.window_hybrid_attention`)."""
@@ -188,12 +198,18 @@ def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, cach
     if state is not None and state.terrace != terrace:
         raise ValueError(f"the state is {'a terrace' if state.terrace else 'a sliding window'}'s, the call asks "
                          f"for {'a terrace' if terrace else 'a sliding window'}")
-    held = 0 if state is None or state.cache_k is None else state.cache_k.shape[2]
-    if state is not None and held != cache_budget:
-        raise ValueError(f"the state keeps a cache of {held} pairs, the call asks for {cache_budget}")
-    if cache_budget:
+    if state is not None and state.cache_rule != cache:
+        def told(rule: CacheRule | None) -> str:
+            return "no sparse cache" if rule is None else (f"a sparse cache of {rule.budget} pairs in runs of "
+                                                           f"{rule.chunk}, {rule.recall} by recall error")
+        raise ValueError(f"the state keeps {told(state.cache_rule)}, the call asks for {told(cache)}")
+    if cache is not None:
         if not terrace:
             raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window")
+        if cache.budget < 1 or cache.chunk < 1 or cache.budget % cache.chunk or window % cache.chunk \
+                or cache.recall % cache.chunk or not 0 <= cache.recall <= cache.budget:
+            raise ValueError(f"a sparse cache needs a budget >= 1 and a window that are multiples of its chunk, "
+                             f"and 0 <= recall <= budget, a multiple of the chunk too; got {cache}, window {window}")
         if state is not None and (state.cache_age is None) != (log_decay is None):
             raise ValueError("the state's cache was made with a different decay (with or without) than the call's")
 

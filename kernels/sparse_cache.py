@@ -43,16 +43,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .hybrid import HybridState, powers, stack_states, state_row, take_sinks
+from .hybrid import CacheRule, HybridState, powers, stack_states, state_row, take_sinks
 from .reference import state_dtype
 
 
-def choose(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices (B, H, min(budget, N)) of the largest scores among the valid candidates (B, H, N),
-    in candidate order. Candidates come oldest first, and a stable sort keeps the older of equal
-    scores. With fewer valid candidates than the budget, invalid ones fill the rest."""
-    ranked = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    return ranked[..., :budget].sort(-1).values
+def recall_errors(kv: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """err_j = ||v_j - fk_j^T kv[:, :V] / fk_j^T kv[:, V]||^2: kv (B, H, F, V + 1), fk (B, H, N, F),
+    v (B, H, N, V + 1) with the ones column -> (B, H, N). NaN where fk_j is zero (no token)."""
+    recalled = fk @ kv
+    return (v[..., :-1] - recalled[..., :-1] / recalled[..., -1:]).square().sum(-1)
+
+
+def choose(seen: torch.Tensor, valid: torch.Tensor, budget: int, chunk: int = 1,
+           errors: torch.Tensor | None = None, recall: int = 0) -> torch.Tensor:
+    """Indices (B, H, budget) of the candidates kept, in candidate order: budget / chunk runs of
+    `chunk` consecutive candidates (N, the candidates' count, a multiple of chunk). A run scores the
+    sum over its valid candidates (valid: B, H, N) of `seen`; with `recall` > 0, that many pairs'
+    runs are then chosen among the rest by the sum of `errors` instead. Runs come oldest first, and a
+    stable sort keeps the older of equal scores; with fewer valid runs than asked for, runs without a
+    valid candidate fill the rest."""
+    run_valid = valid.unflatten(-1, (-1, chunk)).any(-1)
+
+    def per_run(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, x, 0.0).nan_to_num(0.0).unflatten(-1, (-1, chunk)).sum(-1)
+
+    def largest(scores: torch.Tensor, count: int) -> torch.Tensor:
+        return scores.masked_fill(~run_valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[
+            ..., :count]
+
+    runs = largest(per_run(seen), (budget - recall) // chunk)
+    if recall:  # the runs attention chose rank first, then the rest by recall error
+        first = torch.zeros_like(run_valid).scatter_(-1, runs, True)
+        runs = largest(per_run(errors).masked_fill(first, float("inf")), budget // chunk)
+    runs = runs.sort(-1).values
+    return (runs[..., None] * chunk + torch.arange(chunk, device=runs.device)).flatten(-2)
 
 
 def decay_weights(log_decay: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
@@ -61,16 +85,20 @@ def decay_weights(log_decay: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
 
 
 def decide(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, valid: torch.Tensor,
-           seen: torch.Tensor, budget: int, log_decay: torch.Tensor | None = None,
+           seen: torch.Tensor, rule: CacheRule, log_decay: torch.Tensor | None = None,
            age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The candidates k (B, H, N, D), v (B, H, N, V + 1), fk (B, H, N, F), valid (B, H, N), oldest
     first, with the weight the last block's queries gave each (seen, B, H, N), against the linear
     state kv (B, H, F, V + 1): the new state (the candidates not kept folded in) and the new cache k,
-    v, fk, valid, `budget` slots each. With log_decay (H,), age (B, H, N) is each candidate's places
-    before kv's place: candidates enter the state with gamma^age, and the kept ones' ages come back last."""
+    v, fk, valid, `rule.budget` slots each. With log_decay (H,), age (B, H, N) is each candidate's places
+    before kv's place: candidates enter the state with gamma^age, and the kept ones' ages come back last.
+    Recall errors are taken against the state that would hold every candidate, with the undecayed fk_j
+    (v_hat_j does not change when fk_j is scaled, and a strongly decayed one would underflow)."""
     fk = fk * valid[..., None]
     into_state = fk if log_decay is None else fk * decay_weights(log_decay, age)[..., None]
-    idx = choose(seen.detach(), valid, budget)
+    with torch.no_grad():
+        errors = recall_errors(kv + into_state.transpose(-1, -2) @ v, fk, v) if rule.recall else None
+        idx = choose(seen.detach(), valid, rule.budget, rule.chunk, errors, rule.recall)
     kept = torch.zeros_like(valid).scatter_(-1, idx, True)
 
     def take(x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +129,11 @@ def cached_hybrid_attention(
     state: HybridState | None,
     output_final_state: bool,
     sinks: int,
-    cache_budget: int,
+    cache: CacheRule,
     log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """The terrace hybrid with the cache, one document block of queries at a time; arguments as
-    `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the last 2W
+    """The terrace hybrid with the cache `cache` chooses, one document block of queries at a time;
+    the other arguments as `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the last 2W
     tokens, and the ones of a block already decided (older than the window) have fk zero, since
     they are in the cache or the linear state. Decayed, kv and the cache's ages are taken at the
     newest token, as the decode step keeps them."""
@@ -114,10 +142,11 @@ def cached_hybrid_attention(
     if state is not None and bool((state.phase != state.phase[0]).any()):
         # Rows at different places in their blocks decide at different tokens: one row at a time.
         rows = [cached_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
-                                        state_row(state, b), output_final_state, sinks, cache_budget, log_decay)
+                                        state_row(state, b), output_final_state, sinks, cache, log_decay)
                 for b in range(B)]
         return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
     E, Fd = v.shape[-1], fk.shape[-1]
+    cache_budget = cache.budget
     acc = state_dtype(q.dtype)
     log_decay = None if log_decay is None else log_decay.to(acc)
     p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
@@ -146,13 +175,13 @@ def cached_hybrid_attention(
     seen = torch.zeros(B, H, kx.shape[2], dtype=acc, device=q.device)
     if state is None:
         kv = q.new_zeros(B, H, Fd, E + 1, dtype=acc)
-        cache = empty_cache(B, H, cache_budget, D, E, Fd, kv, decayed=log_decay is not None)
+        slots = empty_cache(B, H, cache_budget, D, E, Fd, kv, decayed=log_decay is not None)
         cache_seen = seen.new_zeros(B, H, cache_budget)
     else:
         kv = state.kv.to(acc)
-        cache = tuple(x.to(acc) for x in (state.cache_k, state.cache_v, state.cache_fk)) + (state.cache_valid,)
+        slots = tuple(x.to(acc) for x in (state.cache_k, state.cache_v, state.cache_fk)) + (state.cache_valid,)
         if log_decay is not None:
-            cache = (*cache, state.cache_age)
+            slots = (*slots, state.cache_age)
         seen[:, :, :2 * W] = state.ring_seen.roll(-state.next_slot, dims=2)
         cache_seen = state.cache_seen.to(acc)
 
@@ -166,23 +195,23 @@ def cached_hybrid_attention(
     def move(to: int) -> None:  # decay kv and age the cache from held_at to X place `to` >= held_at
         nonlocal kv, held_at
         kv = kv * (log_decay * (to - held_at)).exp().view(1, H, 1, 1)
-        cache[4] = cache[4] + (to - held_at)
+        slots[4] = slots[4] + (to - held_at)
         held_at = to
 
-    cache = list(cache)
+    slots = list(slots)
     outs = []
     for i in range(nb):
         if i or p == 0:  # the query enters its block here: the block two back leaves the window
             lo = a + (i - 1) * W
             block_valid = valid[:, None, lo:lo + W].expand(-1, H, -1)
-            candidates = [torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(cache, (kx, vx, fkx))]
+            candidates = [torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(slots, (kx, vx, fkx))]
             decay = ()
             if log_decay is not None:  # taken at the place before the block's first query
                 move(lo + 2 * W - 1)
                 block_age = (held_at - lo - torch.arange(W, device=q.device)).expand(B, H, W)
-                decay = (log_decay, torch.cat([cache[4], block_age], dim=-1))
-            kv, *cache = decide(kv, *candidates, torch.cat([cache[3], block_valid], dim=-1),
-                                torch.cat([cache_seen, seen[:, :, lo:lo + W]], dim=-1), cache_budget, *decay)
+                decay = (log_decay, torch.cat([slots[4], block_age], dim=-1))
+            kv, *slots = decide(kv, *candidates, torch.cat([slots[3], block_valid], dim=-1),
+                                torch.cat([cache_seen, seen[:, :, lo:lo + W]], dim=-1), cache, *decay)
             cache_seen = torch.zeros_like(cache_seen)
             decided = lo + W
         prev, own = slice(a + i * W, a + (i + 1) * W), slice(a + (i + 1) * W, a + (i + 2) * W)
@@ -192,8 +221,8 @@ def cached_hybrid_attention(
                                                                                  float("-inf")),
                  (query @ kx[:, :, own].transpose(-1, -2) * scale).masked_fill(~(own_mask & valid[:, None, None, own]),
                                                                                float("-inf")),
-                 (query @ cache[0].transpose(-1, -2) * scale).masked_fill(~cache[3][:, :, None], float("-inf"))]
-        values = [vx[:, :, prev], vx[:, :, own], cache[1]]
+                 (query @ slots[0].transpose(-1, -2) * scale).masked_fill(~slots[3][:, :, None], float("-inf"))]
+        values = [vx[:, :, prev], vx[:, :, own], slots[1]]
         if sinks:
             arrived = sink_valid[:, None, None] & (arrival[:, None, None] <= place[:, None])
             parts.append((query @ sink_k.transpose(-1, -2) * scale).masked_fill(~arrived, float("-inf")))
@@ -223,8 +252,8 @@ def cached_hybrid_attention(
         undecided = torch.arange(T, T + 2 * W, device=q.device) >= decided
         final = HybridState(kv, kx[:, :, ring].contiguous(), vx[:, :, ring].contiguous(),
                             (fkx[:, :, ring] * undecided[:, None]).contiguous(), valid[:, ring].clone(), sink_k,
-                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *cache,
-                            cache_seen=cache_seen, ring_seen=seen[:, :, ring].contiguous())
+                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *slots,
+                            cache_seen=cache_seen, ring_seen=seen[:, :, ring].contiguous(), cache_rule=cache)
     return y.to(q.dtype), final
 
 
@@ -250,7 +279,7 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
         decay = (log_decay.to(state.kv.dtype), torch.cat([state.cache_age, block_age], dim=-1))
     seen = torch.cat([state.cache_seen, state.ring_seen[:, :, idx]], dim=-1)
     new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), seen,
-                 state.cache_k.shape[2], *decay)
+                 state.cache_rule, *decay)
     rows = starting.view(B, 1, 1, 1)
     for old, value in zip((state.kv, state.cache_k, state.cache_v, state.cache_fk), new):
         old.copy_(torch.where(rows, value, old))
@@ -265,6 +294,7 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
 def parallel_cached_hybrid_weights(
     q: torch.Tensor,
     k: torch.Tensor,
+    v: torch.Tensor,
     fq: torch.Tensor,
     fk: torch.Tensor,
     window_gate: torch.Tensor,
@@ -272,16 +302,21 @@ def parallel_cached_hybrid_weights(
     sinks: int,
     cache_budget: int,
     log_decay: torch.Tensor | None = None,
+    cache_chunk: int = 1,
+    cache_recall: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query n's unnormalised weight on key j (B, H, T, T), in its two parts: the exact one (window,
     sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed: times
     gamma^(n-j)), zero where the other part holds the key. One document per row from its first token.
     Entering block b, the cache is chosen among its previous entries and block b-2 by the weights
-    block b-1's queries gave them, normalised over their whole rows."""
+    block b-1's queries gave them, normalised over their whole rows, and by their recall errors
+    against the sum over every token of blocks <= b-2 (what the state and the candidates hold
+    together; decayed, token j weighs gamma^(bW-1-j) in it)."""
     B, T, H, D = q.shape
     W = window
     acc = state_dtype(q.dtype)
-    qf, kf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, fq, fk))
+    qf, kf, vf, fqf, fkf = (x.to(acc).transpose(1, 2) for x in (q, k, v, fq, fk))
+    vo = torch.cat([vf, torch.ones_like(vf[..., :1])], dim=-1)
     n = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
     block = torch.arange(T, device=q.device) // W
@@ -301,12 +336,24 @@ def parallel_cached_hybrid_weights(
 
     member = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)  # in the cache at the current block
     cached = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)  # [n, j]: query n attends j exactly
+    cache = CacheRule(cache_budget, cache_chunk, cache_recall)
+    tail = -T % cache.chunk  # runs are whole: the last one padded with no tokens
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, tail))
+
     for b in range(2, -(-T // W)):
         exact, linear_part = weights(block == b - 1, cached[:, :, block == b - 1])
         seen = (exact / (exact + linear_part).sum(-1, keepdim=True)).sum(2)
         candidates = member | ((block == b - 2) & ~sink)
-        idx = choose(seen, candidates, cache_budget)
-        member = torch.zeros_like(member).scatter_(-1, idx, candidates.gather(-1, idx))
+        errors = None
+        if cache.recall:
+            into_state = fkf * ((block <= b - 2) & ~sink)[:, None]
+            if log_decay is not None:
+                into_state = into_state * powers(log_decay.to(acc), (b * W - 1 - j[0]).clamp(min=0))[None, ..., None]
+            errors = padded(recall_errors(into_state.transpose(-1, -2) @ vo, fkf, vo))
+        idx = choose(padded(seen), padded(candidates), cache.budget, cache.chunk, errors, cache.recall)
+        member = padded(torch.zeros_like(member)).scatter_(-1, idx, padded(candidates).gather(-1, idx))[..., :T]
         cached[:, :, block == b] = member[:, :, None]
     return weights(torch.ones(T, dtype=torch.bool, device=q.device), cached)
 
@@ -322,10 +369,12 @@ def parallel_cached_hybrid_attention(
     sinks: int,
     cache_budget: int,
     log_decay: torch.Tensor | None = None,
+    cache_chunk: int = 1,
+    cache_recall: int = 0,
 ) -> torch.Tensor:
     """The definition with full T x T masks (`parallel_cached_hybrid_weights`), for tests."""
-    exact, linear = parallel_cached_hybrid_weights(q, k, fq, fk, window_gate, window, sinks, cache_budget,
-                                                   log_decay)
+    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, window_gate, window, sinks, cache_budget,
+                                                   log_decay, cache_chunk, cache_recall)
     weights = exact + linear
     y = (weights @ v.to(weights.dtype).transpose(1, 2)) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

@@ -64,7 +64,8 @@ def main() -> None:
     from supra.commands.settings import convert_model, heldout_perplexity
     from supra.config import load_config
     from supra.evaluate.passkey import passkey
-    from supra.layers.linearize import recorded_spec, set_cache_budget
+    from supra.layers.linearize import recorded_spec
+    from supra.layers.switches import respecify
 
     args = parse_args()
     cfg = load_config([f"recipe={args.recipe}", f"model={args.model}", f"seq_len={args.seq_len}",
@@ -77,7 +78,7 @@ def main() -> None:
     heldout = heldout_perplexity(cfg, tokenizer)
     rows = []
     for budget in args.budgets:
-        set_cache_budget(model, budget)
+        respecify(model, {"cache_budget": budget})
         row: dict = {"cache_budget": budget}
         start = time.process_time()
         with torch.no_grad():

@@ -32,8 +32,8 @@ from torch import nn
 
 from .config import ConfigError
 from .factorize import apply_record, factorize_model, plan_layouts
-from .layers.linearize import LinearizeSpec, linearize, recorded_spec, set_cache_budget
-from .layers.specs import FactorizeSpec
+from .layers.linearize import LinearizeSpec, linearize, recorded_spec, set_cache
+from .layers.specs import CACHE_OPTIONS, FactorizeSpec
 from .models import SourceError
 from .softmax_select import choose_softmax_layers, converted_layers, restore_layers, restore_softmax_layers
 from .train.stages import LoraSpec, add_lora
@@ -82,7 +82,7 @@ def student_plan(plan: BuildPlan) -> BuildPlan:
 def with_cache(model: nn.Module, plan: BuildPlan) -> nn.Module:
     """A trained student with the plan's sparse cache (`student_plan` trains without it)."""
     if plan.conversion is not None and plan.conversion.cache_budget:
-        set_cache_budget(model, plan.conversion.cache_budget)
+        set_cache(model, plan.conversion)
     return model
 
 
@@ -150,9 +150,10 @@ def convert_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn
     if plan.conversion is None:
         return model
     previous = recorded_spec(model)
-    if _converted(previous) and plan.conversion.cache_budget != previous.cache_budget:
+    if _converted(previous) and any(getattr(plan.conversion, name) != getattr(previous, name)
+                                    for name in CACHE_OPTIONS):
         try:  # the sparse cache is training-free (LoLA): a trained model takes one as it is
-            set_cache_budget(model, plan.conversion.cache_budget)
+            set_cache(model, plan.conversion)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return model

@@ -77,6 +77,8 @@ class RecipeConfig:
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
     cache_budget: int = 0  # lolcats terrace: LoLA sparse cache, pairs per head; uptrain adds it after training
+    cache_chunk: int = 8  # sparse cache: pairs kept in runs of this many consecutive tokens (divides budget and window)
+    cache_recall: float = 0.25  # sparse cache: share chosen by the state's recall error, the rest by attention
     state_decay: str = "none"  # lolcats: decay of the linear part (none | supra | retnet | learned)
     softmax_layers: Any = field(default_factory=list)  # [layer, ...] or "auto:K" (supra/softmax_select.py)
     skip_layers: list[int] = field(default_factory=list)
@@ -153,7 +155,7 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
     "seed": count(0), "step": count(0, optional=True), "seq_len": count(1), "window": count(0), "sinks": count(0),
-    "cache_budget": count(0),
+    "cache_budget": count(0), "cache_chunk": count(1), "cache_recall": Range(0, 1),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,

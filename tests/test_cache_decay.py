@@ -10,6 +10,7 @@ import torch
 from supra.kernels import parallel_window_hybrid_attention, stack_states, window_hybrid_attention, window_hybrid_step
 from supra.kernels.sparse_cache import parallel_cached_hybrid_attention
 from test_decode import random_hybrid_inputs
+from test_sparse_cache import CACHE_RULES
 from test_layers import relative_error
 
 WINDOW = 4
@@ -29,30 +30,31 @@ def steps(state, inputs, log_decay, lo: int, hi: int) -> tuple[list[torch.Tensor
     return outs, state
 
 
-def blocked(inputs, log_decay, state=None, sinks: int = 2, budget: int = 3, final: bool = True):
+def blocked(inputs, log_decay, state=None, sinks: int = 2, final: bool = True, **rule):
+    """The blocked form with a cache rule (default: 3 pairs, chosen one by one by attention)."""
     return window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, state, output_final_state=final, sinks=sinks,
-                                   terrace=True, log_decay=log_decay, cache_budget=budget)
+                                   terrace=True, log_decay=log_decay, **({"cache_budget": 3} | rule))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("sinks,budget", [(0, 1), (2, 3)])
+@pytest.mark.parametrize("sinks,rule", CACHE_RULES)
 @pytest.mark.parametrize("prefill", [1, 5, 2 * WINDOW + 1])
-def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, budget, dtype):
+def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype):
     """One blocked call, and a prompt in two chunks then steps over many blocks, equal the decayed
     definition; the stepped state is the one a whole call leaves, and continues as it."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
     inputs = random_hybrid_inputs(2, T, dtype=dtype)
     log_decay = rates().to(dtype)
-    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, budget, log_decay)
-    undecayed = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, budget)
+    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, log_decay=log_decay, **rule)
+    undecayed = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, **rule)
     terrace = parallel_window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, True, log_decay)
     assert relative_error(undecayed, expected) > 1e-2 and relative_error(terrace, expected) > 1e-2
-    one_call, whole = blocked(inputs, log_decay, sinks=sinks, budget=budget)
+    one_call, whole = blocked(inputs, log_decay, sinks=sinks, **rule)
     assert relative_error(one_call, expected) < TOLERANCE[dtype]
     outs, state = [], None
     for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
-        out, state = blocked([x[:, lo:hi] for x in inputs[:5]] + [inputs[5]], log_decay, state, sinks, budget)
+        out, state = blocked([x[:, lo:hi] for x in inputs[:5]] + [inputs[5]], log_decay, state, sinks, **rule)
         outs.append(out)
     stepped, state = steps(state, inputs, log_decay, prefill + chunk, T)
     assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
@@ -60,8 +62,8 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, budget, dty
     assert torch.equal(state.cache_age * state.cache_valid, whole.cache_age * whole.cache_valid)
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
     more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)
-    after_steps, _ = blocked(more, log_decay, state, sinks, budget, final=False)
-    after_whole, _ = blocked(more, log_decay, whole, sinks, budget, final=False)
+    after_steps, _ = blocked(more, log_decay, state, sinks, final=False, **rule)
+    after_whole, _ = blocked(more, log_decay, whole, sinks, final=False, **rule)
     assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]
 
 
@@ -71,7 +73,7 @@ def test_an_evicted_entry_enters_the_state_with_its_own_age():
     T, budget = 13 * WINDOW + 2, 3
     inputs = random_hybrid_inputs(1, T)
     log_decay = rates()
-    _, state = blocked(inputs, log_decay, sinks=0, budget=budget)
+    _, state = blocked(inputs, log_decay, sinks=0, cache_budget=budget)
     k, v, fk = (x[0].transpose(0, 1) for x in (inputs[1], inputs[2], inputs[4]))  # (H, T, .)
     newest = T - 1
     place = newest - state.cache_age[0]  # (H, C): the cached tokens' places
@@ -127,7 +129,7 @@ def test_decode_memory_is_constant_in_context():
     """With the decay the state holds one more constant tensor (the cache's ages): same bytes at 300 and 900."""
     inputs = random_hybrid_inputs(1, 900, dtype=torch.float32)
     log_decay = rates().float()
-    _, state = blocked([x[:, :2] for x in inputs[:5]] + [inputs[5]], log_decay, budget=8)
+    _, state = blocked([x[:, :2] for x in inputs[:5]] + [inputs[5]], log_decay, cache_budget=8)
 
     def footprint(s) -> list[tuple[tuple[int, ...], int]]:
         return [(tuple(x.shape), x.untyped_storage().nbytes()) for x in s if isinstance(x, torch.Tensor)]

@@ -24,6 +24,7 @@ from supra.models import SourceError, load_model
 
 ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
+CACHE = {"cache_budget": 2, "cache_chunk": 1, "cache_recall": 0.5}  # one pair by attention, one by recall error
 CASES = {  # name: (base architecture, conversion)
     "supra": ("llama", LinearizeSpec(method="supra")),
     "lolcats": ("llama", LinearizeSpec(method="lolcats", window=8, state_decay="learned")),
@@ -145,7 +146,7 @@ def test_the_spec_round_trips_through_config_json(tmp_path, monkeypatch):
         else:  # lolcats' options: a sparse cache with a decayed state, and a decayed state alone
             spec = LinearizeSpec(window=3, window_kind="terrace", sinks=1, backend="torch",
                                  factorized=recorded_spec(model).factorized,
-                                 state_decay="retnet", **({"cache_budget": 2} if name == "lolcats-cache" else {}))
+                                 state_decay="retnet", **(CACHE if name == "lolcats-cache" else {}))
         specs.append(spec)
         linearize(model, copy.deepcopy(spec))
         assert recorded_spec(model) == spec

@@ -79,7 +79,8 @@ def test_generate_on_a_converted_smollm2_feeds_one_token_per_step_and_matches_a_
 
 # The exported sparse cache: terrace blocks of 16, sinks, 4 pairs per head; the long prompt runs past
 # window + budget, so the cache fills and evicts before and while decoding.
-CACHE_SPEC = {"window_kind": "terrace", "window": 16, "sinks": 2, "cache_budget": 4}
+CACHE_SPEC = {"window_kind": "terrace", "window": 16, "sinks": 2, "cache_budget": 4, "cache_chunk": 2,
+              "cache_recall": 0.5}
 
 
 @pytest.mark.parametrize("settings", [{}, CACHE_SPEC], ids=["lolcats", "lolcats-cache"])

@@ -23,15 +23,17 @@ SPECS = {  # test name: conversion settings
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks": {"method": "lolcats", "sinks": 3},  # the first 3 tokens stay in the softmax window
     "lolcats-terrace": {"method": "lolcats", "window_kind": "terrace", "sinks": 2},  # blocks of W, with sinks
-    # + a sparse cache of 3 pairs per head beyond the window (LoLA); prompts run past window + budget
-    "lolcats-cache": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 3},
+    # + a sparse cache of 4 pairs per head beyond the window, in runs of 2, one run by recall error (LoLA),
+    # one by attention; prompts run past window + budget
+    "lolcats-cache": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 4, "cache_chunk": 2,
+                      "cache_recall": 0.5},
     # the linear part decayed: fixed rates on the sliding window, learned ones on the terrace
     "lolcats-decay": {"method": "lolcats", "sinks": 2, "state_decay": "supra"},
     "lolcats-terrace-learned-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2,
                                       "state_decay": "learned"},
     # both: the cache's pairs exact, the linear state (folded or evicted tokens) decayed by learned rates
     "lolcats-cache-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 3,
-                            "state_decay": "learned"},
+                            "cache_chunk": 1, "cache_recall": 0.34, "state_decay": "learned"},
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
@@ -69,11 +71,11 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
     def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False,
-               log_decay=None, cache_budget=0):
+               log_decay=None, cache_budget=0, cache_chunk=1, cache_recall=0):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         if cache_budget:
-            return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget,
-                                                    log_decay), None
+            return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget, log_decay,
+                                                    cache_chunk, cache_recall), None
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace, log_decay), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):

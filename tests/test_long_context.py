@@ -117,9 +117,9 @@ def test_bench_state_share_writes_its_json_on_a_tiny_model(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_state_share
 
-    record = bench_state_share.main(["--model", str(converted), "--recipe", "tiny", "--set", "cache_budget=3",
+    record = bench_state_share.main(["--model", str(converted), "--recipe", "tiny", "--set", "cache_budget=8",
                                      "--seq-len", "48", "--windows", "1", "--out", str(tmp_path / "out")])
-    assert record["benchmark"] == "state_share" and record["spec"]["cache_budget"] == 3
+    assert record["benchmark"] == "state_share" and record["spec"]["cache_budget"] == 8
     assert [row["layer"] for row in record["rows"]] == [0, 1]
     for row in record["rows"]:
         assert [b["end"] for b in row["teacher_beyond"]] == [48]
@@ -133,11 +133,12 @@ def test_the_hybrid_weights_split_every_key_between_the_exact_part_and_the_state
     from supra.kernels.sparse_cache import parallel_cached_hybrid_weights
 
     torch.manual_seed(0)
-    q, k = (torch.randn(2, 37, 3, 8, dtype=torch.float64) for _ in range(2))
+    q, k, v = (torch.randn(2, 37, 3, 8, dtype=torch.float64) for _ in range(3))
     fq, fk = (F.softplus(torch.randn(2, 37, 3, 6, dtype=torch.float64)) for _ in range(2))
-    exact, linear = parallel_cached_hybrid_weights(q, k, fq, fk, torch.full((3,), 0.3, dtype=torch.float64),
-                                                   window=4, sinks=2, cache_budget=3,
-                                                   log_decay=torch.full((3,), -0.05, dtype=torch.float64))
+    exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, torch.full((3,), 0.3, dtype=torch.float64),
+                                                   window=4, sinks=2, cache_budget=4,
+                                                   log_decay=torch.full((3,), -0.05, dtype=torch.float64),
+                                                   cache_chunk=2, cache_recall=2)
     causal = torch.ones(37, 37, dtype=torch.bool).tril()
     assert not ((exact > 0) & (linear > 0)).any()
     assert ((exact > 0) | (linear > 0))[..., causal].all() and not (exact + linear)[..., ~causal].any()

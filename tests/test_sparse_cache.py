@@ -13,6 +13,11 @@ from test_decode import random_hybrid_inputs
 from test_layers import relative_error
 
 WINDOW = 4
+# Sinks with a cache rule: single tokens chosen by attention; runs of 2, half by recall error (LoLA's
+# choice); runs of a whole block by recall error alone
+CACHE_RULES = [(0, {"cache_budget": 1}), (2, {"cache_budget": 3}),
+               (2, {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2}),
+               (0, {"cache_budget": 8, "cache_chunk": 4, "cache_recall": 8})]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -25,25 +30,25 @@ def steps(state, inputs, lo: int, hi: int) -> tuple[list[torch.Tensor], object]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("sinks,budget", [(0, 1), (2, 3)])
+@pytest.mark.parametrize("sinks,rule", CACHE_RULES)
 @pytest.mark.parametrize("prefill", [1, 5, WINDOW, 2 * WINDOW + 1])
-def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, budget, dtype):
+def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype):
     """One blocked call, and a prompt in two chunks then steps over many blocks (far past window +
     budget), equal the definition; the stepped state is the one a whole call leaves."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
     inputs = random_hybrid_inputs(2, T, dtype=dtype)
     q, k, v, fq, fk, gate = inputs
-    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, budget)
+    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, **rule)
     terrace = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=True)
     assert relative_error(terrace, expected) > 1e-2  # the cache changes the outputs
     one_call, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks,
-                                              terrace=True, cache_budget=budget)
+                                              terrace=True, **rule)
     assert relative_error(one_call, expected) < TOLERANCE[dtype]
     outs, state = [], None
     for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
         out, state = window_hybrid_attention(*(x[:, lo:hi] for x in inputs[:5]), gate, WINDOW, state,
-                                             output_final_state=True, sinks=sinks, terrace=True, cache_budget=budget)
+                                             output_final_state=True, sinks=sinks, terrace=True, **rule)
         outs.append(out)
     stepped, state = steps(state, inputs, prefill + chunk, T)
     assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
@@ -51,9 +56,9 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, budget, dty
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
     more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)  # the stepped state continues as the whole's
     after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=True,
-                                             cache_budget=budget)
+                                             **rule)
     after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=True,
-                                             cache_budget=budget)
+                                             **rule)
     assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]
 
 
@@ -128,7 +133,7 @@ def test_a_zero_budget_is_the_terrace():
                        parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, terrace=True))
     _, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, terrace=True)
     assert state.cache_k is None
-    with pytest.raises(ValueError, match="cache of 0 pairs, the call asks for 2"):
+    with pytest.raises(ValueError, match="keeps no sparse cache, the call asks for a sparse cache of 2 pairs"):
         window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, state, terrace=True, cache_budget=2)
     with pytest.raises(ValueError, match="needs the terrace"):
         window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, cache_budget=2)
@@ -148,16 +153,16 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     ids = torch.randint(0, 101, (2, 41))
     with torch.no_grad():
         before = model(ids).logits
-        convert_model(model, load_config(["cache_budget=3", "window_kind=terrace"]))
+        convert_model(model, load_config(["cache_budget=4", "cache_chunk=2", "cache_recall=0.5", "window_kind=terrace"]))
         after = model(ids).logits
-    assert recorded_spec(model).cache_budget == 3
+    assert recorded_spec(model).cache_arguments() == {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2}
     assert all(torch.equal(p, maps[n]) for n, p in model.named_parameters() if n in maps)
     assert relative_error(after, before) > 1e-3
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         use_parallel_forms(patch)
         assert relative_error(model(ids).logits, after) < 1e-10
     with pytest.raises(ConfigError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
-        convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=3", "window_kind=terrace"]))
+        convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=8", "window_kind=terrace"]))
 
 
 def test_uptrain_trains_without_the_cache_and_saves_the_model_with_it(tmp_path):

@@ -21,7 +21,7 @@ from .attention import LolcatsAttention, RecurrentAttention, SupraAttention, T2R
 from .cache import handed_cache, recurrent_slot
 from .factorized import rebuild_factorized
 from .gated import GatedDeltaAttention, GlaAttention
-from .specs import LinearizeSpec
+from .specs import CACHE_OPTIONS, LinearizeSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 METHODS: dict[str, type[RecurrentAttention]] = {
@@ -101,11 +101,13 @@ def swap_attention(model: nn.Module, spec: LinearizeSpec, layers: Iterable[int])
             blocks[idx].self_attn = METHODS[spec.method](blocks[idx].self_attn, model.config, idx, spec)
 
 
-def set_cache_budget(model: nn.Module, budget: int) -> None:
-    """Give a converted model's layers a sparse cache of `budget` pairs (0: none) and record it. The cache
-    needs no training (LoLA), so it is a setting of a trained model, not a new conversion."""
+def set_cache(model: nn.Module, settings: LinearizeSpec) -> None:
+    """Give a converted model's layers the sparse cache of `settings` (its CACHE_OPTIONS; cache_budget
+    0: none) and record it. The cache needs no training (LoLA), so it is a setting of a trained model,
+    not a new conversion."""
     spec = recorded_spec(model)
-    spec.cache_budget = budget
+    for name in CACHE_OPTIONS:
+        setattr(spec, name, getattr(settings, name))
     spec.validate()
     for module in model.modules():
         if isinstance(module, RecurrentAttention):

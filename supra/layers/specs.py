@@ -24,6 +24,8 @@ OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "cache_budget": ("lolcats",),
 }
 WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks")  # meaningful only with a softmax window
+# The sparse cache needs no training (LoLA): these are settings of a trained model, not a new conversion.
+CACHE_OPTIONS = ("cache_budget", "cache_chunk", "cache_recall")
 
 
 @dataclass
@@ -40,9 +42,13 @@ class LinearizeSpec:
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
-    # lolcats terrace: pairs per layer and head kept exactly beyond the window, those the last block's
-    # queries attended most (a LoLA-style cache; kernels/sparse_cache.py); 0: none
+    # lolcats terrace: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
+    # kernels/sparse_cache.py); 0: none. They are kept in runs of cache_chunk consecutive tokens: a share
+    # cache_recall of them the runs the linear state recalls worst (LoLA's choice), the rest the runs the
+    # last block's queries attended most (SnapKV's)
     cache_budget: int = 0
+    cache_chunk: int = 8
+    cache_recall: float = 0.25
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention
     skip_layers: list[int] = field(default_factory=list)  # attention sublayers removed outright
     backend: str = "auto"  # auto | torch | triton
@@ -71,6 +77,17 @@ class LinearizeSpec:
             raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
                              f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
                              f"window_kind={self.window_kind}")
+        if self.cache_budget and (self.cache_chunk < 1 or self.cache_budget % self.cache_chunk
+                                  or self.window % self.cache_chunk):
+            raise ValueError(f"cache_chunk must divide both cache_budget and window; got cache_chunk={self.cache_chunk}, "
+                             f"cache_budget={self.cache_budget}, window={self.window}")
+        if not 0 <= self.cache_recall <= 1:
+            raise ValueError(f"cache_recall is a share of the cache, in [0, 1]; got {self.cache_recall}")
+        defaults = LinearizeSpec()
+        if not self.cache_budget and (self.cache_chunk, self.cache_recall) != (defaults.cache_chunk,
+                                                                              defaults.cache_recall):
+            raise ValueError(f"cache_chunk and cache_recall choose the sparse cache's pairs; they need "
+                             f"cache_budget >= 1 (got cache_chunk={self.cache_chunk}, cache_recall={self.cache_recall})")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
@@ -88,6 +105,13 @@ class LinearizeSpec:
             raise ValueError(f"{name}={getattr(self, name)} does nothing with method={self.method}"
                              f"{' and window=0' if window else ''}; it is for method={where}{window}. "
                              f"Remove it, or choose one of those methods")
+
+    def cache_arguments(self) -> dict[str, int]:
+        """The kernels' arguments for the sparse cache (dispatch.window_hybrid_attention): its pairs per
+        head, the run length, and the pairs chosen by recall error (whole runs)."""
+        runs = self.cache_budget // self.cache_chunk
+        return {"cache_budget": self.cache_budget, "cache_chunk": self.cache_chunk,
+                "cache_recall": round(runs * self.cache_recall) * self.cache_chunk}
 
     def unused_options(self) -> list[str]:
         """The options set away from their defaults that the method ignores (they would do nothing)."""
