@@ -3,18 +3,24 @@
 Beside the exact window (the query's own block of W and the previous one) and the sinks, each head
 keeps up to C = `cache_budget` older key/value pairs exactly. When a query enters document block b,
 block b-2 leaves the window. Its tokens (not the sinks, not padding) become candidates together with
-the cache's entries, and each candidate j is scored by the weight the queries of block b-1 gave it,
-its share of their whole normaliser (window, sinks, cache and linear state),
+the cache's entries, in runs of `chunk` consecutive tokens (a run of block b-2 and a run in the cache
+are kept or evicted whole). A run is scored two ways, as the sum over its candidates j of:
 
-    seen_j = sum_{n in block b-1} g e^(s_nj - c_n) / den_n.
+- the weight the queries of block b-1 gave j, its share of their whole normaliser (window, sinks,
+  cache and linear state): seen_j = sum_{n in block b-1} g e^(s_nj - c_n) / den_n. Block b-1's
+  queries saw every candidate exactly (b-2 was their previous block), so this is the attention each
+  pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by its last queries;
+- how badly the state would recall j (LoLA's score): err_j = ||v_j - v_hat_j||^2, with
+  v_hat_j = fk_j^T S_all[:, :V] / fk_j^T S_all[:, V] and S_all = S + sum_{candidates i} fk_i [v_i, 1].
 
-Block b-1's queries saw every candidate exactly (b-2 was their previous block), so this is the
-attention each pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by
-its last queries. LoLA scores by how badly the state recalls each pair instead (||v_j - v_hat_j||^2);
-on the demo's model at 2,048 tokens that choice scores 1.237x the original, this one 1.107x
-(benchmarks/results/cpu/demo_cache_budget_256.json, long_context_demo_attention_cache256.json).
+(C - R) / chunk runs are kept by the first score, then R / chunk more among the rest by the second
+(R = `recall`; `CacheRule` in hybrid.py). Why both, and why runs (the demo's model, C = 256; docs/
+results.md, "Long context"): attention alone has the best perplexity of the single-pair rules, but the
+text after a passkey need not attend it, so the key leaves the cache; recall error alone keeps unusual
+tokens but costs perplexity; and the model retrieves a key only with the words around it, which runs
+keep together.
 
-The C largest scores stay in the cache (a tie keeps the older token), the other candidates go into
+The chosen runs stay in the cache (a tie keeps the older run), the other candidates go into
 the linear state (S += fk_j [v_j, 1]). Cache entries are attended in the softmax part, with the same
 gate and the same max c as the window:
 

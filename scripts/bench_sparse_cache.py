@@ -1,12 +1,14 @@
-"""The sparse global KV cache (LoLA) on a trained LoLCATs terrace model, per cache budget: held-out
+"""The sparse global KV cache (LoLA) on a trained LoLCATs terrace model, per cache setting: held-out
 perplexity at a long sequence length (by position bucket), passkey retrieval by length and depth,
 the decode state's bytes per sequence, the CPU seconds of each measurement, and of one training
 step through the cache (forward + backward of a demo micro-batch: what training with it would cost).
 
-The cache is training-free: each budget is set on the same loaded model (as `supra convert
-cache_budget=C` would), nothing is retrained.
+The cache is training-free: each setting is applied to the same loaded model (as `supra convert
+cache_budget=C cache_chunk=R cache_recall=S` would), nothing is retrained. A setting is BUDGET or
+BUDGET:CHUNK:RECALL (pairs per head, run length, share chosen by recall error).
 
-    python scripts/bench_sparse_cache.py --model runs/demo/model --budgets 0 64 256
+    python scripts/bench_sparse_cache.py --model runs/demo/model --caches 0 64 256
+    python scripts/bench_sparse_cache.py --model runs/demo/model --caches 256:1:0 256:8:0 256:8:0.25 256:1:1
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import torch
 from provenance import figure, write_results
 
+from supra.layers.specs import LinearizeSpec
+
 NAME = "sparse_cache"
 
 
@@ -26,7 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a trained lolcats model with window_kind=terrace, or an "
                         "original model, converted here by the recipe without training")
     parser.add_argument("--recipe", default="demo")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[0, 64, 256])
+    parser.add_argument("--caches", type=cache_setting, nargs="+", default=["0", "64", "256"],
+                        help="BUDGET or BUDGET:CHUNK:RECALL; a budget alone keeps the default chunk and recall")
     parser.add_argument("--seq-len", type=int, default=2048, help="perplexity sequence length")
     parser.add_argument("--heldout-tokens", type=int, default=8192)
     parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[2048, 4096])
@@ -37,6 +42,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--out", type=Path, default=None)
     return parser.parse_args()
+
+
+def cache_setting(text: str) -> dict:
+    """`256` or `256:8:0.25` as the options it sets."""
+    parts = text.split(":")
+    if len(parts) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BUDGET or BUDGET:CHUNK:RECALL, e.g. 256:8:0.25")
+    try:
+        values = [int(parts[0])] + ([int(parts[1]), float(parts[2])] if len(parts) == 3 else [])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: BUDGET and CHUNK are integers, RECALL a share in [0, 1]") from None
+    return dict(zip(("cache_budget", "cache_chunk", "cache_recall"), values))
+
+
+def label(spec: LinearizeSpec) -> str:
+    if not spec.cache_budget:
+        return "no cache"
+    return f"cache {spec.cache_budget}, runs of {spec.cache_chunk}, {spec.cache_recall:g} by recall"
 
 
 def state_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
@@ -77,9 +100,14 @@ def main() -> None:
     model.eval()
     heldout = heldout_perplexity(cfg, tokenizer)
     rows = []
-    for budget in args.budgets:
-        respecify(model, {"cache_budget": budget})
-        row: dict = {"cache_budget": budget}
+    defaults = LinearizeSpec()
+    for setting in args.caches:
+        try:
+            spec = respecify(model, {"cache_chunk": defaults.cache_chunk, "cache_recall": defaults.cache_recall,
+                                     **setting})
+        except ValueError as err:
+            raise SystemExit(f"bench_sparse_cache: error: {err}") from None
+        row: dict = {**spec.cache_arguments(), "label": label(spec)}
         start = time.process_time()
         with torch.no_grad():
             ppl = heldout(model)
@@ -93,7 +121,7 @@ def main() -> None:
         row["state_bytes_at"] = {str(n): state_bytes(model, heldout.stream[None, :n]) for n in (1024, 2048)}
         row["train_step_cpu_s"] = train_step_seconds(model, heldout.stream, args.train_rows, args.train_len)
         rows.append(row)
-        print(row["cache_budget"], row["ppl"], keys["accuracy"], row["state_bytes_at"], row["train_step_cpu_s"],
+        print(row["label"], row["ppl"], keys["accuracy"], row["state_bytes_at"], row["train_step_cpu_s"],
               flush=True)
 
     def draw(out: Path, device: str) -> None:
@@ -101,10 +129,10 @@ def main() -> None:
             for row in rows:
                 buckets = row["ppl_by_position"]
                 axes[0][0].plot([b["end"] for b in buckets], [b["ppl"] for b in buckets], marker=".",
-                                label=f"cache {row['cache_budget']}")
+                                label=row["label"])
                 for length, accuracy in zip(row["passkey"]["lengths"], row["passkey"]["accuracy"]):
                     axes[0][1].plot(args.passkey_depths, accuracy, marker=".",
-                                    label=f"cache {row['cache_budget']}, {length} tokens")
+                                    label=f"{row['label']}, {length} tokens")
             axes[0][0].set_xlabel("position bucket end")
             axes[0][0].set_ylabel(f"held-out perplexity at seq_len {args.seq_len}")
             axes[0][1].set_xlabel("needle depth")

@@ -75,7 +75,7 @@ def student_plan(plan: BuildPlan) -> BuildPlan:
     layers are chosen on the trained student, after the stages), and no sparse cache: it is
     training-free (LoLA), so the stages train the same maps whatever the budget, and the trained
     model takes it at the end (`with_cache`), as `supra convert cache_budget=C` would."""
-    conversion = plan.conversion and replace(plan.conversion, cache_budget=0)
+    conversion = plan.conversion and plan.conversion.without_cache()
     return replace(plan, softmax_auto=None, conversion=conversion)
 
 

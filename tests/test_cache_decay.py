@@ -10,8 +10,8 @@ import torch
 from supra.kernels import parallel_window_hybrid_attention, stack_states, window_hybrid_attention, window_hybrid_step
 from supra.kernels.sparse_cache import parallel_cached_hybrid_attention
 from test_decode import random_hybrid_inputs
-from test_sparse_cache import CACHE_RULES
 from test_layers import relative_error
+from test_sparse_cache import CACHE_RULES
 
 WINDOW = 4
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

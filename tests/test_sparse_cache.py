@@ -1,7 +1,8 @@
 """The sparse global KV cache of the terrace hybrid (kernels/sparse_cache.py): the blocked form, prompt
-chunks and decode steps make the definition's choices and outputs; memory stays constant; the choice
-is deterministic and keeps what the queries attend; cache_budget=0 is the terrace. Model-level checks (three forms, left padding,
-restarts, packed documents) run through the "lolcats-cache" spec of test_layers.py and test_decode.py."""
+chunks and decode steps make the definition's choices and outputs, for every cache rule (runs, recall
+share); memory stays constant; the choice is deterministic and keeps what the queries attend;
+cache_budget=0 is the terrace. Model-level checks (three forms, left padding, restarts, packed
+documents) run through the "lolcats-cache" specs of test_layers.py and test_decode.py."""
 
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     ids = torch.randint(0, 101, (2, 41))
     with torch.no_grad():
         before = model(ids).logits
-        convert_model(model, load_config(["cache_budget=4", "cache_chunk=2", "cache_recall=0.5", "window_kind=terrace"]))
+        settings = ["cache_budget=4", "cache_chunk=2", "cache_recall=0.5", "window_kind=terrace"]
+        convert_model(model, load_config(settings))
         after = model(ids).logits
     assert recorded_spec(model).cache_arguments() == {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2}
     assert all(torch.equal(p, maps[n]) for n, p in model.named_parameters() if n in maps)

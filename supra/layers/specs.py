@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 # The conversion methods (supra.layers.linearize.METHODS builds their layers); softmax: no conversion.
@@ -79,15 +79,15 @@ class LinearizeSpec:
                              f"window_kind={self.window_kind}")
         if self.cache_budget and (self.cache_chunk < 1 or self.cache_budget % self.cache_chunk
                                   or self.window % self.cache_chunk):
-            raise ValueError(f"cache_chunk must divide both cache_budget and window; got cache_chunk={self.cache_chunk}, "
-                             f"cache_budget={self.cache_budget}, window={self.window}")
+            raise ValueError(f"cache_chunk must divide both cache_budget and window; got "
+                             f"cache_chunk={self.cache_chunk}, cache_budget={self.cache_budget}, window={self.window}")
         if not 0 <= self.cache_recall <= 1:
             raise ValueError(f"cache_recall is a share of the cache, in [0, 1]; got {self.cache_recall}")
         defaults = LinearizeSpec()
         if not self.cache_budget and (self.cache_chunk, self.cache_recall) != (defaults.cache_chunk,
                                                                               defaults.cache_recall):
-            raise ValueError(f"cache_chunk and cache_recall choose the sparse cache's pairs; they need "
-                             f"cache_budget >= 1 (got cache_chunk={self.cache_chunk}, cache_recall={self.cache_recall})")
+            raise ValueError(f"cache_chunk and cache_recall choose the sparse cache's pairs; they need cache_budget "
+                             f">= 1 (got cache_chunk={self.cache_chunk}, cache_recall={self.cache_recall})")
         if self.feature_dim is not None and (self.feature_dim < 2 or self.feature_dim % 2):
             raise ValueError(f"feature_dim must be a positive even number, got {self.feature_dim}")
         for name in ("softmax_layers", "skip_layers"):
@@ -106,6 +106,11 @@ class LinearizeSpec:
                              f"{' and window=0' if window else ''}; it is for method={where}{window}. "
                              f"Remove it, or choose one of those methods")
 
+    def without_cache(self) -> LinearizeSpec:
+        """The same conversion with no sparse cache (its options at their defaults)."""
+        defaults = LinearizeSpec()
+        return replace(self, **{name: getattr(defaults, name) for name in CACHE_OPTIONS})
+
     def cache_arguments(self) -> dict[str, int]:
         """The kernels' arguments for the sparse cache (dispatch.window_hybrid_attention): its pairs per
         head, the run length, and the pairs chosen by recall error (whole runs)."""
@@ -123,6 +128,8 @@ class LinearizeSpec:
             if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0) \
                     or (name == "cache_budget" and self.window_kind != "terrace"):
                 unused.append(name)
+        if "cache_budget" in unused or not self.cache_budget:  # the cache's rule needs a cache
+            unused += [name for name in CACHE_OPTIONS[1:] if getattr(self, name) != getattr(defaults, name)]
         return unused
 
     @classmethod

@@ -97,6 +97,8 @@ def respecify(model: nn.Module, changes: dict[str, Any]) -> LinearizeSpec:
     if fixed:
         raise ValueError(f"{fixed[0]} says which layers are converted and how; convert the model again instead")
     new = LinearizeSpec.from_dict({**dataclasses.asdict(spec), **changes})
+    if not new.cache_budget:  # no cache: its rule goes too, unless given
+        new = dataclasses.replace(new.without_cache(), **changes)
     blocks = decoder_layers(model)
     new.validate(len(blocks))
     rebuilt = {}
