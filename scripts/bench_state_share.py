@@ -53,10 +53,8 @@ def layer_shares(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
 
     q, k, v, fq, fk, gate, log_decay = layer.hybrid_inputs(q, k, v, position_embeddings)
     spec = layer.spec
-    cache = spec.cache_arguments()
     exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, gate, spec.window, spec.sinks,
-                                                   cache["cache_budget"], log_decay, cache["cache_chunk"],
-                                                   cache["cache_recall"])
+                                                   log_decay=log_decay, **spec.cache_arguments())
     T, D = q.shape[1], q.shape[-1]
     qh, kh, vh = (x.transpose(1, 2).to(exact.dtype) for x in (q, k, v))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
