@@ -109,7 +109,7 @@ def window_hybrid_attention(
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
     unless it has a decay, which they lack, or float64 inputs: then it runs the torch blocked form, as
-    every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per head, terrace only,
+    every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per head, either window,
     with or without a decay) every call runs `sparse_cache.py`'s torch form; the cache keeps runs of
     `cache_chunk` consecutive tokens, `cache_recall` of its pairs by recall error (`CacheRule`).
     """
@@ -117,7 +117,7 @@ def window_hybrid_attention(
     check_hybrid_call(state, sinks, terrace, window, cache, log_decay)
     if cache is not None:
         return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,
-                                       cache, log_decay)
+                                       cache, log_decay, terrace)
     if state is None and runs_triton(backend, q.device, q, k, v, fq, fk) and log_decay is None:
         from .triton_hybrid import triton_window_hybrid_attention
 

@@ -49,9 +49,11 @@ terrace's ring-older linear terms by gamma^age. The blocked forms carry each blo
 the place before its first query (no power of gamma above 1 is ever formed, so nothing overflows).
 The Triton kernels have no decay: a call with one runs the torch blocked form on CUDA too.
 
-With a sparse global cache (`cache_budget` > 0, terrace only; `sparse_cache.py`) the state also holds
-C pairs per head attended exactly; the step decides, when a row enters a block, which of the block
-leaving the window join the cache and which the linear state, and the blocked form is that module's.
+With a sparse global cache (`cache_budget` > 0; `sparse_cache.py`) the state also holds C pairs per
+head attended exactly; the step decides, when a row enters a block, which of the block two back join
+the cache and which the linear state, and the blocked form is that module's. The choice goes by
+document blocks of W with either window, so a sliding window's state with a cache also keeps a ring
+of 2W and a phase: the ring's tokens older than the window are linear until their block is decided.
 The cache composes with the decay: a token in the linear state weighs gamma^(n-j) however it got there
 (folded at a block start or evicted from the cache later); the cache's pairs are attended undecayed.
 """
@@ -81,14 +83,14 @@ class CacheRule(NamedTuple):
 
 class HybridState(NamedTuple):
     kv: torch.Tensor  # (B, H, F, V + 1): sum of fk_j [v_j, 1] over tokens that left the ring
-    k: torch.Tensor  # (B, H, R, D) ring buffer of the last R tokens (R = W; 2W for the terrace)
+    k: torch.Tensor  # (B, H, R, D) ring buffer of the last R tokens (R = W; 2W for the terrace or with a cache)
     v: torch.Tensor  # (B, H, R, V + 1), last column 1: the window's denominator comes out of one product
     fk: torch.Tensor  # (B, H, R, F), zero in invalid slots: they add nothing when they leave the ring
     valid: torch.Tensor  # (B, R) bool: False for slots that hold no token of this row's document, or a sink
     sink_k: torch.Tensor  # (B, H, S, D): the document's first S tokens
     sink_v: torch.Tensor  # (B, H, S, V + 1), last column 1
     sink_valid: torch.Tensor  # (B, S) bool: sink slots filled so far
-    phase: torch.Tensor  # (B,) long, terrace: the row's tokens in its current block (0 for the sliding window)
+    phase: torch.Tensor  # (B,) long: the row's tokens in its current block (0 for a sliding window without a cache)
     next_slot: int  # the slot of the oldest token, which the next token replaces
     terrace: bool = False
     # The sparse global cache (sparse_cache.py; None without one): C pairs per row and head beyond the window
@@ -204,8 +206,6 @@ def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, wind
                                                            f"{rule.chunk}, {rule.recall} by recall error")
         raise ValueError(f"the state keeps {told(state.cache_rule)}, the call asks for {told(cache)}")
     if cache is not None:
-        if not terrace:
-            raise ValueError("a sparse cache (cache_budget > 0) needs the terrace window")
         if cache.budget < 1 or cache.chunk < 1 or cache.budget % cache.chunk or window % cache.chunk \
                 or cache.recall % cache.chunk or not 0 <= cache.recall <= cache.budget:
             raise ValueError(f"a sparse cache needs a budget >= 1 and a window that are multiples of its chunk, "
@@ -487,10 +487,12 @@ def ring_step(
         state.fk[:, :, slot] = fk
         state.valid[:, slot] = True
     keys, values, present = state.k, state.v, state.valid
-    if state.terrace:  # softmax over the newest W + phase + 1 tokens; the ring's older ones are linear
+    two_blocks = state.terrace or state.cache_k is not None  # a ring of 2W tokens in document blocks of W
+    if two_blocks:  # softmax over the newest W + phase + 1 tokens (terrace) or W; the ring's older ones are linear
         age = (slot - torch.arange(ring, device=q.device)) % ring
-        inside = age <= ring // 2 + state.phase[:, None]  # (B, 2W)
-        previous_block = inside & (age > state.phase[:, None])
+        phase = state.phase[:, None]
+        inside = age <= ring // 2 + phase if state.terrace else (age < ring // 2).expand(B, -1)  # (B, 2W)
+        previous_block = (age > phase) & (age <= ring // 2 + phase)
         present = present & inside
         state.phase.add_(1).remainder_(ring // 2)
     present = present[:, None]  # (B, 1, R); per head (B, H, C + R) with the cache
@@ -503,7 +505,7 @@ def ring_step(
     scores = (keys @ q.to(acc).unsqueeze(-1)).squeeze(-1) * D**-0.5  # (B, H, S + C + R)
     scores = scores.masked_fill_(~present, float("-inf"))
     weights = (scores - scores.amax(-1, keepdim=True)).exp_() * window_gate.to(acc).view(1, H, 1)
-    if state.terrace:
+    if two_blocks:
         linear = (state.fk @ fq.to(acc).unsqueeze(-1)).squeeze(-1) * ~inside[:, None]  # fk is 0 where no token
         if log_decay is not None:
             linear = linear * powers(log_decay, age)

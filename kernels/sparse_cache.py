@@ -1,15 +1,18 @@
-"""A sparse global KV cache for the LoLCATs terrace hybrid (after LoLA, arXiv 2505.23666).
+"""A sparse global KV cache for the LoLCATs hybrid (after LoLA, arXiv 2505.23666).
 
-Beside the exact window (the query's own block of W and the previous one) and the sinks, each head
-keeps up to C = `cache_budget` older key/value pairs exactly. When a query enters document block b,
-block b-2 leaves the window. Its tokens (not the sinks, not padding) become candidates together with
+Beside the exact window and the sinks, each head keeps up to C = `cache_budget` older key/value pairs
+exactly. The cache chooses by document blocks of W (the window): when a query enters block b, block
+b-2 has left the window (the terrace's, the query's own block and the previous one; or the sliding
+window of the last W tokens). Its tokens (not the sinks, not padding) become candidates together with
 the cache's entries, in runs of `chunk` consecutive tokens (a run of block b-2 and a run in the cache
 are kept or evicted whole). A run is scored two ways, as the sum over its candidates j of:
 
 - the weight the queries of block b-1 gave j, its share of their whole normaliser (window, sinks,
-  cache and linear state): seen_j = sum_{n in block b-1} g e^(s_nj - c_n) / den_n. Block b-1's
-  queries saw every candidate exactly (b-2 was their previous block), so this is the attention each
-  pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by its last queries;
+  cache and linear state): seen_j = sum_{n in block b-1} w_nj / den_n, w_nj = g e^(s_nj - c_n) where
+  n saw j exactly. With the terrace, block b-1's queries saw every candidate exactly (b-2 was their
+  previous block); with the sliding window a token of block b-2 older than a query's window counts
+  with its linear weight fq_n.fk_j (it is not in the state yet: its block is undecided). This is the
+  attention each pair has just been receiving, as SnapKV (arXiv 2404.14469) scores a prompt's pairs by its last queries;
 - how badly the state would recall j (LoLA's score): err_j = ||v_j - v_hat_j||^2, with
   v_hat_j = fk_j^T S_all[:, :V] / fk_j^T S_all[:, V] and S_all = S + sum_{candidates i} fk_i [v_i, 1].
 
@@ -26,7 +29,7 @@ gate and the same max c as the window:
 
     y = [g sum_{window + sinks + cache} e v + fq^T S[:, :V]] / [g sum e + fq^T S[:, V]].
 
-A token the cache never took is weighted fq.fk_j, as without the cache, so C = 0 is the terrace.
+A token the cache never took is weighted fq.fk_j, as without the cache, so C = 0 is the hybrid without a cache.
 
 Three forms make the same choices: `parallel_cached_hybrid_attention` (the definition, T x T masks,
 for tests and measurements), `cached_hybrid_attention` (a loop over document blocks, vectorised over
@@ -137,18 +140,21 @@ def cached_hybrid_attention(
     sinks: int,
     cache: CacheRule,
     log_decay: torch.Tensor | None = None,
+    terrace: bool = True,
 ) -> tuple[torch.Tensor, HybridState | None]:
-    """The terrace hybrid with the cache `cache` chooses, one document block of queries at a time;
-    the other arguments as `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the last 2W
-    tokens, and the ones of a block already decided (older than the window) have fk zero, since
-    they are in the cache or the linear state. Decayed, kv and the cache's ages are taken at the
-    newest token, as the decode step keeps them."""
+    """The hybrid with the cache `cache` chooses, one document block of queries at a time; the other
+    arguments as `window_hybrid_attention`. The state it returns is the decoder's: the ring holds the
+    last 2W tokens, and the ones of a block already decided have fk zero, since they are in the cache
+    or the linear state. Decayed, kv and the cache's ages are taken at the newest token, as the decode
+    step keeps them. With the sliding window (`terrace` False) a query's previous block is exact only
+    inside its last W tokens; its older tokens are linear (fq.fk_j, decayed by their distance) until
+    their block is decided."""
     B, T, H, D = q.shape
     W = window
     if state is not None and bool((state.phase != state.phase[0]).any()):
         # Rows at different places in their blocks decide at different tokens: one row at a time.
         rows = [cached_hybrid_attention(*(x[b:b + 1] for x in (q, k, v, fq, fk)), window_gate, W,
-                                        state_row(state, b), output_final_state, sinks, cache, log_decay)
+                                        state_row(state, b), output_final_state, sinks, cache, log_decay, terrace)
                 for b in range(B)]
         return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
     E, Fd = v.shape[-1], fk.shape[-1]
@@ -191,7 +197,12 @@ def cached_hybrid_attention(
         seen[:, :, :2 * W] = state.ring_seen.roll(-state.next_slot, dims=2)
         cache_seen = state.cache_seen.to(acc)
 
-    own_mask = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()
+    own_mask = torch.ones(W, W, dtype=torch.bool, device=q.device).tril()  # [r, s]: key s is not after query r
+    # The sliding window: query r of a block sees key s of the previous block exactly if s > r, linearly if not
+    prev_mask = own_mask.new_ones(W, W) if terrace else ~own_mask
+    if not terrace and log_decay is not None:  # key s of the previous block is W + r - s places before query r
+        r = torch.arange(W, device=q.device)
+        prev_decay = powers(log_decay, W + r[:, None] - r[None, :]).unsqueeze(0)  # (1, H, W, W)
     gate = window_gate.to(acc).view(1, H, 1, 1)
     scale = D**-0.5
     a = W - p
@@ -223,8 +234,8 @@ def cached_hybrid_attention(
         prev, own = slice(a + i * W, a + (i + 1) * W), slice(a + (i + 1) * W, a + (i + 2) * W)
         query = qb[:, :, i]
         place = torch.arange(W, device=q.device) + i * W - p  # the queries' indices in this call
-        parts = [(query @ kx[:, :, prev].transpose(-1, -2) * scale).masked_fill(~valid[:, None, None, prev],
-                                                                                 float("-inf")),
+        parts = [(query @ kx[:, :, prev].transpose(-1, -2) * scale).masked_fill(
+                     ~(prev_mask & valid[:, None, None, prev]), float("-inf")),
                  (query @ kx[:, :, own].transpose(-1, -2) * scale).masked_fill(~(own_mask & valid[:, None, None, own]),
                                                                                float("-inf")),
                  (query @ slots[0].transpose(-1, -2) * scale).masked_fill(~slots[3][:, :, None], float("-inf"))]
@@ -242,11 +253,18 @@ def cached_hybrid_attention(
             fq_i = fq_i * powers(log_decay, ahead).view(1, H, W, 1)
         exact = gate * (scores - c).exp()
         out = exact @ torch.cat(values, dim=2) + fq_i @ kv
+        prev_weights = exact[..., :W]
+        if not terrace:  # the previous block's keys that left the sliding window, not yet decided: linear
+            linear_prev = (fqb[:, :, i] @ fkx[:, :, prev].transpose(-1, -2)) * own_mask
+            if log_decay is not None:
+                linear_prev = linear_prev * prev_decay
+            out = out + linear_prev @ vx[:, :, prev]
+            prev_weights = prev_weights + linear_prev
         padded = (place < 0) | (place >= T)
         den = out[..., E:] + padded[:, None]  # keeps padded rows finite
         outs.append(out[..., :E] / den)
         shares = (exact / den).detach() * ~padded[:, None]
-        seen[:, :, prev] += shares[..., :W].sum(2)
+        seen[:, :, prev] += (prev_weights / den).detach().mul(~padded[:, None]).sum(2)
         cache_seen = cache_seen + shares[..., 2 * W:2 * W + cache_budget].sum(2)
     y = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
 
@@ -258,7 +276,7 @@ def cached_hybrid_attention(
         undecided = torch.arange(T, T + 2 * W, device=q.device) >= decided
         final = HybridState(kv, kx[:, :, ring].contiguous(), vx[:, :, ring].contiguous(),
                             (fkx[:, :, ring] * undecided[:, None]).contiguous(), valid[:, ring].clone(), sink_k,
-                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, True, *slots,
+                            sink_v, sink_valid, torch.full((B,), (p + T) % W, device=q.device), 0, terrace, *slots,
                             cache_seen=cache_seen, ring_seen=seen[:, :, ring].contiguous(), cache_rule=cache)
     return y.to(q.dtype), final
 
@@ -310,14 +328,16 @@ def parallel_cached_hybrid_weights(
     log_decay: torch.Tensor | None = None,
     cache_chunk: int = 1,
     cache_recall: int = 0,
+    terrace: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query n's unnormalised weight on key j (B, H, T, T), in its two parts: the exact one (window,
     sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed: times
     gamma^(n-j)), zero where the other part holds the key. One document per row from its first token.
     Entering block b, the cache is chosen among its previous entries and block b-2 by the weights
-    block b-1's queries gave them, normalised over their whole rows, and by their recall errors
-    against the sum over every token of blocks <= b-2 (what the state and the candidates hold
-    together; decayed, token j weighs gamma^(bW-1-j) in it)."""
+    block b-1's queries gave them (exact or linear), normalised over their whole rows, and by their
+    recall errors against the sum over every token of blocks <= b-2 (what the state and the
+    candidates hold together; decayed, token j weighs gamma^(bW-1-j) in it). `terrace` False: the
+    sliding window of the last W tokens, with the same block-wise choice."""
     B, T, H, D = q.shape
     W = window
     acc = state_dtype(q.dtype)
@@ -327,7 +347,7 @@ def parallel_cached_hybrid_weights(
     j = torch.arange(T, device=q.device)[None, :]
     block = torch.arange(T, device=q.device) // W
     sink = torch.arange(T, device=q.device) < sinks
-    first = (n // W - 1) * W
+    first = (n // W - 1) * W if terrace else n - W + 1
     soft = (j <= n) & ((j >= first) | sink[None])
     scores = qf @ kf.transpose(-1, -2) * D**-0.5
     gate = window_gate.to(acc).view(1, -1, 1, 1)
@@ -350,7 +370,7 @@ def parallel_cached_hybrid_weights(
 
     for b in range(2, -(-T // W)):
         exact, linear_part = weights(block == b - 1, cached[:, :, block == b - 1])
-        seen = (exact / (exact + linear_part).sum(-1, keepdim=True)).sum(2)
+        seen = ((exact + linear_part) / (exact + linear_part).sum(-1, keepdim=True)).sum(2)
         candidates = member | ((block == b - 2) & ~sink)
         errors = None
         if cache.recall:
@@ -377,10 +397,11 @@ def parallel_cached_hybrid_attention(
     log_decay: torch.Tensor | None = None,
     cache_chunk: int = 1,
     cache_recall: int = 0,
+    terrace: bool = True,
 ) -> torch.Tensor:
     """The definition with full T x T masks (`parallel_cached_hybrid_weights`), for tests."""
     exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, window_gate, window, sinks, cache_budget,
-                                                   log_decay, cache_chunk, cache_recall)
+                                                   log_decay, cache_chunk, cache_recall, terrace)
     weights = exact + linear
     y = (weights @ v.to(weights.dtype).transpose(1, 2)) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

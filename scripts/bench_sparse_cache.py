@@ -27,7 +27,7 @@ NAME = "sparse_cache"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a trained lolcats model with window_kind=terrace, or an "
+    parser.add_argument("--model", required=True, help="a trained lolcats model, or an "
                         "original model, converted here by the recipe without training")
     parser.add_argument("--recipe", default="demo")
     parser.add_argument("--caches", type=cache_setting, nargs="+", default=["0", "64", "256"],

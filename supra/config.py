@@ -62,7 +62,7 @@ class RecipeConfig:
     dtype: str = "float32"  # weights: float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # random init, data order, passkeys
-    seq_len: int = 512  # tokens per training row and per held-out perplexity window
+    seq_len: int = 512  # tokens per training row, held-out perplexity window and calibration row
     out: str | None = None  # run directory; each command has a default under runs/
     overwrite: bool = False  # convert/export: replace an existing output directory
     step: int | None = None  # eval/export of a run: this checkpoint step (default: model/, else the newest)
@@ -76,7 +76,7 @@ class RecipeConfig:
     window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
-    cache_budget: int = 0  # lolcats terrace: LoLA sparse cache, pairs per head; uptrain adds it after training
+    cache_budget: int = 0  # lolcats: LoLA sparse cache, pairs per head; uptrain adds it after training
     cache_chunk: int = 8  # sparse cache: pairs kept in runs of this many consecutive tokens (divides budget and window)
     cache_recall: float = 0.25  # sparse cache: share chosen by the state's recall error, the rest by attention
     state_decay: str = "none"  # lolcats: decay of the linear part (none | supra | retnet | learned)

@@ -30,31 +30,34 @@ def steps(state, inputs, log_decay, lo: int, hi: int) -> tuple[list[torch.Tensor
     return outs, state
 
 
-def blocked(inputs, log_decay, state=None, sinks: int = 2, final: bool = True, **rule):
+def blocked(inputs, log_decay, state=None, sinks: int = 2, final: bool = True, terrace: bool = True, **rule):
     """The blocked form with a cache rule (default: 3 pairs, chosen one by one by attention)."""
     return window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, state, output_final_state=final, sinks=sinks,
-                                   terrace=True, log_decay=log_decay, **({"cache_budget": 3} | rule))
+                                   terrace=terrace, log_decay=log_decay, **({"cache_budget": 3} | rule))
 
 
+@pytest.mark.parametrize("terrace", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sinks,rule", CACHE_RULES)
 @pytest.mark.parametrize("prefill", [1, 5, 2 * WINDOW + 1])
-def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype):
+def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype, terrace):
     """One blocked call, and a prompt in two chunks then steps over many blocks, equal the decayed
-    definition; the stepped state is the one a whole call leaves, and continues as it."""
+    definition, with either window; the stepped state is the one a whole call leaves, and continues as it."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
     inputs = random_hybrid_inputs(2, T, dtype=dtype)
     log_decay = rates().to(dtype)
-    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, log_decay=log_decay, **rule)
-    undecayed = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, **rule)
-    terrace = parallel_window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, True, log_decay)
-    assert relative_error(undecayed, expected) > 1e-2 and relative_error(terrace, expected) > 1e-2
-    one_call, whole = blocked(inputs, log_decay, sinks=sinks, **rule)
+    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, log_decay=log_decay, **rule,
+                                                terrace=terrace)
+    undecayed = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, **rule, terrace=terrace)
+    uncached = parallel_window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, terrace, log_decay)
+    assert relative_error(undecayed, expected) > 1e-2 and relative_error(uncached, expected) > 1e-2
+    one_call, whole = blocked(inputs, log_decay, sinks=sinks, terrace=terrace, **rule)
     assert relative_error(one_call, expected) < TOLERANCE[dtype]
     outs, state = [], None
     for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
-        out, state = blocked([x[:, lo:hi] for x in inputs[:5]] + [inputs[5]], log_decay, state, sinks, **rule)
+        out, state = blocked([x[:, lo:hi] for x in inputs[:5]] + [inputs[5]], log_decay, state, sinks,
+                             terrace=terrace, **rule)
         outs.append(out)
     stepped, state = steps(state, inputs, log_decay, prefill + chunk, T)
     assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
@@ -62,8 +65,8 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype
     assert torch.equal(state.cache_age * state.cache_valid, whole.cache_age * whole.cache_valid)
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
     more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)
-    after_steps, _ = blocked(more, log_decay, state, sinks, final=False, **rule)
-    after_whole, _ = blocked(more, log_decay, whole, sinks, final=False, **rule)
+    after_steps, _ = blocked(more, log_decay, state, sinks, final=False, terrace=terrace, **rule)
+    after_whole, _ = blocked(more, log_decay, whole, sinks, final=False, terrace=terrace, **rule)
     assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]
 
 
@@ -90,13 +93,15 @@ def test_an_evicted_entry_enters_the_state_with_its_own_age():
         assert relative_error(state.kv[0, h], expected) < 1e-12
 
 
-def test_rows_at_different_places_in_their_blocks():
+@pytest.mark.parametrize("terrace", [True, False])
+def test_rows_at_different_places_in_their_blocks(terrace):
     """Rows whose documents began at different times decide at different steps, decayed."""
     T, read, chunk = 9 * WINDOW, (5, 2 * WINDOW + 3), 6
     inputs = random_hybrid_inputs(2, T)
     log_decay = rates()
-    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, 2, 3, log_decay)
-    rows = [blocked([x[b:b + 1, :read[b]] for x in inputs[:5]] + [inputs[5]], log_decay)[1] for b in range(2)]
+    expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, 2, 3, log_decay, terrace=terrace)
+    rows = [blocked([x[b:b + 1, :read[b]] for x in inputs[:5]] + [inputs[5]], log_decay, terrace=terrace)[1]
+            for b in range(2)]
     state = stack_states(rows)
     assert state.phase.tolist() == [1, 3]
 
@@ -104,7 +109,7 @@ def test_rows_at_different_places_in_their_blocks():
         return torch.stack([x[b, read[b]:read[b] + length] for b in range(2)])
 
     shifted = [rows_at(x, T - read[1]) for x in inputs[:5]] + [inputs[5]]
-    out, state = blocked([x[:, :chunk] for x in shifted[:5]] + [inputs[5]], log_decay, state)
+    out, state = blocked([x[:, :chunk] for x in shifted[:5]] + [inputs[5]], log_decay, state, terrace=terrace)
     stepped, _ = steps(state, shifted, log_decay, chunk, T - read[1])
     assert relative_error(torch.cat([out] + stepped, 1), rows_at(expected, T - read[1])) < 1e-10
 

@@ -31,9 +31,10 @@ SPECS = {  # test name: conversion settings
     "lolcats-decay": {"method": "lolcats", "sinks": 2, "state_decay": "supra"},
     "lolcats-terrace-learned-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2,
                                       "state_decay": "learned"},
-    # both: the cache's pairs exact, the linear state (folded or evicted tokens) decayed by learned rates
-    "lolcats-cache-decay": {"method": "lolcats", "window_kind": "terrace", "sinks": 2, "cache_budget": 3,
-                            "cache_chunk": 1, "cache_recall": 0.34, "state_decay": "learned"},
+    # both, on the sliding window: the cache's pairs exact, the linear state (tokens past the window, folded
+    # or evicted) decayed by learned rates
+    "lolcats-cache-decay": {"method": "lolcats", "sinks": 2, "cache_budget": 3, "cache_chunk": 1,
+                            "cache_recall": 0.34, "state_decay": "learned"},
     "t2r": {"method": "t2r"},
     "gla": {"method": "gla"},  # Liger: key gate + sliding window
     "gla-learned": {"method": "gla", "gate": "learned", "window": 0},
@@ -75,7 +76,7 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         if cache_budget:
             return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget, log_decay,
-                                                    cache_chunk, cache_recall), None
+                                                    cache_chunk, cache_recall, terrace), None
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace, log_decay), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):
@@ -209,8 +210,10 @@ def test_bad_spec_values_are_refused():
         linearize(model, LinearizeSpec(method="supra", softmax_layers=[2]))
     with pytest.raises(ValueError, match="unknown method"):
         linearize(model, LinearizeSpec(method="mamba"))
-    with pytest.raises(ValueError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
-        linearize(model, LinearizeSpec(method="lolcats", cache_budget=4))
+    with pytest.raises(ValueError, match="cache_budget must be >= 0"):
+        linearize(model, LinearizeSpec(method="lolcats", cache_budget=-4))
+    with pytest.raises(ValueError, match="cache_budget=4 does nothing with method=gdn; it is for method=lolcats"):
+        linearize(model, LinearizeSpec(method="gdn", cache_budget=4))
 
 
 def test_per_token_decay_follows_packed_documents():

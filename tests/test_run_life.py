@@ -258,9 +258,9 @@ def test_a_recipes_own_options_do_not_follow_a_method_override(capsys):
     text = capsys.readouterr().out
     assert re.search(r"^sinks: 0  # ", text, re.M) and re.search(r"^window_kind: sliding  # ", text, re.M)
     assert re.search(r"^cache_budget: 0  # ", text, re.M) and re.search(r"^state_decay: none  # ", text, re.M)
-    assert main(["convert", "recipe=demo", "window_kind=sliding", "--help"]) == 0  # the cache needs the terrace
+    assert main(["convert", "recipe=demo", "window_kind=sliding", "--help"]) == 0  # the cache serves either window
     text = capsys.readouterr().out
-    assert re.search(r"^cache_budget: 0  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)
+    assert re.search(r"^cache_budget: 256  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)
 
 
 # ------------------------------------------------------------------- 7. weights others can read

@@ -1,7 +1,7 @@
-"""The sparse global KV cache of the terrace hybrid (kernels/sparse_cache.py): the blocked form, prompt
+"""The sparse global KV cache of the LoLCATs hybrid (kernels/sparse_cache.py): the blocked form, prompt
 chunks and decode steps make the definition's choices and outputs, for every cache rule (runs, recall
-share); memory stays constant; the choice is deterministic and keeps what the queries attend;
-cache_budget=0 is the terrace. Model-level checks (three forms, left padding, restarts, packed
+share) and both windows; memory stays constant; the choice is deterministic and keeps what the queries
+attend; cache_budget=0 is the hybrid without a cache. Model-level checks (three forms, left padding, restarts, packed
 documents) run through the "lolcats-cache" specs of test_layers.py and test_decode.py."""
 
 from __future__ import annotations
@@ -30,47 +30,50 @@ def steps(state, inputs, lo: int, hi: int) -> tuple[list[torch.Tensor], object]:
     return outs, state
 
 
+@pytest.mark.parametrize("terrace", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("sinks,rule", CACHE_RULES)
 @pytest.mark.parametrize("prefill", [1, 5, WINDOW, 2 * WINDOW + 1])
-def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype):
+def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype, terrace):
     """One blocked call, and a prompt in two chunks then steps over many blocks (far past window +
-    budget), equal the definition; the stepped state is the one a whole call leaves."""
+    budget), equal the definition, with the terrace and with the sliding window; the stepped state
+    is the one a whole call leaves."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
     inputs = random_hybrid_inputs(2, T, dtype=dtype)
     q, k, v, fq, fk, gate = inputs
-    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, **rule)
-    terrace = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=True)
-    assert relative_error(terrace, expected) > 1e-2  # the cache changes the outputs
+    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, **rule, terrace=terrace)
+    uncached = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=terrace)
+    assert relative_error(uncached, expected) > 1e-2  # the cache changes the outputs
     one_call, whole = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, sinks=sinks,
-                                              terrace=True, **rule)
+                                              terrace=terrace, **rule)
     assert relative_error(one_call, expected) < TOLERANCE[dtype]
     outs, state = [], None
     for lo, hi in ((0, prefill), (prefill, prefill + chunk)):
         out, state = window_hybrid_attention(*(x[:, lo:hi] for x in inputs[:5]), gate, WINDOW, state,
-                                             output_final_state=True, sinks=sinks, terrace=True, **rule)
+                                             output_final_state=True, sinks=sinks, terrace=terrace, **rule)
         outs.append(out)
     stepped, state = steps(state, inputs, prefill + chunk, T)
     assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
     assert torch.equal(state.cache_valid, whole.cache_valid) and torch.equal(state.phase, whole.phase)
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
     more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)  # the stepped state continues as the whole's
-    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=True,
+    after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=terrace,
                                              **rule)
-    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=True,
+    after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=terrace,
                                              **rule)
     assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]
 
 
-def test_rows_at_different_places_in_their_blocks():
+@pytest.mark.parametrize("terrace", [True, False])
+def test_rows_at_different_places_in_their_blocks(terrace):
     """Rows whose documents began at different times (left padding) decide at different steps."""
     T, read, chunk = 9 * WINDOW, (5, 2 * WINDOW + 3), 6
     inputs = random_hybrid_inputs(2, T)
     q, k, v, fq, fk, gate = inputs
-    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 3)
+    expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 3, terrace=terrace)
     rows = [window_hybrid_attention(*(x[b:b + 1, :read[b]] for x in inputs[:5]), gate, WINDOW,
-                                    output_final_state=True, sinks=2, terrace=True, cache_budget=3)[1]
+                                    output_final_state=True, sinks=2, terrace=terrace, cache_budget=3)[1]
             for b in range(2)]
     state = stack_states(rows)
     assert state.phase.tolist() == [1, 3]
@@ -80,7 +83,7 @@ def test_rows_at_different_places_in_their_blocks():
 
     shifted = [rows_at(x, 0, T - read[1]) for x in inputs[:5]] + [gate]
     out, state = window_hybrid_attention(*(x[:, :chunk] for x in shifted[:5]), gate, WINDOW, state,
-                                         output_final_state=True, sinks=2, terrace=True, cache_budget=3)
+                                         output_final_state=True, sinks=2, terrace=terrace, cache_budget=3)
     stepped, _ = steps(state, shifted, chunk, T - read[1])
     assert relative_error(torch.cat([out] + stepped, 1), rows_at(expected, 0, T - read[1])) < 1e-10
 
@@ -128,16 +131,15 @@ def test_the_cache_keeps_the_pair_the_last_block_attended():
         assert bool(held.cache_valid.all()) and torch.equal(held.cache_k[0, :, 0], k[0, needle])
 
 
-def test_a_zero_budget_is_the_terrace():
+def test_a_zero_budget_is_the_hybrid_without_a_cache():
     q, k, v, fq, fk, gate = random_hybrid_inputs(2, 5 * WINDOW + 1)
-    assert torch.equal(parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 0),
-                       parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, terrace=True))
+    for terrace in (True, False):
+        assert torch.equal(parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, 0, terrace=terrace),
+                           parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, 2, terrace=terrace))
     _, state = window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, output_final_state=True, terrace=True)
     assert state.cache_k is None
     with pytest.raises(ValueError, match="keeps no sparse cache, the call asks for a sparse cache of 2 pairs"):
         window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, state, terrace=True, cache_budget=2)
-    with pytest.raises(ValueError, match="needs the terrace"):
-        window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, cache_budget=2)
 
 
 def test_a_trained_model_takes_a_cache_budget_as_a_setting():
@@ -163,7 +165,7 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         use_parallel_forms(patch)
         assert relative_error(model(ids).logits, after) < 1e-10
-    with pytest.raises(ConfigError, match="a sparse cache needs method=lolcats with window_kind=terrace"):
+    with pytest.raises(ConfigError, match="cache_budget=8 does nothing with method=gla; it is for method=lolcats"):
         convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=8", "window_kind=terrace"]))
 
 

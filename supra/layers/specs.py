@@ -42,7 +42,7 @@ class LinearizeSpec:
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
-    # lolcats terrace: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
+    # lolcats: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
     # kernels/sparse_cache.py); 0: none. They are kept in runs of cache_chunk consecutive tokens: a share
     # cache_recall of them the runs the linear state recalls worst (LoLA's choice), the rest the runs the
     # last block's queries attended most (SnapKV's)
@@ -73,16 +73,8 @@ class LinearizeSpec:
         if self.sinks < 0 or (self.sinks and not self.window):
             raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
                              f"with window={self.window}")
-        if self.cache_budget < 0 or (self.cache_budget and (self.method != "lolcats" or self.window_kind != "terrace")):
-            raise ValueError(f"cache_budget must be >= 0, and a sparse cache needs method=lolcats with "
-                             f"window_kind=terrace; got cache_budget={self.cache_budget}, method={self.method}, "
-                             f"window_kind={self.window_kind}")
-        if self.cache_budget and (self.cache_chunk < 1 or self.cache_budget % self.cache_chunk
-                                  or self.window % self.cache_chunk):
-            raise ValueError(f"cache_chunk must divide both cache_budget and window; got "
-                             f"cache_chunk={self.cache_chunk}, cache_budget={self.cache_budget}, window={self.window}")
-        if not 0 <= self.cache_recall <= 1:
-            raise ValueError(f"cache_recall is a share of the cache, in [0, 1]; got {self.cache_recall}")
+        if self.cache_budget < 0:
+            raise ValueError(f"cache_budget must be >= 0 (pairs per layer and head), got {self.cache_budget}")
         defaults = LinearizeSpec()
         if not self.cache_budget and (self.cache_chunk, self.cache_recall) != (defaults.cache_chunk,
                                                                               defaults.cache_recall):
@@ -105,6 +97,12 @@ class LinearizeSpec:
             raise ValueError(f"{name}={getattr(self, name)} does nothing with method={self.method}"
                              f"{' and window=0' if window else ''}; it is for method={where}{window}. "
                              f"Remove it, or choose one of those methods")
+        if self.cache_budget and (self.cache_chunk < 1 or self.cache_budget % self.cache_chunk
+                                  or self.window % self.cache_chunk):
+            raise ValueError(f"cache_chunk must divide both cache_budget and window; got "
+                             f"cache_chunk={self.cache_chunk}, cache_budget={self.cache_budget}, window={self.window}")
+        if not 0 <= self.cache_recall <= 1:
+            raise ValueError(f"cache_recall is a share of the cache, in [0, 1]; got {self.cache_recall}")
 
     def without_cache(self) -> LinearizeSpec:
         """The same conversion with no sparse cache (its options at their defaults)."""
@@ -125,8 +123,7 @@ class LinearizeSpec:
         for name, methods in OPTION_METHODS.items():
             if getattr(self, name) == getattr(defaults, name):
                 continue
-            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0) \
-                    or (name == "cache_budget" and self.window_kind != "terrace"):
+            if self.method not in methods or (name in WINDOW_OPTIONS and self.window == 0):
                 unused.append(name)
         if "cache_budget" in unused or not self.cache_budget:  # the cache's rule needs a cache
             unused += [name for name in CACHE_OPTIONS[1:] if getattr(self, name) != getattr(defaults, name)]
