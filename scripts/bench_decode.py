@@ -47,7 +47,7 @@ import torch
 from provenance import figure, write_results
 
 from supra.commands.common import load_model_and_tokenizer
-from supra.config import load_config
+from supra.config import linearize_spec, load_config
 from supra.evaluate.speed import cache_bytes, decode, prefill, random_prompt
 from supra.layers.linearize import LinearizeSpec, linearize
 
@@ -62,6 +62,7 @@ METHODS = {  # name -> conversion settings
     "lolcats": {"method": "lolcats"},
     "lolcats-sinks4": {"method": "lolcats", "sinks": 4},  # what the demo and smollm2-135m recipes run
     "lolcats-sinks4-terrace": {"method": "lolcats", "sinks": 4, "window_kind": "terrace"},  # a 2W ring
+    "demo": None,  # recipes/demo.yaml's conversion: the terrace, sinks, a decayed state and the sparse cache
 }
 FLOOR = "no-attention"
 PROJECTIONS = "projections-only"
@@ -111,13 +112,20 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def conversion(method: str) -> LinearizeSpec:
+    """A --methods name's conversion; `demo` reads the demo recipe, so it follows the recipe."""
+    if METHODS[method] is None:
+        return linearize_spec(load_config([f"recipe={method}"]))
+    return LinearizeSpec(**METHODS[method])
+
+
 def load_models(name: str, methods: list[str], dtype: str, device: torch.device) -> dict[str, torch.nn.Module]:
     """The original and one converted copy per method, all from one load."""
     cfg = load_config([*MODELS[name], "method=softmax", f"dtype={dtype}", f"device={device}"])
     original, _ = load_model_and_tokenizer(cfg)
     models = {"original": original.eval()}
     for method in methods:
-        models[method] = linearize(copy.deepcopy(original), LinearizeSpec(**METHODS[method])).eval()
+        models[method] = linearize(copy.deepcopy(original), conversion(method)).eval()
     layers = list(range(original.config.num_hidden_layers))
     models[FLOOR] = linearize(copy.deepcopy(original), LinearizeSpec(method="softmax", skip_layers=layers)).eval()
     models[PROJECTIONS] = copy.deepcopy(original)
