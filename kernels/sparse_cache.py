@@ -251,20 +251,18 @@ def cached_hybrid_attention(
         if log_decay is not None:  # query r is at X place a + (i + 1)W + r; padded ones may precede kv's place
             ahead = (a + (i + 1) * W + torch.arange(W, device=q.device) - held_at).clamp(min=0)
             fq_i = fq_i * powers(log_decay, ahead).view(1, H, W, 1)
-        exact = gate * (scores - c).exp()
-        out = exact @ torch.cat(values, dim=2) + fq_i @ kv
-        prev_weights = exact[..., :W]
+        weights = gate * (scores - c).exp()
         if not terrace:  # the previous block's keys that left the sliding window, not yet decided: linear
             linear_prev = (fqb[:, :, i] @ fkx[:, :, prev].transpose(-1, -2)) * own_mask
             if log_decay is not None:
                 linear_prev = linear_prev * prev_decay
-            out = out + linear_prev @ vx[:, :, prev]
-            prev_weights = prev_weights + linear_prev
+            weights = torch.cat([weights[..., :W] + linear_prev, weights[..., W:]], dim=-1)
+        out = weights @ torch.cat(values, dim=2) + fq_i @ kv
         padded = (place < 0) | (place >= T)
         den = out[..., E:] + padded[:, None]  # keeps padded rows finite
         outs.append(out[..., :E] / den)
-        shares = (exact / den).detach() * ~padded[:, None]
-        seen[:, :, prev] += (prev_weights / den).detach().mul(~padded[:, None]).sum(2)
+        shares = (weights / den).detach() * ~padded[:, None]
+        seen[:, :, prev] += shares[..., :W].sum(2)
         cache_seen = cache_seen + shares[..., 2 * W:2 * W + cache_budget].sum(2)
     y = torch.stack(outs, dim=2).permute(0, 2, 3, 1, 4).reshape(B, nb * W, H, E)[:, p:p + T]
 
