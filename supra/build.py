@@ -55,6 +55,16 @@ class BuildPlan:
     factorized: dict[str, dict] = field(default_factory=dict)  # recorded layouts to rebuild empty
     lora: LoraSpec | None = None
     source: str = "the model"  # names the model in messages
+    keep_cache: bool = False  # no cache_budget given: a converted model keeps its own sparse cache
+
+    def for_source(self, source: LinearizeSpec | None) -> BuildPlan:
+        """This plan for a model whose recorded conversion is `source`: with keep_cache, a converted
+        model's sparse cache settings replace the plan's (`supra convert model=RUN/model
+        softmax_layers=...` keeps the cache the model was saved with)."""
+        if not self.keep_cache or self.conversion is None or not _converted(source):
+            return replace(self, keep_cache=False)
+        cache = {name: getattr(source, name) for name in CACHE_OPTIONS}
+        return replace(self, conversion=replace(self.conversion, **cache), keep_cache=False)
 
     def resolved(self, spec: LinearizeSpec) -> BuildPlan:
         """This plan with the results of its measurements (`spec`, what `build_model` returned) in
@@ -76,7 +86,7 @@ def student_plan(plan: BuildPlan) -> BuildPlan:
     training-free (LoLA), so the stages train the same maps whatever the budget, and the trained
     model takes it at the end (`with_cache`), as `supra convert cache_budget=C` would."""
     conversion = plan.conversion and plan.conversion.without_cache()
-    return replace(plan, softmax_auto=None, conversion=conversion)
+    return replace(plan, softmax_auto=None, conversion=conversion, keep_cache=False)
 
 
 def with_cache(model: nn.Module, plan: BuildPlan) -> nn.Module:
@@ -103,6 +113,7 @@ def build_model(model: nn.Module, plan: BuildPlan, calibration: Calibration | No
     """Run every step of `plan` on `model` (in place where the step allows); returns the model and
     its recorded spec (None for a model no step touched)."""
     context = BuildContext(calibration, report)
+    plan = plan.for_source(recorded_spec(model))
     for step in STEPS:
         model = step(model, plan, context)
     return model, recorded_spec(model)
@@ -143,29 +154,15 @@ def skip_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn.Mo
 
 
 def convert_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn.Module:
-    """Linearize a softmax model (skips it holds are kept); on a converted one, only restore or
-    skip: converting twice would stack feature maps."""
-    from .skip import apply_skip
-
+    """Linearize a softmax model (skips it holds are kept); a converted one goes to `_on_converted`:
+    converting twice would stack feature maps."""
     if plan.conversion is None:
         return model
     previous = recorded_spec(model)
-    if _converted(previous) and any(getattr(plan.conversion, name) != getattr(previous, name)
-                                    for name in CACHE_OPTIONS):
-        try:  # the sparse cache is training-free (LoLA): a trained model takes one as it is
-            set_cache(model, plan.conversion)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return model
-    if _converted(previous) and (plan.conversion.softmax_layers or plan.softmax_auto is not None):
-        # The method keys describe a conversion from softmax; on a converted model (whatever the
-        # plan's method) softmax layers can only mean layers given back their softmax attention.
-        return _restore(model, plan, context)
-    check_convertible(previous, plan)
+    if _converted(previous):
+        return _on_converted(model, plan, previous, context)
     spec = copy.deepcopy(plan.conversion)
     if previous is not None:
-        if _converted(previous):  # method=softmax: it stays converted (e.g. to be healed)
-            return apply_skip(model, list(spec.skip_layers))
         spec.skip_layers = sorted(set(spec.skip_layers) | set(previous.skip_layers))
         spec.factorized = previous.factorized
     try:
@@ -178,18 +175,28 @@ def convert_step(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn
     return model
 
 
-def _restore(model: nn.Module, plan: BuildPlan, context: BuildContext) -> nn.Module:
+def _on_converted(model: nn.Module, plan: BuildPlan, previous: LinearizeSpec, context: BuildContext) -> nn.Module:
+    """A converted model can take another sparse cache, more skipped sublayers, and layers given back
+    their softmax attention; anything else needs method=softmax (it stays as it is, to be trained
+    further). The method keys describe a conversion from softmax: on a converted model softmax
+    layers can only mean layers given back their softmax attention."""
     from .skip import apply_skip
 
-    if plan.conversion.skip_layers:
-        apply_skip(model, list(plan.conversion.skip_layers))
+    new_cache = any(getattr(plan.conversion, name) != getattr(previous, name) for name in CACHE_OPTIONS)
+    restore = bool(plan.conversion.softmax_layers) or plan.softmax_auto is not None
+    if not (new_cache or restore):
+        check_convertible(previous, plan)
     try:
-        if plan.softmax_auto is None:
-            restore_layers(model, list(plan.conversion.softmax_layers))
-        else:
+        if new_cache:  # the sparse cache is training-free (LoLA): a trained model takes one as it is
+            set_cache(model, plan.conversion)
+        if plan.conversion.skip_layers:
+            apply_skip(model, list(plan.conversion.skip_layers))
+        if plan.softmax_auto is not None:
             batches = context.batches(f"softmax_layers=auto:{plan.softmax_auto}")
             restore_softmax_layers(model, plan.softmax_auto, batches, context.report)
-    except ValueError as err:
+        elif restore:
+            restore_layers(model, list(plan.conversion.softmax_layers))
+    except ValueError as err:  # e.g. a layer index the model does not have
         raise ConfigError(str(err)) from None
     return model
 

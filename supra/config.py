@@ -76,7 +76,7 @@ class RecipeConfig:
     window_kind: str = "sliding"  # sliding | terrace (LoLCATs' main results: own block of W + the previous one)
     window_mix: str = "head"  # gla/gdn: the window softmax's share per head, or per token (head | token)
     sinks: int = 0  # lolcats, gla/gdn with a window: first tokens kept in the softmax window for good
-    cache_budget: int = 0  # lolcats: LoLA sparse cache, pairs per head; uptrain adds it after training
+    cache_budget: int | None = None
     cache_chunk: int = 8  # sparse cache: pairs kept in runs of this many consecutive tokens (divides budget and window)
     cache_recall: float = 0.25  # sparse cache: share chosen by the state's recall error, the rest by attention
     state_decay: str = "none"  # lolcats: decay of the linear part (none | supra | retnet | learned)
@@ -142,6 +142,8 @@ def linearize_spec(cfg: DictConfig) -> LinearizeSpec:
     `convert.convert_model` measures which K to keep."""
     settings = OmegaConf.to_container(cfg, resolve=True)
     values = {f.name: settings[f.name] for f in fields(LinearizeSpec) if f.name in settings}
+    if values.get("cache_budget") is None:  # unset: the spec's default, no cache
+        values.pop("cache_budget", None)
     if parse_auto(values.get("softmax_layers", [])) is not None:
         values["softmax_layers"] = []
     return LinearizeSpec.from_dict(values)
@@ -155,7 +157,7 @@ def factorize_spec(cfg: DictConfig) -> FactorizeSpec:
 # item of a list. data.* ranges live with DataConfig (supra.data.config.DATA_RANGES).
 RANGES: dict[str, Range] = {
     "seed": count(0), "step": count(0, optional=True), "seq_len": count(1), "window": count(0), "sinks": count(0),
-    "cache_budget": count(0), "cache_chunk": count(1), "cache_recall": Range(0, 1),
+    "cache_budget": count(0, optional=True), "cache_chunk": count(1), "cache_recall": Range(0, 1),
     "feature_dim": count(2, optional=True),
     "softmax_layers.*": count(0), "skip_layers.*": count(0), "n": count(0), "calibration_tokens": count(1),
     "train.stages.*.tokens": count(1), "train.stages.*.lr": POSITIVE, "train.stages.*.min_lr": NON_NEGATIVE,

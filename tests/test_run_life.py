@@ -257,7 +257,7 @@ def test_a_recipes_own_options_do_not_follow_a_method_override(capsys):
     assert main(["convert", "recipe=demo", "method=supra", "--help"]) == 0  # demo: terrace window, 4 sinks
     text = capsys.readouterr().out
     assert re.search(r"^sinks: 0  # ", text, re.M) and re.search(r"^window_kind: sliding  # ", text, re.M)
-    assert re.search(r"^cache_budget: 0  # ", text, re.M) and re.search(r"^state_decay: none  # ", text, re.M)
+    assert re.search(r"^cache_budget: null  # ", text, re.M) and re.search(r"^state_decay: none  # ", text, re.M)
     assert main(["convert", "recipe=demo", "window_kind=sliding", "--help"]) == 0  # the cache serves either window
     text = capsys.readouterr().out
     assert re.search(r"^cache_budget: 256  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)

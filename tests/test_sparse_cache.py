@@ -169,6 +169,31 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
         convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=8", "window_kind=terrace"]))
 
 
+def test_a_converted_model_keeps_its_cache_unless_a_budget_is_given():
+    """Settings that leave cache_budget unset keep a converted model's cache: giving layers back their
+    softmax attention (`supra convert model=RUN/model softmax_layers=[...]`) does not drop it, and
+    nothing else asked of a converted model is a second conversion, refused. cache_budget=0 drops it."""
+    from test_layers import tiny_model
+
+    from supra.commands.settings import convert_model
+    from supra.config import load_config
+    from supra.layers.attention import RecurrentAttention
+    from supra.layers.linearize import decoder_layers, recorded_spec
+    from supra.models import SourceError
+
+    model = tiny_model(2, window_kind="terrace", sinks=2)
+    convert_model(model, load_config(["cache_budget=4", "cache_chunk=2", "window_kind=terrace"]))
+    convert_model(model, load_config(["softmax_layers=[0]"]))
+    spec = recorded_spec(model)
+    assert (spec.softmax_layers, spec.cache_budget, spec.cache_chunk) == ([0], 4, 2)
+    assert not isinstance(decoder_layers(model)[0].self_attn, RecurrentAttention)
+    assert decoder_layers(model)[1].self_attn.spec.cache_budget == 4
+    with pytest.raises(SourceError, match="is already converted"):
+        convert_model(model, load_config([]))
+    convert_model(model, load_config(["cache_budget=0"]))
+    assert recorded_spec(model).cache_budget == 0 and decoder_layers(model)[1].self_attn.spec.cache_budget == 0
+
+
 def test_uptrain_trains_without_the_cache_and_saves_the_model_with_it(tmp_path):
     """The stages of cache_budget=C and of no cache are the same steps (same losses); the saved model,
     and a checkpoint rebuilt as a model, have the cache."""

@@ -22,6 +22,7 @@ from ..build import build_model, lora_step, student_plan, with_cache
 from ..config import ConfigError, RecipeConfig
 from ..errors import UserError
 from ..factorize import apply_record, plan_layouts
+from ..layers.linearize import recorded_spec
 from ..layers.specs import FactorizeSpec
 from ..models import SourceError, load_model, load_tokenizer, resolve_device
 from ..train.checkpoint import checkpoint_root, checkpoint_steps, latest_checkpoint, load_model_weights
@@ -72,7 +73,7 @@ def model_at_checkpoint(run: Path, step: int | None, device: torch.device) -> tu
     local = cfg.copy()
     local.device, local.step = "cpu", None
     model, tokenizer = load_model_and_tokenizer(local)
-    finished = build_plan(local, factorize=True, lora=True)
+    finished = build_plan(local, factorize=True, lora=True).for_source(recorded_spec(model))
     plan = student_plan(finished)
     model, _ = build_model(model, replace(plan, factorize=FactorizeSpec(), lora=None), calibration(local, tokenizer))
     if plan.factorize.method != "none":  # empty factors of the run's layouts: the checkpoint fills them

@@ -33,7 +33,8 @@ def build_plan(cfg: DictConfig, factorize: bool = False, lora: bool = False) -> 
     stage that trains them."""
     return BuildPlan(conversion=linearize_spec(cfg), softmax_auto=parse_auto(cfg.softmax_layers), n=cfg.n,
                      select=cfg.select, factorize=factorize_spec(cfg) if factorize else FactorizeSpec(),
-                     lora=LoraSpec.of_stages(train_config(cfg).stages) if lora else None, source=cfg.model)
+                     lora=LoraSpec.of_stages(train_config(cfg).stages) if lora else None, source=cfg.model,
+                     keep_cache=cfg.cache_budget is None)
 
 
 def calibration(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None) -> Calibration | None:

@@ -24,6 +24,7 @@ from torch import nn
 from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step, student_plan, with_cache
 from ..config import ConfigError, check_batch_tokens, recipe_label, run_dir
 from ..data import iter_documents
+from ..layers.linearize import recorded_spec
 from ..layers.specs import parse_auto
 from ..layers.switches import window_alone
 from ..models import (
@@ -106,7 +107,7 @@ def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
     lengths = report_lengths(cfg, model.config)
     if evaluate:
         _heldout_ppl(cfg, run, "original", model, tokenizer, lengths)
-    finished = build_plan(cfg, factorize=True, lora=True)
+    finished = build_plan(cfg, factorize=True, lora=True).for_source(recorded_spec(model))
     plan = student_plan(finished)
     # Built without its adapters first: the converted model's perplexity and size are measured
     # before them; the LoRA step then runs alone (B = 0: the adapters change nothing yet).

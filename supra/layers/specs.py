@@ -43,7 +43,8 @@ class LinearizeSpec:
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
     # lolcats: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
-    # kernels/sparse_cache.py); 0: none. They are kept in runs of cache_chunk consecutive tokens: a share
+    # kernels/sparse_cache.py); 0: none (a recipe that leaves it unset: none, and a converted model
+    # keeps its own; uptrain adds it after the stages). They are kept in runs of cache_chunk consecutive tokens: a share
     # cache_recall of them the runs the linear state recalls worst (LoLA's choice), the rest the runs the
     # last block's queries attended most (SnapKV's)
     cache_budget: int = 0
