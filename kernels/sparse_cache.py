@@ -1,4 +1,6 @@
-"""A sparse global KV cache for the LoLCATs hybrid (after LoLA, arXiv 2505.23666).
+"""A sparse global KV cache for the LoLCATs hybrid (after LoLA, arXiv 2505.23666), and for the gated
+students' window (supra/layers/gated.py: the hybrid with zero query features, whose key features then
+only feed the recall error below).
 
 Beside the exact window and the sinks, each head keeps up to C = `cache_budget` older key/value pairs
 exactly. The cache chooses by document blocks of W (the window): when a query enters block b, block

@@ -43,6 +43,11 @@ SPECS = {  # test name: conversion settings
     # the window's share per token, with the demo's terrace window and sinks
     "gla-token-mix": {"method": "gla", "window_mix": "token", "window_kind": "terrace", "sinks": 2},
     "gdn-token-mix": {"method": "gdn", "window_mix": "token", "window_kind": "terrace", "sinks": 2},
+    # the sparse cache in the gated students' window softmax: runs of 2 with one by recall error of a linear
+    # memory of their key features; GLA on the sliding window, GDN on the terrace with sinks
+    "gla-cache": {"method": "gla", "cache_budget": 4, "cache_chunk": 2, "cache_recall": 0.5},
+    "gdn-cache": {"method": "gdn", "window_mix": "token", "window_kind": "terrace", "sinks": 2, "cache_budget": 4,
+                  "cache_chunk": 2, "cache_recall": 0.5},
 }
 METHODS = list(SPECS)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

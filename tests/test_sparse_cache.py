@@ -1,8 +1,8 @@
-"""The sparse global KV cache of the LoLCATs hybrid (kernels/sparse_cache.py): the blocked form, prompt
+"""The sparse global KV cache of the LoLCATs hybrid and the gated students' window (kernels/sparse_cache.py): the blocked form, prompt
 chunks and decode steps make the definition's choices and outputs, for every cache rule (runs, recall
 share) and both windows; memory stays constant; the choice is deterministic and keeps what the queries
 attend; cache_budget=0 is the hybrid without a cache. Model-level checks (three forms, left padding, restarts, packed
-documents) run through the "lolcats-cache" specs of test_layers.py and test_decode.py."""
+documents) run through the "lolcats-cache", "gla-cache" and "gdn-cache" specs of test_layers.py and test_decode.py."""
 
 from __future__ import annotations
 
@@ -165,8 +165,11 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():
         use_parallel_forms(patch)
         assert relative_error(model(ids).logits, after) < 1e-10
-    with pytest.raises(ConfigError, match="cache_budget=8 does nothing with method=gla; it is for method=lolcats"):
-        convert_model(tiny_model(2, method="gla"), load_config(["cache_budget=8", "window_kind=terrace"]))
+    with pytest.raises(ConfigError, match="cache_budget=8 does nothing with method=supra; it is for method=lolcats, "
+                                          "gla, gdn"):
+        convert_model(tiny_model(2, method="supra"), load_config(["cache_budget=8", "method=supra"]))
+    with pytest.raises(ConfigError, match="cache_budget=8 does nothing with method=gla and window=0"):
+        convert_model(tiny_model(2, method="gla", window=0), load_config(["cache_budget=8", "method=gla", "window=0"]))
 
 
 def test_a_converted_model_keeps_its_cache_unless_a_budget_is_given():

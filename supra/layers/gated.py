@@ -17,6 +17,15 @@ learnable per-head weight starting at 0.5). With `window_mix=token` the weight i
 sigmoid(m_h + x_t W_mix) with W_mix = 0 at conversion: each token can lean on the window or on the
 recurrent state, as the LoLCATs hybrid's shared denominator lets each query do.
 
+With `cache_budget` > 0 (gla, gdn with a window) the window's softmax also attends a LoLA-style sparse
+cache of older pairs (kernels/sparse_cache.py), chosen as for LoLCATs: runs the last block attended most,
+and a share `cache_recall` of them the runs a linear memory of the evicted tokens recalls worst. That
+memory is not the gated state (the window's kernel does not see it) but a normalised linear attention
+over the tokens that left the window, with the layer's own nonnegative key features: GLA's Hedgehog
+features; for GDN Hedgehog's form without weights, [softmax(x), softmax(-x)] with x its unit key times
+sqrt(head_dim). It only chooses: the output is share x softmax(window + sinks + cache) + (1 - share) x
+the gated state, which itself keeps every token.
+
 GDN (`method=gdn`): the gated delta rule (kernels/delta_rule.py) on L2-normalised q and k (after RoPE
 and an identity-initialised per-head map each), with beta_t = sigmoid(x_t W_beta + b_beta) from a new
 projection (W_beta = 0, so beta starts at 0.5); with `window > 0` mixed with the same sliding-window
@@ -105,30 +114,36 @@ class GatedAttention(RecurrentAttention):
 
     def mix_window(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    share: torch.Tensor | None, state: GatedState | None, starts: torch.Tensor | None,
-                   want_state: bool, recurrent_state: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
-        """share x sliding-window softmax + (1 - share) x `out`; q, k after RoPE, share from `window_share`."""
+                   want_state: bool, recurrent_state: torch.Tensor | None,
+                   recall_keys: torch.Tensor | None) -> tuple[torch.Tensor, GatedState | None]:
+        """share x window softmax + (1 - share) x `out`; q, k after RoPE, share from `window_share`;
+        recall_keys (B, T, H, F) >= 0: what the sparse cache's recall share is scored with (module
+        docstring; needed only with one)."""
         window_state = None
         if self.window_mix is not None:
-            # The LoLCATs hybrid with no features is exactly a sliding-window softmax (and keeps its state).
-            none = q.new_zeros(*q.shape[:3], 1)
+            # The LoLCATs hybrid with zero query features is exactly a softmax over the window, sinks and
+            # cache (and keeps its state); its key features only feed the cache's recall memory.
+            cache = self.spec.cache_arguments()
+            fk = recall_keys if cache["cache_recall"] else q.new_zeros(*q.shape[:3], 1)
+            none = torch.zeros_like(fk)
             ones = torch.ones(self.num_heads, device=q.device)
 
             def window(q, k, v, fq, fk, state):
                 return window_hybrid_attention(q, k, v, fq, fk, ones, self.spec.window, state, want_state,
                                                backend=self.spec.backend, sinks=self.spec.sinks,
-                                               terrace=self.spec.window_kind == "terrace")
+                                               terrace=self.spec.window_kind == "terrace", **cache)
 
             carried = None if state is None else state.window
             if stepping(q, carried):
                 restart = restarting_rows(starts)
                 if restart is not None:
                     carried = restart_hybrid_rows(carried, restart)
-                local, window_state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], none[:, 0], none[:, 0], ones,
+                local, window_state = window_hybrid_step(q[:, 0], k[:, 0], v[:, 0], none[:, 0], fk[:, 0], ones,
                                                          carried)
                 local = local.unsqueeze(1)
             else:
-                local, window_state = per_document_rows(window, (q, k, v, none, none), carried, starts,
-                                                   stack_states)
+                local, window_state = per_document_rows(window, (q, k, v, none, fk), carried, starts,
+                                                        stack_states)
             out = share * at_least_float32(local) + (1 - share) * at_least_float32(out)
         return out, (GatedState(window_state, recurrent_state) if want_state else None)
 
@@ -153,11 +168,12 @@ class GlaAttention(GatedAttention):
         k = repeat_heads(rotate(k, cos, sin), self.groups)
         v = repeat_heads(v, self.groups)
         v_and_one = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the denominator
-        linear, linear_state = self.linear_mix(self.feature_map_q(q), self.feature_map_k(k), v_and_one, log_decay,
+        fk = self.feature_map_k(k)
+        linear, linear_state = self.linear_mix(self.feature_map_q(q), fk, v_and_one, log_decay,
                                                1.0, None if state is None else state.recurrent, starts, want_state)
         linear = at_least_float32(linear)
         out = linear[..., :-1] / linear[..., -1:].clamp_min(self.eps)
-        return self.mix_window(out, q, k, v, share, state, starts, want_state, linear_state)
+        return self.mix_window(out, q, k, v, share, state, starts, want_state, linear_state, fk)
 
 
 class GatedDeltaAttention(GatedAttention):
@@ -189,7 +205,11 @@ class GatedDeltaAttention(GatedAttention):
         fk = F.normalize(at_least_float32(self.feature_map_k(k)), dim=-1)
         out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
                                           starts, want_state)
-        return self.mix_window(out, q, k, v, share, state, starts, want_state, delta_state)
+        recall_keys = None
+        if self.spec.cache_budget:
+            scaled = fk * self.head_dim**0.5
+            recall_keys = torch.cat([scaled.softmax(-1), (-scaled).softmax(-1)], dim=-1)
+        return self.mix_window(out, q, k, v, share, state, starts, want_state, delta_state, recall_keys)
 
     def delta_mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                   log_decay: torch.Tensor, state: torch.Tensor | None, starts: torch.Tensor | None,

@@ -21,9 +21,9 @@ OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "decay": ("supra", "gla", "gdn"), "gate": ("gla", "gdn"), "feature_map_init": ("supra", "t2r"),
     "feature_dim": ("lolcats", "t2r", "gla"), "window_kind": ("lolcats", "gla", "gdn"),
     "window_mix": ("gla", "gdn"), "sinks": ("lolcats", "gla", "gdn"), "state_decay": ("lolcats",),
-    "cache_budget": ("lolcats",),
+    "cache_budget": ("lolcats", "gla", "gdn"),
 }
-WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks")  # meaningful only with a softmax window
+WINDOW_OPTIONS = ("window_kind", "window_mix", "sinks", "cache_budget")  # meaningful only with a softmax window
 # The sparse cache needs no training (LoLA): these are settings of a trained model, not a new conversion.
 CACHE_OPTIONS = ("cache_budget", "cache_chunk", "cache_recall")
 
@@ -42,8 +42,8 @@ class LinearizeSpec:
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
-    # lolcats: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
-    # kernels/sparse_cache.py); 0: none (a recipe that leaves it unset: none, and a converted model
+    # lolcats, gla, gdn: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
+    # kernels/sparse_cache.py; gla/gdn attend them in their window's softmax); 0: none (a recipe that leaves it unset: none, and a converted model
     # keeps its own; uptrain adds it after the stages). They are kept in runs of cache_chunk consecutive tokens: a share
     # cache_recall of them the runs the linear state recalls worst (LoLA's choice), the rest the runs the
     # last block's queries attended most (SnapKV's)
