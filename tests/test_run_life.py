@@ -369,3 +369,22 @@ def test_eval_says_each_task_as_it_goes(tmp_path, capsys):
     assert main(["eval", *FAST, "eval.max_tokens=64", f"out={tmp_path / 'eval'}"]) == 0
     out = capsys.readouterr().out
     assert "task 1/1 ppl: running" in out and re.search(r"task 1/1 ppl: done in \d+ s", out)
+
+
+def test_a_run_written_by_an_older_supra_resumes_with_the_settings_added_since(tmp_path):
+    """A snapshot that lacks settings added since (a run started before an upgrade) resumes with the same
+    command, as long as those settings stay at their defaults; a setting it has and the command changes
+    is still refused."""
+    run = tmp_path / "run"
+    args = [*FAST, ONE_STAGE, "train.checkpoint_every=1", f"out={run}"]
+    assert main(["uptrain", *args]) == 0
+    done = steps(run)
+    snapshot = run / "uptrain.config.yaml"
+    older = yaml.safe_load(snapshot.read_text())
+    for section, name in ((older, "cache_chunk"), (older["train"], "eval_every"), (older["train"]["stages"][0], "ce_weight")):
+        del section[name]
+    snapshot.write_text(yaml.safe_dump(older))
+    shutil.rmtree(run / "model")
+    assert main(["uptrain", *args]) == 0
+    assert steps(run) == done and (run / "model" / "config.json").exists()
+    assert main(["uptrain", *args, "seed=3"]) == 2

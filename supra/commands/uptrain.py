@@ -22,7 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from ..build import BuildPlan, build_model, check_convertible, check_softmax_k, lora_step, student_plan, with_cache
-from ..config import ConfigError, check_batch_tokens, recipe_label, run_dir
+from ..config import ConfigError, RecipeConfig, check_batch_tokens, recipe_label, run_dir
 from ..data import iter_documents
 from ..layers.linearize import recorded_spec
 from ..layers.specs import parse_auto
@@ -145,6 +145,7 @@ def _on(cfg: DictConfig, world: World) -> DictConfig:
     return local
 
 
+DEFAULT_SETTINGS = OmegaConf.to_container(OmegaConf.structured(RecipeConfig))
 # What an earlier attempt writes before its first trained step: records of that attempt only.
 UNTRAINED_RECORDS = ("uptrain.config.yaml", "eval.json", "metrics.jsonl")
 
@@ -156,7 +157,7 @@ def _check_same_run(cfg: DictConfig, run: Path) -> bool:
     snapshot = run / "uptrain.config.yaml"
     if not snapshot.exists():
         return False
-    before, now = read_yaml_record(snapshot), OmegaConf.to_container(cfg)
+    before, now = _with_new_settings(read_yaml_record(snapshot), DEFAULT_SETTINGS), OmegaConf.to_container(cfg)
     changed = [k for k in _diff(before, now) if not k.startswith(RESUMABLE_CHANGES)]
     if not changed:
         return False
@@ -189,6 +190,17 @@ def _forget_untrained_attempt(run: Path) -> None:
     perplexities were of another model): the corrected command starts the run afresh."""
     for name in UNTRAINED_RECORDS:
         (run / name).unlink(missing_ok=True)
+
+
+def _with_new_settings(snapshot: object, defaults: object) -> object:
+    """A snapshot that an older supra wrote, with the settings added since at their `defaults`: the
+    same command, rerun after an upgrade, resumes its run instead of reading as other settings."""
+    if isinstance(snapshot, list) and isinstance(defaults, list) and defaults:  # train.stages: each a stage
+        return [_with_new_settings(item, defaults[0]) for item in snapshot]
+    if not (isinstance(snapshot, dict) and isinstance(defaults, dict)):
+        return snapshot
+    return {**{k: v for k, v in defaults.items() if k not in snapshot},
+            **{k: _with_new_settings(v, defaults.get(k, {})) for k, v in snapshot.items()}}
 
 
 def _diff(a: object, b: object, prefix: str = "") -> list[str]:
