@@ -217,8 +217,11 @@ def test_bad_spec_values_are_refused():
         linearize(model, LinearizeSpec(method="mamba"))
     with pytest.raises(ValueError, match="cache_budget must be >= 0"):
         linearize(model, LinearizeSpec(method="lolcats", cache_budget=-4))
-    with pytest.raises(ValueError, match="cache_budget=4 does nothing with method=gdn; it is for method=lolcats"):
-        linearize(model, LinearizeSpec(method="gdn", cache_budget=4))
+    with pytest.raises(ValueError, match="cache_budget=4 does nothing with method=t2r; it is for method=lolcats, "
+                                         "gla, gdn"):
+        linearize(model, LinearizeSpec(method="t2r", cache_budget=4, cache_chunk=4))
+    with pytest.raises(ValueError, match="cache_budget=4 does nothing with method=gdn and window=0"):
+        linearize(model, LinearizeSpec(method="gdn", window=0, cache_budget=4, cache_chunk=4))
 
 
 def test_per_token_decay_follows_packed_documents():
