@@ -206,7 +206,7 @@ class GatedDeltaAttention(GatedAttention):
         out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
                                           starts, want_state)
         recall_keys = None
-        if self.spec.cache_budget:
+        if self.spec.cache_arguments()["cache_recall"]:  # only a cache's recall share reads them
             scaled = fk * self.head_dim**0.5
             recall_keys = torch.cat([scaled.softmax(-1), (-scaled).softmax(-1)], dim=-1)
         return self.mix_window(out, q, k, v, share, state, starts, want_state, delta_state, recall_keys)
