@@ -7,7 +7,9 @@ held-out split and the Debian Reference prose, as in bench_quality.py):
   are where a state has distances to serve);
 - the same with the window alone where the model has a softmax window (`supra.layers.switches.
   window_alone`: the LoLCATs hybrid's linear terms, or the gla/gdn state's share, switched off). A
-  student above its own window-alone curve gets nothing from its state;
+  student above its own window-alone curve gets nothing from its state. A model with a sparse cache
+  is also measured with its window and sinks alone (cache_budget=0, then the window alone): the
+  exact window the converted model would have without any memory beyond it;
 - passkey retrieval at 1k/2k/4k tokens, depths 0, 0.25, 0.5, 0.75 and 1, --passkey-keys random keys
   per cell (supra.evaluate.passkey, greedy);
 - the bytes of the decode state the model keeps per sequence after a prefill of each length (the
@@ -45,6 +47,9 @@ from supra.evaluate.heldout import ORIGINAL, corpora, heldout_streams, load_meas
 
 NAME = "long_context"
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# Each perplexity variant a row may hold (its label: its field), and how the figure draws it.
+VARIANTS = {"as given": "ppl", "window alone": "window_alone", "window and sinks alone, no cache": "window_without_cache"}
+STYLES = ("-", "--", ":")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +150,7 @@ def state_bytes(model: nn.Module, lengths: list[int]) -> dict[str, dict]:
 def measure(source: str, args: argparse.Namespace, texts: dict[str, list[str]], changes: dict[str, Any]) -> dict:
     """Every measurement of one model, with the CPU-minutes of each part."""
     from supra.layers.linearize import recorded_spec
-    from supra.layers.switches import window_alone
+    from supra.layers.switches import respecify, window_alone
 
     cpu: dict[str, float] = {}
     mark = time.process_time()
@@ -175,6 +180,12 @@ def measure(source: str, args: argparse.Namespace, texts: dict[str, list[str]], 
         lap("passkey")
         row["state_bytes"] = state_bytes(model, args.lengths)
         lap("state_bytes")
+        row["window_without_cache"] = None
+        if spec is not None and spec.cache_budget:
+            respecify(model, {"cache_budget": 0})
+            with window_alone(model):
+                row["window_without_cache"] = perplexities(model, streams, args.lengths, args.heldout_tokens)
+            lap("window_without_cache")
     row["cpu_min"] = {**cpu, "total": sum(cpu.values())}
     ppl = {corpus: {n: round(r["ppl"], 3) for n, r in by_length.items()} for corpus, by_length in row["ppl"].items()}
     print(f"{row['label']}: perplexity {json.dumps(ppl)}, {row['cpu_min']['total']:.1f} CPU-min", flush=True)
@@ -196,12 +207,13 @@ def original_row(args: argparse.Namespace, texts: dict[str, list[str]]) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ratio (and window_alone_ratio): perplexity / the original's on the same tokens, per corpus and length."""
+    """ratio (and window_alone_ratio, window_without_cache_ratio): perplexity / the original's on the
+    same tokens, per corpus and length."""
     original = rows[0]["ppl"]
     for row in rows:
-        for field in ("ppl", "window_alone"):
-            if row[field] is not None:
-                row[f"{field}_ratio" if field == "window_alone" else "ratio"] = {
+        for field in VARIANTS.values():
+            if row.get(field) is not None:
+                row["ratio" if field == "ppl" else f"{field}_ratio"] = {
                     corpus: {n: r["ppl"] / original[corpus][n]["ppl"] for n, r in by_length.items()}
                     for corpus, by_length in row[field].items()}
 
@@ -217,10 +229,10 @@ def tables(rows: list[dict], args: argparse.Namespace) -> list[str]:
                 + " | ".join(f"loss {last[n]['start']}-{last[n]['end']}" for n in lengths) + " |",
                 "|---|---|" + "---:|" * (2 * len(lengths))]
         for row in rows:
-            for variant, field, ratio in (("as given", "ppl", "ratio"), ("window alone", "window_alone",
-                                                                          "window_alone_ratio")):
-                if row[field] is None:
+            for variant, field in VARIANTS.items():
+                if row.get(field) is None:
                     continue
+                ratio = "ratio" if field == "ppl" else f"{field}_ratio"
                 ratios = " | ".join(f"{row[ratio][corpus][n]:.3f}" for n in lengths)
                 losses = " | ".join(f"{row[field][corpus][n]['by_position'][-1]['loss']:.3f}" for n in lengths)
                 out.append(f"| {row['label']} | {variant} | {ratios} | {losses} |")
@@ -254,13 +266,13 @@ def draw_figure(rows: list[dict], args: argparse.Namespace, out: Path, device: s
             axes[0][1].axis("off")
         for ax, corpus in zip(axes[0], args.corpora):
             for row in rows:
-                for field, style in (("ppl", "-"), ("window_alone", "--")):
-                    if row[field] is None:
+                for (variant, field), style in zip(VARIANTS.items(), STYLES):
+                    if row.get(field) is None:
                         continue
                     buckets = row[field][corpus][longest]["by_position"]
                     ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets],
                             marker=".", linestyle=style, color=colour[row["label"]],
-                            label=row["label"] + (" (window alone)" if field == "window_alone" else ""))
+                            label=row["label"] + (f" ({variant})" if field != "ppl" else ""))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("position in the window (bucket middle)")
             ax.set_ylabel("held-out loss (nats/token)")
@@ -269,11 +281,12 @@ def draw_figure(rows: list[dict], args: argparse.Namespace, out: Path, device: s
         ax = axes[1][0]
         for row in rows[1:]:
             for corpus, marker in zip(args.corpora, "os"):
-                for field, style in (("ratio", "-"), ("window_alone_ratio", "--")):
-                    if field in row:
-                        ax.plot(args.lengths, [row[field][corpus][str(n)] for n in args.lengths], marker=marker,
+                for (variant, field), style in zip(VARIANTS.items(), STYLES):
+                    ratio = "ratio" if field == "ppl" else f"{field}_ratio"
+                    if ratio in row:
+                        ax.plot(args.lengths, [row[ratio][corpus][str(n)] for n in args.lengths], marker=marker,
                                 linestyle=style, color=colour[row["label"]], label=f"{row['label']} {corpus}"
-                                + (" (window alone)" if field != "ratio" else ""))
+                                + (f" ({variant})" if field != "ppl" else ""))
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("window length (tokens)")

@@ -84,25 +84,31 @@ def test_bench_long_context_writes_its_json_on_a_tiny_model(tmp_path, monkeypatc
     arguments = ["--original", "random", "--recipe", "tiny", "--corpora", "stdlib", "--lengths", "32", "64",
                  "--heldout-tokens", "128", "--passkey-lengths", "90", "--passkey-depths", "0", "1",
                  "--passkey-keys", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
-    bench_long_context.main([*arguments, "--models", str(converted), "--set", "window=8"])
+    bench_long_context.main([*arguments, "--models", str(converted), "--set", "window=8", "--set", "cache_budget=8"])
     record = json.loads((tmp_path / "out" / "long_context.json").read_text())
     assert record["benchmark"] == "long_context" and record["git_sha"] and record["command"] and record["date"]
     assert "load average" in record["machine"]
     original, student = record["rows"]
     assert (original["label"], original["method"], original["window_alone"]) == ("random", "softmax", None)
-    assert student["method"] == "lolcats" and student["spec"]["window"] == 8 and student["changes"] == {"window": 8}
+    assert student["method"] == "lolcats" and student["spec"]["window"] == 8
+    assert student["changes"] == {"window": 8, "cache_budget": 8}
     for row in record["rows"]:
         assert set(row["ppl"]["stdlib"]) == {"32", "64"}
         assert [b["end"] for b in row["ppl"]["stdlib"]["64"]["by_position"]] == [64]
         assert row["ratio"]["stdlib"]["32"] > 0
         assert len(row["passkey"]["accuracy"]) == 1 and len(row["passkey"]["accuracy"][0]) == 2
         assert len(row["state_bytes"]["64"]["per_layer"]) == 2
-        assert {"load", "ppl", "window_alone", "passkey", "state_bytes", "total"} == set(row["cpu_min"])
-    assert set(student["window_alone_ratio"]["stdlib"]) == {"32", "64"}
+    assert {"load", "ppl", "window_alone", "passkey", "state_bytes", "total"} == set(original["cpu_min"])
+    assert set(student["cpu_min"]) == set(original["cpu_min"]) | {"window_without_cache"}
+    # with a cache: its exact part (window, sinks, cache) alone, and the window and sinks alone
+    for field in ("window_alone_ratio", "window_without_cache_ratio"):
+        assert set(student[field]["stdlib"]) == {"32", "64"}
+    assert original["window_without_cache"] is None
     # a fixed-size state, a growing KV cache
     assert student["state_bytes"]["32"]["total"] == student["state_bytes"]["64"]["total"]
     assert original["state_bytes"]["64"]["total"] == 2 * original["state_bytes"]["32"]["total"]
     assert any("window alone" in line for line in record["table"])
+    assert any("window and sinks alone, no cache" in line for line in record["table"])
     assert (tmp_path / "out" / "long_context.png").stat().st_size > 0
     # the original's measurements are kept and reused by the next run with the same settings
     bench_long_context.main(arguments)
