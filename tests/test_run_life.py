@@ -6,6 +6,7 @@ traceback, nothing left behind or lost."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -96,6 +97,22 @@ def test_an_attempt_that_trained_nothing_is_replaced_by_the_corrected_command(tm
     capsys.readouterr()
     assert main(["uptrain", *FAST, ONE_STAGE, "seed=2", f"out={run}"]) == 2
     assert "different settings (seed)" in one_error_line(capsys)
+
+
+def test_a_run_that_another_uptrain_is_running_is_refused_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".uptrain.lock", "a+") as held:  # what the live process holds (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 1234 on node7")
+        held.flush()
+        for settings in ([], ["seed=1"]):  # the same command twice, or another one, before a checkpoint
+            assert main(["uptrain", *FAST, ONE_STAGE, *settings, f"out={run}"]) == 2
+            assert "is in use by a supra uptrain that is still running (pid 1234 on node7)" in one_error_line(capsys)
+            assert [p.name for p in run.iterdir()] == [".uptrain.lock"]
+    # The lock ends with its process; a folder holding only the lock file is a new run.
+    assert main(["uptrain", *FAST, ONE_STAGE, f"out={run}"]) == 0
+    assert (run / "model" / "config.json").exists()
 
 
 def test_uptrain_into_a_model_folder_is_refused(tmp_path, capsys):

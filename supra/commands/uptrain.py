@@ -12,7 +12,11 @@ writes softmax_layers.json. A rerun after a stop during the measurement starts a
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,13 +85,38 @@ def run(cfg: DictConfig) -> int:
                  [("training", cfg.train.micro_batch_size, cfg.seq_len, "train.micro_batch_size or seq_len", True),
                   *(perplexity_forward(cfg, n) for n in report_lengths(cfg, config))])
     iter_documents(cfg.data)
-    if fresh:
-        _forget_untrained_attempt(run)
     world = init_world(cfg.device)
     try:
-        return _uptrain(cfg, run, world)
+        with _holding(run, world.is_main):
+            if fresh and world.is_main:
+                _forget_untrained_attempt(run)
+            return _uptrain(cfg, run, world)
     finally:
         shutdown_world()
+
+
+@contextmanager
+def _holding(run: Path, main: bool) -> Iterator[None]:
+    """One uptrain at a time in a run folder: a second command on a live run (another terminal, a job
+    started twice) would write its records and checkpoints over the first's. The lock is the OS's
+    (flock), so it ends with its process, kill -9 included; the main rank holds it for all."""
+    if not main:
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / RUN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"{run} is in use by a supra uptrain that is still running ({holder}); wait for it "
+                              "to finish or stop it, then rerun to resume, or choose another out=") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
 
 
 def _uptrain(cfg: DictConfig, run: Path, world: World) -> int:
@@ -148,6 +177,7 @@ def _on(cfg: DictConfig, world: World) -> DictConfig:
 DEFAULT_SETTINGS = OmegaConf.to_container(OmegaConf.structured(RecipeConfig))
 # What an earlier attempt writes before its first trained step: records of that attempt only.
 UNTRAINED_RECORDS = ("uptrain.config.yaml", "eval.json", "metrics.jsonl")
+RUN_LOCK = ".uptrain.lock"  # held by the process running the folder's uptrain (_holding)
 
 
 def _check_same_run(cfg: DictConfig, run: Path) -> bool:
@@ -177,7 +207,7 @@ def _check_run_folder(run: Path) -> None:
     """A run goes into a new or empty folder, or resumes one; a model or any other folder stays untouched."""
     if run.exists() and not run.is_dir():
         raise ConfigError(f"output path {run} is a file, not a directory; choose another out=")
-    if not run.is_dir() or (run / "uptrain.config.yaml").exists() or not any(run.iterdir()):
+    if not run.is_dir() or (run / "uptrain.config.yaml").exists() or all(p.name == RUN_LOCK for p in run.iterdir()):
         return
     what = ("a model directory (it holds config.json)" if (run / "config.json").exists()
             else "not a supra run (it has no uptrain.config.yaml)")
