@@ -6,6 +6,7 @@ traceback, nothing left behind or lost."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -113,6 +114,17 @@ def test_a_run_that_another_uptrain_is_running_is_refused_untouched(tmp_path, ca
     # The lock ends with its process; a folder holding only the lock file is a new run.
     assert main(["uptrain", *FAST, ONE_STAGE, f"out={run}"]) == 0
     assert (run / "model" / "config.json").exists()
+
+
+def test_a_filesystem_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    import supra.commands.uptrain as uptrain
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(uptrain.fcntl, "flock", no_locks)
+    assert main(["uptrain", *FAST, ONE_STAGE, f"out={tmp_path / 'run'}"]) == 0
+    assert "this filesystem takes no lock (Function not implemented)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_uptrain_into_a_model_folder_is_refused(tmp_path, capsys):

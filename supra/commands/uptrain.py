@@ -112,6 +112,9 @@ def _holding(run: Path, main: bool) -> Iterator[None]:
             holder = lock.read().strip() or "another process"
             raise ConfigError(f"{run} is in use by a supra uptrain that is still running ({holder}); wait for it "
                               "to finish or stop it, then rerun to resume, or choose another out=") from None
+        except OSError as err:  # a filesystem without locks (Lustre mounted noflock, some NFS): run unguarded
+            console.print(f"[yellow]{run}: this filesystem takes no lock ({err.strerror}); start no second uptrain "
+                          "on this run while this one runs[/yellow]")
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
