@@ -328,8 +328,10 @@ def _report(cfg: DictConfig, run: Path, model: nn.Module, tokenizer) -> None:
     table.add_column("model")
     for seq_len in lengths:
         table.add_column(f"{seq_len:,} tokens (x original)", justify="right")
+    spec = recorded_spec(model)
+    exact = "window and cache" if spec is not None and spec.cache_budget else "window"  # what window_alone keeps
     labels = {"original": "original", "converted": "converted, untrained", "uptrained": "uptrained",
-              "window_alone": "uptrained, its window alone"}
+              "window_alone": f"uptrained, its {exact} alone"}
     for which, label in labels.items():
         cells = []
         for seq_len in lengths:
