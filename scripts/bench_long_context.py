@@ -52,6 +52,11 @@ VARIANTS = {"as given": "ppl", "window alone": "window_alone", "window and sinks
 STYLES = ("-", "--", ":")
 
 
+def ratio_key(field: str) -> str:
+    """Where a row keeps a variant's perplexity / the original's: ratio, window_alone_ratio, ..."""
+    return "ratio" if field == "ppl" else f"{field}_ratio"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,7 +218,7 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         for field in VARIANTS.values():
             if row.get(field) is not None:
-                row["ratio" if field == "ppl" else f"{field}_ratio"] = {
+                row[ratio_key(field)] = {
                     corpus: {n: r["ppl"] / original[corpus][n]["ppl"] for n, r in by_length.items()}
                     for corpus, by_length in row[field].items()}
 
@@ -232,7 +237,7 @@ def tables(rows: list[dict], args: argparse.Namespace) -> list[str]:
             for variant, field in VARIANTS.items():
                 if row.get(field) is None:
                     continue
-                ratio = "ratio" if field == "ppl" else f"{field}_ratio"
+                ratio = ratio_key(field)
                 ratios = " | ".join(f"{row[ratio][corpus][n]:.3f}" for n in lengths)
                 losses = " | ".join(f"{row[field][corpus][n]['by_position'][-1]['loss']:.3f}" for n in lengths)
                 out.append(f"| {row['label']} | {variant} | {ratios} | {losses} |")
@@ -282,7 +287,7 @@ def draw_figure(rows: list[dict], args: argparse.Namespace, out: Path, device: s
         for row in rows[1:]:
             for corpus, marker in zip(args.corpora, "os"):
                 for (variant, field), style in zip(VARIANTS.items(), STYLES):
-                    ratio = "ratio" if field == "ppl" else f"{field}_ratio"
+                    ratio = ratio_key(field)
                     if ratio in row:
                         ax.plot(args.lengths, [row[ratio][corpus][str(n)] for n in args.lengths], marker=marker,
                                 linestyle=style, color=colour[row["label"]], label=f"{row['label']} {corpus}"
