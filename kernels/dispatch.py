@@ -101,6 +101,7 @@ def window_hybrid_attention(
     cache_budget: int = 0,
     cache_chunk: int = 1,
     cache_recall: int = 0,
+    cache_groups: int = 1,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """The LoLCATs hybrid (`hybrid.py`). q, k (B, T, H, D) after RoPE; v (B, T, H, V); fq, fk (B, T, H, F);
     window_gate (H,) in (0, 1); T >= 1; log_decay (H,) <= 0 or None (the linear part's decay). A state
@@ -111,9 +112,11 @@ def window_hybrid_attention(
     unless it has a decay, which they lack, or float64 inputs: then it runs the torch blocked form, as
     every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per head, either window,
     with or without a decay) every call runs `sparse_cache.py`'s torch form; the cache keeps runs of
-    `cache_chunk` consecutive tokens, `cache_recall` of its pairs by recall error (`CacheRule`).
+    `cache_chunk` consecutive tokens, `cache_recall` of its pairs by recall error; `cache_groups` heads
+    in a row (those a grouped-query model fed the same keys and values) share their choice and one copy
+    of their pairs (`CacheRule`).
     """
-    cache = CacheRule(cache_budget, cache_chunk, cache_recall) if cache_budget else None
+    cache = CacheRule(cache_budget, cache_chunk, cache_recall, cache_groups) if cache_budget else None
     check_hybrid_call(state, sinks, terrace, window, cache, log_decay)
     if cache is not None:
         return cached_hybrid_attention(q, k, v, fq, fk, window_gate, window, state, output_final_state, sinks,

@@ -75,10 +75,12 @@ SEGMENT_TOKENS = 1024
 class CacheRule(NamedTuple):
     """How a sparse cache (sparse_cache.py) chooses: `budget` pairs per head, kept and evicted in runs
     of `chunk` consecutive tokens; `recall` of them are the runs the state recalls worst, the rest
-    the runs the last block attended most."""
+    the runs the last block attended most. `groups` query heads share one key/value head (GQA): they
+    choose together and the cache holds their pairs once."""
     budget: int
     chunk: int = 1
     recall: int = 0
+    groups: int = 1
 
 
 class HybridState(NamedTuple):
@@ -94,11 +96,12 @@ class HybridState(NamedTuple):
     next_slot: int  # the slot of the oldest token, which the next token replaces
     terrace: bool = False
     # The sparse global cache (sparse_cache.py; None without one): C pairs per row and head beyond the window
-    cache_k: torch.Tensor | None = None  # (B, H, C, D)
-    cache_v: torch.Tensor | None = None  # (B, H, C, V + 1), last column 1
-    cache_fk: torch.Tensor | None = None  # (B, H, C, F): what an evicted entry adds to the linear state
-    cache_valid: torch.Tensor | None = None  # (B, H, C) bool: slots that hold a pair
-    cache_age: torch.Tensor | None = None  # (B, H, C) long, with a decay: each pair's places before the newest token
+    # Hg = H / cache_rule.groups: a group of query heads shares its pairs, as it shares its key/value head
+    cache_k: torch.Tensor | None = None  # (B, Hg, C, D)
+    cache_v: torch.Tensor | None = None  # (B, Hg, C, V + 1), last column 1
+    cache_fk: torch.Tensor | None = None  # (B, H, C, F): what an evicted entry adds to each head's linear state
+    cache_valid: torch.Tensor | None = None  # (B, Hg, C) bool: slots that hold a pair
+    cache_age: torch.Tensor | None = None  # (B, Hg, C) long, with a decay: each pair's places before the newest token
     # What the next choice is scored by: the weight the current block's queries gave so far to each cached pair
     # and to each token of the previous block (its ring slots; zero in the others)
     cache_seen: torch.Tensor | None = None  # (B, H, C)
@@ -109,6 +112,11 @@ class HybridState(NamedTuple):
 # The fields that hold one entry per row (all but next_slot, terrace): what selecting or stacking rows touches.
 ROW_FIELDS = ("kv", "k", "v", "fk", "valid", "sink_k", "sink_v", "sink_valid", "phase",
               "cache_k", "cache_v", "cache_fk", "cache_valid", "cache_age", "cache_seen", "ring_seen")
+
+
+def per_head(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """A group's tensor (B, H / groups, ...) for each of its query heads (B, H, ...)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def state_row(state: HybridState, row: int) -> HybridState:
@@ -203,13 +211,15 @@ def check_hybrid_call(state: HybridState | None, sinks: int, terrace: bool, wind
     if state is not None and state.cache_rule != cache:
         def told(rule: CacheRule | None) -> str:
             return "no sparse cache" if rule is None else (f"a sparse cache of {rule.budget} pairs in runs of "
-                                                           f"{rule.chunk}, {rule.recall} by recall error")
+                                                           f"{rule.chunk}, {rule.recall} by recall error, per "
+                                                           f"group of {rule.groups} heads")
         raise ValueError(f"the state keeps {told(state.cache_rule)}, the call asks for {told(cache)}")
     if cache is not None:
         if cache.budget < 1 or cache.chunk < 1 or cache.budget % cache.chunk or window % cache.chunk \
-                or cache.recall % cache.chunk or not 0 <= cache.recall <= cache.budget:
+                or cache.recall % cache.chunk or not 0 <= cache.recall <= cache.budget or cache.groups < 1:
             raise ValueError(f"a sparse cache needs a budget >= 1 and a window that are multiples of its chunk, "
-                             f"and 0 <= recall <= budget, a multiple of the chunk too; got {cache}, window {window}")
+                             f"0 <= recall <= budget, a multiple of the chunk too, and groups >= 1; got {cache}, "
+                             f"window {window}")
         if state is not None and (state.cache_age is None) != (log_decay is None):
             raise ValueError("the state's cache was made with a different decay (with or without) than the call's")
 
@@ -497,8 +507,10 @@ def ring_step(
         state.phase.add_(1).remainder_(ring // 2)
     present = present[:, None]  # (B, 1, R); per head (B, H, C + R) with the cache
     if state.cache_k is not None:  # the cache's pairs are attended exactly, in the same softmax
-        keys, values = torch.cat([state.cache_k, keys], dim=2), torch.cat([state.cache_v, values], dim=2)
-        present = torch.cat([state.cache_valid, present.expand(-1, H, -1)], dim=2)
+        groups = state.cache_rule.groups
+        keys = torch.cat([per_head(state.cache_k, groups), keys], dim=2)
+        values = torch.cat([per_head(state.cache_v, groups), values], dim=2)
+        present = torch.cat([per_head(state.cache_valid, groups), present.expand(-1, H, -1)], dim=2)
     if S:
         keys, values = torch.cat([state.sink_k, keys], dim=2), torch.cat([state.sink_v, values], dim=2)
         present = torch.cat([state.sink_valid[:, None].expand(-1, present.shape[1], -1), present], dim=2)

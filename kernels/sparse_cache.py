@@ -42,6 +42,12 @@ shares to the state's `cache_seen` and `ring_seen` (hybrid.ring_step). They shar
 into the state, valid, seen): constant memory in decode. The choice is not differentiated; the kept
 pairs are.
 
+With grouped-query attention (`CacheRule.groups` query heads per key/value head) a group's heads see
+the same keys and values, so they choose together, by the sum of their scores, and the cache holds the
+group's k, v, valid and ages once, as the original's KV cache does; fk and the shares stay per head
+(each head has its own features and linear state). On the demo's model (3 query heads per key/value
+head) the cache's k and v take a third of the memory (docs/results.md, "One cache per key/value head").
+
 With a decayed linear part (`log_decay`, hybrid.py) a token in the linear state counts for query n
 with gamma^(n-j), j its own place, whether it was folded at a block start or evicted from the cache
 later; cache entries themselves are attended undecayed, like the window. So each entry also keeps its
@@ -54,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .hybrid import CacheRule, HybridState, powers, stack_states, state_row, take_sinks
+from .hybrid import CacheRule, HybridState, per_head, powers, stack_states, state_row, take_sinks
 from .reference import state_dtype
 
 
@@ -67,16 +73,19 @@ def recall_errors(kv: torch.Tensor, fk: torch.Tensor, v: torch.Tensor) -> torch.
 
 def choose(seen: torch.Tensor, valid: torch.Tensor, budget: int, chunk: int = 1,
            errors: torch.Tensor | None = None, recall: int = 0) -> torch.Tensor:
-    """Indices (B, H, budget) of the candidates kept, in candidate order: budget / chunk runs of
-    `chunk` consecutive candidates (N, the candidates' count, a multiple of chunk). A run scores the
-    sum over its valid candidates (valid: B, H, N) of `seen`; with `recall` > 0, that many pairs'
-    runs are then chosen among the rest by the sum of `errors` instead. Runs come oldest first, and a
-    stable sort keeps the older of equal scores; with fewer valid runs than asked for, runs without a
-    valid candidate fill the rest."""
+    """Indices (B, Hg, budget) of the candidates kept, in candidate order: budget / chunk runs of
+    `chunk` consecutive candidates (N, the candidates' count, a multiple of chunk). `seen` and
+    `errors` are per query head (B, H, N), `valid` per group of heads that choose together (B, Hg, N;
+    Hg divides H). A run scores the sum over its group's heads and its valid candidates of `seen`;
+    with `recall` > 0, that many pairs' runs are then chosen among the rest by the sum of `errors`
+    instead. Runs come oldest first, and a stable sort keeps the older of equal scores; with fewer
+    valid runs than asked for, runs without a valid candidate fill the rest."""
     run_valid = valid.unflatten(-1, (-1, chunk)).any(-1)
+    groups = seen.shape[1] // valid.shape[1]
 
     def per_run(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(valid, x, 0.0).nan_to_num(0.0).unflatten(-1, (-1, chunk)).sum(-1)
+        summed = torch.where(per_head(valid, groups), x, 0.0).nan_to_num(0.0).unflatten(1, (-1, groups)).sum(2)
+        return summed.unflatten(-1, (-1, chunk)).sum(-1)
 
     def largest(scores: torch.Tensor, count: int) -> torch.Tensor:
         return scores.masked_fill(~run_valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[
@@ -98,35 +107,40 @@ def decay_weights(log_decay: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
 def decide(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor, valid: torch.Tensor,
            seen: torch.Tensor, rule: CacheRule, log_decay: torch.Tensor | None = None,
            age: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The candidates k (B, H, N, D), v (B, H, N, V + 1), fk (B, H, N, F), valid (B, H, N), oldest
-    first, with the weight the last block's queries gave each (seen, B, H, N), against the linear
-    state kv (B, H, F, V + 1): the new state (the candidates not kept folded in) and the new cache k,
-    v, fk, valid, `rule.budget` slots each. With log_decay (H,), age (B, H, N) is each candidate's places
-    before kv's place: candidates enter the state with gamma^age, and the kept ones' ages come back last.
-    Recall errors are taken against the state that would hold every candidate, with the undecayed fk_j
-    (v_hat_j does not change when fk_j is scaled, and a strongly decayed one would underflow)."""
-    fk = fk * valid[..., None]
-    into_state = fk if log_decay is None else fk * decay_weights(log_decay, age)[..., None]
+    """The candidates k (B, Hg, N, D), v (B, Hg, N, V + 1), valid (B, Hg, N) per group of
+    `rule.groups` query heads, fk (B, H, N, F) per head, oldest first, with the weight the last
+    block's queries gave each (seen, B, H, N), against the linear state kv (B, H, F, V + 1): the new
+    state (the candidates not kept folded in) and the new cache k, v, fk, valid, `rule.budget` slots
+    each. With log_decay (H,), age (B, Hg, N) is each candidate's places before kv's place:
+    candidates enter the state with gamma^age, and the kept ones' ages come back last. Recall errors
+    are taken against the state that would hold every candidate, with the undecayed fk_j (v_hat_j
+    does not change when fk_j is scaled, and a strongly decayed one would underflow)."""
+    G = rule.groups
+    v_heads = per_head(v, G)
+    fk = fk * per_head(valid, G)[..., None]
+    into_state = fk if log_decay is None else fk * decay_weights(log_decay, per_head(age, G))[..., None]
     with torch.no_grad():
-        errors = recall_errors(kv + into_state.transpose(-1, -2) @ v, fk, v) if rule.recall else None
+        errors = recall_errors(kv + into_state.transpose(-1, -2) @ v_heads, fk, v_heads) if rule.recall else None
         idx = choose(seen.detach(), valid, rule.budget, rule.chunk, errors, rule.recall)
     kept = torch.zeros_like(valid).scatter_(-1, idx, True)
 
-    def take(x: torch.Tensor) -> torch.Tensor:
-        return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+    def take(x: torch.Tensor, at: torch.Tensor = idx) -> torch.Tensor:
+        return x.gather(2, at[..., None].expand(-1, -1, -1, x.shape[-1]))
 
-    folded = into_state * (~kept)[..., None]
-    new = (kv + folded.transpose(-1, -2) @ v, take(k), take(v), take(fk), valid.gather(-1, idx))
+    folded = into_state * ~per_head(kept, G)[..., None]
+    new = (kv + folded.transpose(-1, -2) @ v_heads, take(k), take(v), take(fk, per_head(idx, G)),
+           valid.gather(-1, idx))
     return new if log_decay is None else (*new, age.gather(-1, idx))
 
 
-def empty_cache(B: int, H: int, budget: int, D: int, E: int, Fd: int, like: torch.Tensor,
+def empty_cache(B: int, H: int, rule: CacheRule, D: int, E: int, Fd: int, like: torch.Tensor,
                 decayed: bool = False) -> tuple[torch.Tensor, ...]:
-    """An empty cache: k (B, H, C, D), v (B, H, C, E + 1), fk (B, H, C, F), valid (B, H, C), and with
-    a decay the entries' ages (B, H, C) long."""
-    cache = (like.new_zeros(B, H, budget, D), like.new_zeros(B, H, budget, E + 1), like.new_zeros(B, H, budget, Fd),
-             torch.zeros(B, H, budget, dtype=torch.bool, device=like.device))
-    return (*cache, torch.zeros(B, H, budget, dtype=torch.long, device=like.device)) if decayed else cache
+    """An empty cache of H query heads: k (B, Hg, C, D), v (B, Hg, C, E + 1), fk (B, H, C, F), valid
+    (B, Hg, C), and with a decay the entries' ages (B, Hg, C) long (Hg = H / rule.groups)."""
+    Hg, C = H // rule.groups, rule.budget
+    cache = (like.new_zeros(B, Hg, C, D), like.new_zeros(B, Hg, C, E + 1), like.new_zeros(B, H, C, Fd),
+             torch.zeros(B, Hg, C, dtype=torch.bool, device=like.device))
+    return (*cache, torch.zeros(B, Hg, C, dtype=torch.long, device=like.device)) if decayed else cache
 
 
 def cached_hybrid_attention(
@@ -160,7 +174,9 @@ def cached_hybrid_attention(
                 for b in range(B)]
         return torch.cat([y for y, _ in rows]), (stack_states([f for _, f in rows]) if output_final_state else None)
     E, Fd = v.shape[-1], fk.shape[-1]
-    cache_budget = cache.budget
+    cache_budget, G = cache.budget, cache.groups
+    if H % G:
+        raise ValueError(f"a sparse cache shared by groups of {G} heads needs a multiple of {G} heads, got {H}")
     acc = state_dtype(q.dtype)
     log_decay = None if log_decay is None else log_decay.to(acc)
     p = 0 if state is None else int(state.phase[0])  # the first new token's place in its block
@@ -189,7 +205,7 @@ def cached_hybrid_attention(
     seen = torch.zeros(B, H, kx.shape[2], dtype=acc, device=q.device)
     if state is None:
         kv = q.new_zeros(B, H, Fd, E + 1, dtype=acc)
-        slots = empty_cache(B, H, cache_budget, D, E, Fd, kv, decayed=log_decay is not None)
+        slots = empty_cache(B, H, cache, D, E, Fd, kv, decayed=log_decay is not None)
         cache_seen = seen.new_zeros(B, H, cache_budget)
     else:
         kv = state.kv.to(acc)
@@ -222,12 +238,14 @@ def cached_hybrid_attention(
     for i in range(nb):
         if i or p == 0:  # the query enters its block here: the block two back leaves the window
             lo = a + (i - 1) * W
-            block_valid = valid[:, None, lo:lo + W].expand(-1, H, -1)
-            candidates = [torch.cat([c, x[:, :, lo:lo + W]], dim=2) for c, x in zip(slots, (kx, vx, fkx))]
+            block_valid = valid[:, None, lo:lo + W].expand(-1, H // G, -1)
+            # a group's heads hold the same keys and values: one copy of each is a candidate
+            candidates = [torch.cat([c, x[:, ::step, lo:lo + W]], dim=2)
+                          for c, x, step in zip(slots, (kx, vx, fkx), (G, G, 1))]
             decay = ()
             if log_decay is not None:  # taken at the place before the block's first query
                 move(lo + 2 * W - 1)
-                block_age = (held_at - lo - torch.arange(W, device=q.device)).expand(B, H, W)
+                block_age = (held_at - lo - torch.arange(W, device=q.device)).expand(B, H // G, W)
                 decay = (log_decay, torch.cat([slots[4], block_age], dim=-1))
             kv, *slots = decide(kv, *candidates, torch.cat([slots[3], block_valid], dim=-1),
                                 torch.cat([cache_seen, seen[:, :, lo:lo + W]], dim=-1), cache, *decay)
@@ -240,8 +258,9 @@ def cached_hybrid_attention(
                      ~(prev_mask & valid[:, None, None, prev]), float("-inf")),
                  (query @ kx[:, :, own].transpose(-1, -2) * scale).masked_fill(~(own_mask & valid[:, None, None, own]),
                                                                                float("-inf")),
-                 (query @ slots[0].transpose(-1, -2) * scale).masked_fill(~slots[3][:, :, None], float("-inf"))]
-        values = [vx[:, :, prev], vx[:, :, own], slots[1]]
+                 (query @ per_head(slots[0], G).transpose(-1, -2) * scale).masked_fill(
+                     ~per_head(slots[3], G)[:, :, None], float("-inf"))]
+        values = [vx[:, :, prev], vx[:, :, own], per_head(slots[1], G)]
         if sinks:
             arrived = sink_valid[:, None, None] & (arrival[:, None, None] <= place[:, None])
             parts.append((query @ sink_k.transpose(-1, -2) * scale).masked_fill(~arrived, float("-inf")))
@@ -291,15 +310,16 @@ def decide_at_block_start(state: HybridState, log_decay: torch.Tensor | None = N
     starting = state.phase == 0
     if not bool(starting.any()):
         return
-    B, H = state.kv.shape[:2]
+    B, Hg = state.cache_k.shape[:2]
+    G = state.cache_rule.groups
     ring = state.k.shape[2]
     idx = (state.next_slot + torch.arange(ring // 2, device=state.kv.device)) % ring
-    block_valid = state.valid[:, None, idx].expand(-1, H, -1)
-    candidates = (torch.cat([c, x[:, :, idx]], dim=2) for c, x in zip(
-        (state.cache_k, state.cache_v, state.cache_fk), (state.k, state.v, state.fk)))
+    block_valid = state.valid[:, None, idx].expand(-1, Hg, -1)
+    candidates = (torch.cat([c, x[:, ::step][:, :, idx]], dim=2) for c, x, step in zip(
+        (state.cache_k, state.cache_v, state.cache_fk), (state.k, state.v, state.fk), (G, G, 1)))
     decay = ()
     if log_decay is not None:  # the slot m places after the oldest is ring - 1 - m before the newest token
-        block_age = (ring - 1 - torch.arange(ring // 2, device=state.kv.device)).expand(B, H, -1)
+        block_age = (ring - 1 - torch.arange(ring // 2, device=state.kv.device)).expand(B, Hg, -1)
         decay = (log_decay.to(state.kv.dtype), torch.cat([state.cache_age, block_age], dim=-1))
     seen = torch.cat([state.cache_seen, state.ring_seen[:, :, idx]], dim=-1)
     new = decide(state.kv, *candidates, torch.cat([state.cache_valid, block_valid], dim=-1), seen,
@@ -329,6 +349,7 @@ def parallel_cached_hybrid_weights(
     cache_chunk: int = 1,
     cache_recall: int = 0,
     terrace: bool = True,
+    cache_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query n's unnormalised weight on key j (B, H, T, T), in its two parts: the exact one (window,
     sinks and cached pairs: g e^(s_nj - c_n)) and the linear one (fq_n . fk_j, decayed: times
@@ -336,8 +357,9 @@ def parallel_cached_hybrid_weights(
     Entering block b, the cache is chosen among its previous entries and block b-2 by the weights
     block b-1's queries gave them (exact or linear), normalised over their whole rows, and by their
     recall errors against the sum over every token of blocks <= b-2 (what the state and the
-    candidates hold together; decayed, token j weighs gamma^(bW-1-j) in it). `terrace` False: the
-    sliding window of the last W tokens, with the same block-wise choice."""
+    candidates hold together; decayed, token j weighs gamma^(bW-1-j) in it); `cache_groups` heads in
+    a row (those sharing a key/value head) choose together, by their summed scores. `terrace` False:
+    the sliding window of the last W tokens, with the same block-wise choice."""
     B, T, H, D = q.shape
     W = window
     acc = state_dtype(q.dtype)
@@ -360,9 +382,9 @@ def parallel_cached_hybrid_weights(
         exact = scores[:, :, rows].masked_fill(~(soft[rows] | cached_rows), float("-inf"))
         return gate * (exact - exact.amax(-1, keepdim=True)).exp(), linear[:, :, rows] * ~cached_rows
 
-    member = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)  # in the cache at the current block
+    member = torch.zeros(B, H // cache_groups, T, dtype=torch.bool, device=q.device)  # in a group's cache now
     cached = torch.zeros(B, H, T, T, dtype=torch.bool, device=q.device)  # [n, j]: query n attends j exactly
-    cache = CacheRule(cache_budget, cache_chunk, cache_recall)
+    cache = CacheRule(cache_budget, cache_chunk, cache_recall, cache_groups)
     tail = -T % cache.chunk  # runs are whole: the last one padded with no tokens
 
     def padded(x: torch.Tensor) -> torch.Tensor:
@@ -380,7 +402,7 @@ def parallel_cached_hybrid_weights(
             errors = padded(recall_errors(into_state.transpose(-1, -2) @ vo, fkf, vo))
         idx = choose(padded(seen), padded(candidates), cache.budget, cache.chunk, errors, cache.recall)
         member = padded(torch.zeros_like(member)).scatter_(-1, idx, padded(candidates).gather(-1, idx))[..., :T]
-        cached[:, :, block == b] = member[:, :, None]
+        cached[:, :, block == b] = per_head(member, cache_groups)[:, :, None]
     return weights(torch.ones(T, dtype=torch.bool, device=q.device), cached)
 
 
@@ -398,10 +420,11 @@ def parallel_cached_hybrid_attention(
     cache_chunk: int = 1,
     cache_recall: int = 0,
     terrace: bool = True,
+    cache_groups: int = 1,
 ) -> torch.Tensor:
     """The definition with full T x T masks (`parallel_cached_hybrid_weights`), for tests."""
     exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, window_gate, window, sinks, cache_budget,
-                                                   log_decay, cache_chunk, cache_recall, terrace)
+                                                   log_decay, cache_chunk, cache_recall, terrace, cache_groups)
     weights = exact + linear
     y = (weights @ v.to(weights.dtype).transpose(1, 2)) / weights.sum(-1, keepdim=True)
     return y.transpose(1, 2).to(q.dtype)

@@ -48,7 +48,8 @@ from supra.evaluate.heldout import ORIGINAL, corpora, heldout_streams, load_meas
 NAME = "long_context"
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 # Each perplexity variant a row may hold (its label: its field), and how the figure draws it.
-VARIANTS = {"as given": "ppl", "window alone": "window_alone", "window and sinks alone, no cache": "window_without_cache"}
+VARIANTS = {"as given": "ppl", "window alone": "window_alone",
+            "window and sinks alone, no cache": "window_without_cache"}
 STYLES = ("-", "--", ":")
 
 

@@ -98,6 +98,7 @@ def main() -> None:
     if converted_here:
         convert_model(model, cfg)
     model.eval()
+    groups = model.config.num_attention_heads // (model.config.num_key_value_heads or model.config.num_attention_heads)
     heldout = heldout_perplexity(cfg, tokenizer)
     rows = []
     defaults = LinearizeSpec()
@@ -107,7 +108,7 @@ def main() -> None:
                                      **setting})
         except ValueError as err:
             raise SystemExit(f"bench_sparse_cache: error: {err}") from None
-        row: dict = {**spec.cache_arguments(), "label": label(spec)}
+        row: dict = {**spec.cache_arguments(groups), "label": label(spec)}
         start = time.process_time()
         with torch.no_grad():
             ppl = heldout(model)

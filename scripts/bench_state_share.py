@@ -54,7 +54,7 @@ def layer_shares(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
     q, k, v, fq, fk, gate, log_decay = layer.hybrid_inputs(q, k, v, position_embeddings)
     spec = layer.spec
     exact, linear = parallel_cached_hybrid_weights(q, k, v, fq, fk, gate, spec.window, spec.sinks,
-                                                   log_decay=log_decay, **spec.cache_arguments())
+                                                   log_decay=log_decay, **spec.cache_arguments(layer.groups))
     T, D = q.shape[1], q.shape[-1]
     qh, kh, vh = (x.transpose(1, 2).to(exact.dtype) for x in (q, k, v))
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace) -> dict:
         rows.append(row)
     spec = recorded_spec(model)
     return {"model": args.model, "spec": {"window": spec.window, "window_kind": spec.window_kind,
-                                          "sinks": spec.sinks, **spec.cache_arguments(),
+                                          "sinks": spec.sinks, **spec.cache_arguments(layers[0].groups),
                                           "state_decay": spec.state_decay},
             "cpu_seconds": time.process_time() - start, "rows": rows}
 

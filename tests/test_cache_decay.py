@@ -11,7 +11,7 @@ from supra.kernels import parallel_window_hybrid_attention, stack_states, window
 from supra.kernels.sparse_cache import parallel_cached_hybrid_attention
 from test_decode import random_hybrid_inputs
 from test_layers import relative_error
-from test_sparse_cache import CACHE_RULES
+from test_sparse_cache import CACHE_RULES, grouped_query_inputs
 
 WINDOW = 4
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -45,7 +45,8 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype
     definition, with either window; the stepped state is the one a whole call leaves, and continues as it."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
-    inputs = random_hybrid_inputs(2, T, dtype=dtype)
+    groups = rule.get("cache_groups", 1)
+    inputs = grouped_query_inputs(random_hybrid_inputs(2, T, dtype=dtype), groups)
     log_decay = rates().to(dtype)
     expected = parallel_cached_hybrid_attention(*inputs[:5], inputs[5], WINDOW, sinks, log_decay=log_decay, **rule,
                                                 terrace=terrace)
@@ -64,7 +65,7 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype
     assert torch.equal(state.cache_valid, whole.cache_valid) and torch.equal(state.phase, whole.phase)
     assert torch.equal(state.cache_age * state.cache_valid, whole.cache_age * whole.cache_valid)
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
-    more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)
+    more = grouped_query_inputs(random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype), groups)
     after_steps, _ = blocked(more, log_decay, state, sinks, final=False, terrace=terrace, **rule)
     after_whole, _ = blocked(more, log_decay, whole, sinks, final=False, terrace=terrace, **rule)
     assert relative_error(after_steps, after_whole) < TOLERANCE[dtype]

@@ -77,11 +77,11 @@ def use_parallel_forms(monkeypatch: pytest.MonkeyPatch) -> None:
         return parallel_linear_attention(q, k, v, log_decay, scale, state, want_state, cu_seqlens)
 
     def hybrid(q, k, v, fq, fk, gate, window, state, want_state, backend=None, sinks=0, terrace=False,
-               log_decay=None, cache_budget=0, cache_chunk=1, cache_recall=0):
+               log_decay=None, cache_budget=0, cache_chunk=1, cache_recall=0, cache_groups=1):
         assert state is None  # the quadratic form has no state; plain forwards still ask for one
         if cache_budget:
             return parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, cache_budget, log_decay,
-                                                    cache_chunk, cache_recall, terrace), None
+                                                    cache_chunk, cache_recall, terrace, cache_groups), None
         return parallel_window_hybrid_attention(q, k, v, fq, fk, gate, window, sinks, terrace, log_decay), None
 
     def delta(q, k, v, beta, log_decay, scale, state, want_state, cu_seqlens=None, backend=None):

@@ -289,7 +289,7 @@ def test_a_recipes_own_options_do_not_follow_a_method_override(capsys):
     assert re.search(r"^cache_budget: null  # ", text, re.M) and re.search(r"^state_decay: none  # ", text, re.M)
     assert main(["convert", "recipe=demo", "window_kind=sliding", "--help"]) == 0  # the cache serves either window
     text = capsys.readouterr().out
-    assert re.search(r"^cache_budget: 256  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)
+    assert re.search(r"^cache_budget: 384  # ", text, re.M) and re.search(r"^sinks: 4  # ", text, re.M)
 
 
 # ------------------------------------------------------------------- 7. weights others can read
@@ -410,7 +410,8 @@ def test_a_run_written_by_an_older_supra_resumes_with_the_settings_added_since(t
     done = steps(run)
     snapshot = run / "uptrain.config.yaml"
     older = yaml.safe_load(snapshot.read_text())
-    for section, name in ((older, "cache_chunk"), (older["train"], "eval_every"), (older["train"]["stages"][0], "ce_weight")):
+    for section, name in ((older, "cache_chunk"), (older["train"], "eval_every"),
+                          (older["train"]["stages"][0], "ce_weight")):
         del section[name]
     snapshot.write_text(yaml.safe_dump(older))
     shutil.rmtree(run / "model")

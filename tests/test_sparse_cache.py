@@ -1,8 +1,10 @@
-"""The sparse global KV cache of the LoLCATs hybrid and the gated students' window (kernels/sparse_cache.py): the blocked form, prompt
-chunks and decode steps make the definition's choices and outputs, for every cache rule (runs, recall
-share) and both windows; memory stays constant; the choice is deterministic and keeps what the queries
-attend; cache_budget=0 is the hybrid without a cache. Model-level checks (three forms, left padding, restarts, packed
-documents) run through the "lolcats-cache", "gla-cache" and "gdn-cache" specs of test_layers.py and test_decode.py."""
+"""The sparse global KV cache of the LoLCATs hybrid and the gated students' window
+(kernels/sparse_cache.py): the blocked form, prompt chunks and decode steps make the definition's
+choices and outputs, for every cache rule (runs, recall share, heads sharing a key/value head) and both
+windows; memory stays constant; the choice is deterministic and keeps what the queries attend;
+cache_budget=0 is the hybrid without a cache. Model-level checks (three forms, left padding, restarts,
+packed documents) run through the "lolcats-cache", "gla-cache" and "gdn-cache" specs of test_layers.py
+and test_decode.py."""
 
 from __future__ import annotations
 
@@ -15,11 +17,19 @@ from test_layers import relative_error
 
 WINDOW = 4
 # Sinks with a cache rule: single tokens chosen by attention; runs of 2, half by recall error (LoLA's
-# choice); runs of a whole block by recall error alone
+# choice), per head and shared by the three heads of one key/value head; runs of a whole block by
+# recall error alone
 CACHE_RULES = [(0, {"cache_budget": 1}), (2, {"cache_budget": 3}),
                (2, {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2}),
+               (2, {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2, "cache_groups": 3}),
                (0, {"cache_budget": 8, "cache_chunk": 4, "cache_recall": 8})]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def grouped_query_inputs(inputs: tuple[torch.Tensor, ...], groups: int) -> tuple[torch.Tensor, ...]:
+    """The heads of each group of `groups` get the same k and v, as a grouped-query model feeds them."""
+    q, k, v, *rest = inputs
+    return (q, *(x[:, :, ::groups].repeat_interleave(groups, dim=2) for x in (k, v)), *rest)
 
 
 def steps(state, inputs, lo: int, hi: int) -> tuple[list[torch.Tensor], object]:
@@ -40,7 +50,7 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype
     is the one a whole call leaves."""
     torch.manual_seed(prefill)
     chunk, T = 6, 15 * WINDOW + 3
-    inputs = random_hybrid_inputs(2, T, dtype=dtype)
+    inputs = grouped_query_inputs(random_hybrid_inputs(2, T, dtype=dtype), rule.get("cache_groups", 1))
     q, k, v, fq, fk, gate = inputs
     expected = parallel_cached_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, **rule, terrace=terrace)
     uncached = parallel_window_hybrid_attention(q, k, v, fq, fk, gate, WINDOW, sinks, terrace=terrace)
@@ -57,7 +67,8 @@ def test_blocked_chunks_and_steps_are_the_definition(prefill, sinks, rule, dtype
     assert relative_error(torch.cat(outs + stepped, 1), expected) < TOLERANCE[dtype]
     assert torch.equal(state.cache_valid, whole.cache_valid) and torch.equal(state.phase, whole.phase)
     assert relative_error(state.kv, whole.kv) < TOLERANCE[dtype]
-    more = random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype)  # the stepped state continues as the whole's
+    more = grouped_query_inputs(random_hybrid_inputs(2, 2 * WINDOW + 3, dtype=dtype), rule.get("cache_groups", 1))
+    # the stepped state continues as the whole's
     after_steps, _ = window_hybrid_attention(*more[:5], gate, WINDOW, state, sinks=sinks, terrace=terrace,
                                              **rule)
     after_whole, _ = window_hybrid_attention(*more[:5], gate, WINDOW, whole, sinks=sinks, terrace=terrace,
@@ -102,6 +113,23 @@ def test_decode_memory_is_constant_in_context():
     _, state = steps(state, inputs, 300, 900)
     assert footprint(state) == at_300
     assert bool(state.cache_valid.all())  # the cache is full, not empty
+
+
+def test_a_grouped_query_cache_holds_a_groups_pairs_once_chosen_by_its_summed_scores():
+    seen = torch.tensor([[[3.0, 0.0, 1.0], [0.0, 2.5, 1.0]]])  # two query heads of one key/value head
+    valid = torch.ones(1, 1, 3, dtype=torch.bool)
+    assert choose(seen, valid, 1).tolist() == [[[0]]] and choose(seen[:, 1:], valid, 1).tolist() == [[[1]]]
+    errors = torch.tensor([[[0.0, 0.0, 2.0], [0.0, 1.0, 0.0]]])
+    assert choose(seen, valid, 1, errors=errors, recall=1).tolist() == [[[2]]]
+    inputs = grouped_query_inputs(random_hybrid_inputs(1, 9 * WINDOW, H=6, dtype=torch.float32), 3)
+    _, shared = window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, output_final_state=True, terrace=True,
+                                        cache_budget=4, cache_groups=3)
+    _, per_head = window_hybrid_attention(*inputs[:5], inputs[5], WINDOW, output_final_state=True, terrace=True,
+                                          cache_budget=4)
+    assert shared.cache_k.shape[1] == 2 and per_head.cache_k.shape[1] == 6
+    assert shared.cache_fk.shape[1] == 6  # each head's features of the pairs, for when they enter its state
+    assert sum(x.nbytes for x in shared if isinstance(x, torch.Tensor)) < sum(
+        x.nbytes for x in per_head if isinstance(x, torch.Tensor))
 
 
 def test_the_choice_is_deterministic_and_keeps_the_older_of_equal_errors():
@@ -159,7 +187,8 @@ def test_a_trained_model_takes_a_cache_budget_as_a_setting():
         settings = ["cache_budget=4", "cache_chunk=2", "cache_recall=0.5", "window_kind=terrace"]
         convert_model(model, load_config(settings))
         after = model(ids).logits
-    assert recorded_spec(model).cache_arguments() == {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2}
+    assert recorded_spec(model).cache_arguments(1) == {"cache_budget": 4, "cache_chunk": 2, "cache_recall": 2,
+                                                       "cache_groups": 1}
     assert all(torch.equal(p, maps[n]) for n, p in model.named_parameters() if n in maps)
     assert relative_error(after, before) > 1e-3
     with pytest.MonkeyPatch.context() as patch, torch.no_grad():

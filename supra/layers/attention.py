@@ -332,7 +332,7 @@ class LolcatsAttention(RecurrentAttention):
             return window_hybrid_attention(q, k, v, fq, fk, gate, self.spec.window, state, want_state,
                                            backend=self.spec.backend, sinks=self.spec.sinks,
                                            terrace=self.spec.window_kind == "terrace", log_decay=log_decay,
-                                           **self.spec.cache_arguments())
+                                           **self.spec.cache_arguments(self.groups))
 
         return per_document_rows(hybrid, (q, k, v, fq, fk), state, starts, stack_states)
 

@@ -123,7 +123,7 @@ class GatedAttention(RecurrentAttention):
         if self.window_mix is not None:
             # The LoLCATs hybrid with zero query features is exactly a softmax over the window, sinks and
             # cache (and keeps its state); its key features only feed the cache's recall memory.
-            cache = self.spec.cache_arguments()
+            cache = self.spec.cache_arguments(self.groups)
             fk = recall_keys if cache["cache_recall"] else q.new_zeros(*q.shape[:3], 1)
             none = torch.zeros_like(fk)
             ones = torch.ones(self.num_heads, device=q.device)
@@ -206,7 +206,7 @@ class GatedDeltaAttention(GatedAttention):
         out, delta_state = self.delta_mix(fq, fk, v, beta, log_decay, None if state is None else state.recurrent,
                                           starts, want_state)
         recall_keys = None
-        if self.spec.cache_arguments()["cache_recall"]:  # only a cache's recall share reads them
+        if self.spec.cache_arguments(self.groups)["cache_recall"]:  # only a cache's recall share reads them
             scaled = fk * self.head_dim**0.5
             recall_keys = torch.cat([scaled.softmax(-1), (-scaled).softmax(-1)], dim=-1)
         return self.mix_window(out, q, k, v, share, state, starts, want_state, delta_state, recall_keys)

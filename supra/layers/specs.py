@@ -42,11 +42,12 @@ class LinearizeSpec:
     # lolcats: per-head decay of the linear part (tokens older than the window), which keeps it bounded
     # past the training length: none | supra | retnet (the rates of `decay`) | learned (starts at supra's)
     state_decay: str = "none"
-    # lolcats, gla, gdn: pairs per layer and head kept exactly beyond the window (a LoLA-style cache,
-    # kernels/sparse_cache.py; gla/gdn attend them in their window's softmax); 0: none (a recipe that leaves it unset: none, and a converted model
-    # keeps its own; uptrain adds it after the stages). They are kept in runs of cache_chunk consecutive tokens: a share
-    # cache_recall of them the runs the linear state recalls worst (LoLA's choice), the rest the runs the
-    # last block's queries attended most (SnapKV's)
+    # lolcats, gla, gdn: pairs per layer and key/value head kept exactly beyond the window (a LoLA-style cache,
+    # kernels/sparse_cache.py; gla/gdn attend them in their window's softmax); 0: none (a recipe that
+    # leaves it unset: none, and a converted model keeps its own; uptrain adds it after the stages).
+    # They are kept in runs of cache_chunk consecutive tokens: a share cache_recall of them the runs the
+    # linear state recalls worst (LoLA's choice), the rest the runs the last block's queries attended
+    # most (SnapKV's). The query heads of one key/value head choose together and share one copy.
     cache_budget: int = 0
     cache_chunk: int = 8
     cache_recall: float = 0.25
@@ -75,7 +76,7 @@ class LinearizeSpec:
             raise ValueError(f"sinks must be >= 0 and needs a softmax window (window >= 1), got sinks={self.sinks} "
                              f"with window={self.window}")
         if self.cache_budget < 0:
-            raise ValueError(f"cache_budget must be >= 0 (pairs per layer and head), got {self.cache_budget}")
+            raise ValueError(f"cache_budget must be >= 0 (pairs per layer and key/value head), got {self.cache_budget}")
         defaults = LinearizeSpec()
         if not self.cache_budget and (self.cache_chunk, self.cache_recall) != (defaults.cache_chunk,
                                                                               defaults.cache_recall):
@@ -110,12 +111,13 @@ class LinearizeSpec:
         defaults = LinearizeSpec()
         return replace(self, **{name: getattr(defaults, name) for name in CACHE_OPTIONS})
 
-    def cache_arguments(self) -> dict[str, int]:
-        """The kernels' arguments for the sparse cache (dispatch.window_hybrid_attention): its pairs per
-        head, the run length, and the pairs chosen by recall error (whole runs)."""
+    def cache_arguments(self, groups: int) -> dict[str, int]:
+        """The kernels' arguments for the sparse cache (dispatch.window_hybrid_attention) of a layer whose
+        key/value heads each serve `groups` query heads: its pairs per head, the run length, the pairs
+        chosen by recall error (whole runs), and the heads that share one choice and one copy of them."""
         runs = self.cache_budget // self.cache_chunk
         return {"cache_budget": self.cache_budget, "cache_chunk": self.cache_chunk,
-                "cache_recall": round(runs * self.cache_recall) * self.cache_chunk}
+                "cache_recall": round(runs * self.cache_recall) * self.cache_chunk, "cache_groups": groups}
 
     def unused_options(self) -> list[str]:
         """The options set away from their defaults that the method ignores (they would do nothing)."""
