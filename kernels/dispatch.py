@@ -110,7 +110,7 @@ def window_hybrid_attention(
 
     A stateless call on CUDA (backend auto|triton) runs the fused kernels of `triton_hybrid.py`,
     unless it has a decay, which they lack, or float64 inputs: then it runs the torch blocked form, as
-    every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per head, either window,
+    every call with a state does. With a sparse cache (`cache_budget` > 0 pairs per key/value head, either window,
     with or without a decay) every call runs `sparse_cache.py`'s torch form; the cache keeps runs of
     `cache_chunk` consecutive tokens, `cache_recall` of its pairs by recall error; `cache_groups` heads
     in a row (those a grouped-query model fed the same keys and values) share their choice and one copy

@@ -73,7 +73,7 @@ SEGMENT_TOKENS = 1024
 
 
 class CacheRule(NamedTuple):
-    """How a sparse cache (sparse_cache.py) chooses: `budget` pairs per head, kept and evicted in runs
+    """How a sparse cache (sparse_cache.py) chooses: `budget` pairs per group, kept and evicted in runs
     of `chunk` consecutive tokens; `recall` of them are the runs the state recalls worst, the rest
     the runs the last block attended most. `groups` query heads share one key/value head (GQA): they
     choose together and the cache holds their pairs once."""
